@@ -1,0 +1,134 @@
+"""Command line: ``workbench train|eval|data|bench|quickstart`` (also ``python -m workbench``)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+def _train(args: argparse.Namespace) -> int:
+    from workbench.config import load_config
+
+    overrides = list(args.set or [])
+    if args.name:
+        overrides.append(f"name={args.name}")
+    cfg = load_config(args.config, overrides)  # validated before any process starts
+    if args.nproc > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+               "-m", "workbench", "train"]
+        if args.config:
+            cmd += ["--config", str(args.config)]
+        for o in overrides:
+            cmd += ["--set", o]
+        return subprocess.call(cmd)
+    from workbench.engine.trainer import train
+
+    summary = train(cfg)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({"run": str(cfg.run_dir), "final": summary["final"], "best": summary["best"]}, indent=1))
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from workbench.config import parse_override
+    from workbench.engine.trainer import evaluate_run
+
+    overrides = {".".join(k): v for k, v in (parse_override(o) for o in (args.set or []))}
+    res = evaluate_run(args.run, args.checkpoint, overrides)
+    res.pop("confusion", None)
+    print(json.dumps(res, indent=1))
+    return 0
+
+
+def _data(args: argparse.Namespace) -> int:
+    if args.data_cmd == "synth":
+        from workbench.config import parse_override
+        from workbench.data.synthetic import SyntheticSpec, ensure_synthetic
+
+        spec = SyntheticSpec(**{".".join(k): v for k, v in (parse_override(o) for o in (args.set or []))})
+        root = ensure_synthetic(args.out, spec)
+        print(f"synthetic dataset ready at {root}")
+        return 0
+    raise SystemExit(f"unknown data command {args.data_cmd}")
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from workbench.engine.bench import run_bench
+
+    res = run_bench(args.method, iters=args.iters, warmup=args.warmup, repeats=args.repeats,
+                    crop=args.crop, batch=args.batch, overrides=args.set or [], out_dir=Path(args.out))
+    print(json.dumps(res, indent=1))
+    return 0
+
+
+def _quickstart(args: argparse.Namespace) -> int:
+    from workbench.quickstart import run_quickstart
+
+    run_quickstart(out=Path(args.out), iters=args.iters, methods=args.methods.split(","), seed=args.seed)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``workbench`` command."""
+    p = argparse.ArgumentParser(prog="workbench", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    t = sub.add_parser("train", help="train a method (resumes when the run directory has a checkpoint)")
+    t.add_argument("--config", type=Path, help="YAML config file (defaults when omitted)")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="dotted override, e.g. method.tau=0.9")
+    t.add_argument("--name", help="run name (runs/<name>)")
+    t.add_argument("--nproc", type=int, default=1, help="processes on this machine (launches torchrun)")
+    t.set_defaults(fn=_train)
+
+    e = sub.add_parser("eval", help="evaluate a run directory's best (or latest) checkpoint")
+    e.add_argument("--run", required=True, type=Path)
+    e.add_argument("--checkpoint", choices=["best", "latest"], default="best")
+    e.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. eval.mode=sliding")
+    e.set_defaults(fn=_eval)
+
+    d = sub.add_parser("data", help="datasets")
+    dsub = d.add_subparsers(dest="data_cmd", required=True)
+    s = dsub.add_parser("synth", help="generate the embedded synthetic dataset")
+    s.add_argument("--out", required=True, type=Path)
+    s.add_argument("--set", action="append", metavar="FIELD=VALUE", help="SyntheticSpec field, e.g. num_train=500")
+    d.set_defaults(fn=_data)
+
+    b = sub.add_parser("bench", help="steady-state speed and peak memory of a method's training step")
+    b.add_argument("--method", required=True)
+    b.add_argument("--iters", type=int, default=20)
+    b.add_argument("--warmup", type=int, default=3)
+    b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--crop", type=int, default=64)
+    b.add_argument("--batch", type=int, default=8)
+    b.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override")
+    b.add_argument("--out", default="reports/bench")
+    b.set_defaults(fn=_bench)
+
+    q = sub.add_parser("quickstart", help="the README's main job: embedded data, train, evaluate, report")
+    q.add_argument("--out", default="reports/quickstart")
+    q.add_argument("--iters", type=int, default=None, help="steps per method (default: the quickstart schedule)")
+    q.add_argument("--methods", default="supervised")
+    q.add_argument("--seed", type=int, default=0)
+    q.set_defaults(fn=_quickstart)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; configuration/data errors print one clear line and exit with status 2."""
+    from workbench.config import ConfigError
+    from workbench.data.dataset import DataError
+    from workbench.engine.checkpoint import CheckpointError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ConfigError, DataError, CheckpointError) as e:
+        print(f"workbench: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,380 @@
+"""Typed run configuration: dataclasses, YAML in/out, dotted overrides, validation.
+
+A run is described by one :class:`RunConfig`. It is built from a YAML file (or a dict, or a notebook's parameters)
+plus ``key=value`` overrides with dotted keys (``method.tau=0.9``). Every key is checked: an unknown key, a value of
+the wrong type or an impossible combination raises :class:`ConfigError` naming the key and how to fix it.
+
+The ``method`` section is polymorphic: ``method.name`` picks a registered method, whose own dataclass (a subclass of
+:class:`MethodConfig`) defines the remaining keys. Methods register their config with :func:`register_method_config`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is invalid; the message names the key and the fix."""
+
+
+@dataclass
+class DataConfig:
+    """Dataset, split and augmentation settings."""
+
+    dataset: str = "synthetic"
+    """``synthetic`` (generated at ``root`` when missing) or ``prepared`` (a dataset root with a manifest.json,
+    written by ``workbench data prepare``)."""
+    root: str = "data/synthetic"
+    """Dataset root directory (holds manifest.json)."""
+    split: str = "1-32"
+    """Label fraction: the manifest's ``labeled_<split>``/``unlabeled_<split>`` lists; ``all`` = the ``train`` list."""
+    val_split: str = "val"
+    crop_size: int = 64
+    scale_range: tuple[float, float] = (0.5, 2.0)
+    """Random resize range of the weak transform (factor of the original size)."""
+    flip: bool = True
+    batch_size: int = 8
+    """Labeled images per process per micro-batch."""
+    unlabeled_batch_size: int | None = None
+    """Unlabeled images per process per micro-batch (default: ``batch_size``)."""
+    num_workers: int = 2
+    pin_memory: bool = True
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    synthetic: dict[str, Any] = field(default_factory=dict)
+    """Overrides of :class:`workbench.data.synthetic.SyntheticSpec` fields (synthetic dataset only)."""
+    bad_data: str = "fail"
+    """What to do with an unreadable/corrupt sample: ``fail`` (default, error names the file) or ``skip``."""
+
+
+@dataclass
+class ModelConfig:
+    """DeepLabV3+ settings (see :class:`workbench.models.DeepLabV3Plus`)."""
+
+    backbone: str = "resnet18"
+    stem: str = "plain"
+    output_stride: int = 8
+    width: float = 0.5
+    head_width: float = 0.5
+    pretrained: str | None = None
+    """None, a local state-dict file, or a torchvision weights name (``ResNet50_Weights.IMAGENET1K_V1``)."""
+    fp_dropout: float = 0.5
+    channels_last: bool = False
+
+
+@dataclass
+class OptimConfig:
+    """SGD with poly decay. ``lr`` is the backbone lr for ``reference_batch`` labeled images per optimiser step."""
+
+    lr: float = 0.02
+    reference_batch: int = 8
+    lr_scaling: str = "linear"
+    """How lr follows the labeled images per optimiser step B (= batch_size x processes x grad_accum):
+    ``linear``: lr x B / reference_batch (Goyal et al. 2017); ``sqrt``: lr x sqrt(B / reference_batch); ``none``."""
+    head_lr_mult: float = 10.0
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    poly_power: float = 0.9
+    grad_accum: int = 1
+    """Micro-batches per optimiser step (for a single GPU with less memory than the papers' 4-8)."""
+    amp: str = "auto"
+    """``auto`` (bf16 on CUDA, off on CPU), ``bf16``, ``fp16`` (with a gradient scaler) or ``off``."""
+    nonfinite: str = "stop"
+    """Non-finite loss or gradients: ``stop`` (error naming step, loss terms and batch ids) or ``skip`` (count)."""
+
+
+@dataclass
+class TrainConfig:
+    """Schedule, logging, checkpointing."""
+
+    epochs: int = 10
+    """Epochs over the unlabeled set (supervised-only: over the labeled set)."""
+    iters: int | None = None
+    """Total optimiser steps; overrides ``epochs`` when set."""
+    eval_every: int = 0
+    """Evaluate every N steps (0 = at every epoch end); always at the end."""
+    checkpoint_every: int = 0
+    """Also checkpoint every N steps (0 = only at epoch ends and at the end)."""
+    log_every: int = 10
+    capture_every: int = 0
+    """Save the step's tensors (artifacts) every N steps (0 = never)."""
+    seed: int = 0
+    device: str = "auto"
+    threads: int = 0
+    """torch CPU threads (0 = leave torch's default)."""
+    tensorboard: bool = False
+    progress: bool = True
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation mode (see :class:`workbench.engine.evaluate.EvalSettings`)."""
+
+    mode: str = "original"
+    crop_size: int = 321
+    window: int | None = None
+    stride: int | None = None
+    scales: tuple[float, ...] = (1.0,)
+    flip: bool = False
+    batch_size: int = 1
+
+
+@dataclass
+class MethodConfig:
+    """Base of every method's configuration; ``name`` selects the method."""
+
+    name: str = "supervised"
+    uses_unlabeled: ClassVar[bool] = False
+
+
+_METHOD_CONFIGS: dict[str, type[MethodConfig]] = {}
+
+
+def register_method_config(name: str, cls: type[MethodConfig]) -> None:
+    """Make ``method.name == name`` build a ``cls`` (a :class:`MethodConfig` subclass)."""
+    _METHOD_CONFIGS[name] = cls
+
+
+def method_config_class(name: str) -> type[MethodConfig]:
+    """The config dataclass registered for method ``name``; ConfigError listing the known names otherwise."""
+    import workbench.methods  # noqa: F401  (registers the built-in methods)
+
+    if name not in _METHOD_CONFIGS:
+        raise ConfigError(f"method.name: unknown method {name!r}; choose one of {sorted(_METHOD_CONFIGS)}")
+    return _METHOD_CONFIGS[name]
+
+
+@dataclass
+class RunConfig:
+    """A whole run: where it writes, data, model, optimiser, schedule, evaluation and method."""
+
+    name: str = "run"
+    out_dir: str = "runs"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        """``out_dir/name``."""
+        return Path(self.out_dir) / self.name
+
+
+# ---------------------------------------------------------------- conversion
+
+
+def _check_value(value: Any, tp: Any, key: str) -> Any:
+    """Convert/check a YAML value against a type hint; ConfigError naming ``key`` on mismatch."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check_value(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_check_value(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)} ({value!r})")
+        return tuple(_check_value(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if origin is list:
+        (arg,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_check_value(v, arg, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys (named with their dotted path)."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            raise ConfigError(
+                f"{prefix}{key}: unknown key; valid keys of {prefix.rstrip('.') or 'the config'} are {sorted(names)}"
+            )
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        tp = hints[f.name]
+        value = data[f.name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[f.name] = _build(tp, value, f"{prefix}{f.name}.")
+        else:
+            kwargs[f.name] = _check_value(value, tp, f"{prefix}{f.name}")
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict[str, Any]) -> RunConfig:
+    """Build and validate a :class:`RunConfig` from a plain mapping (e.g. parsed YAML)."""
+    data = dict(data or {})
+    method = dict(data.pop("method", None) or {})
+    cfg = _build(RunConfig, data, "")
+    name = method.get("name", "supervised")
+    if not isinstance(name, str):
+        raise ConfigError(f"method.name: expected a string, got {name!r}")
+    cfg.method = _build(method_config_class(name), method, "method.")
+    validate(cfg)
+    return cfg
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain nested dict of a config dataclass (tuples become lists), suitable for YAML/JSON."""
+
+    def conv(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (list, tuple)):
+            return [conv(x) for x in v]
+        if isinstance(v, dict):
+            return {k: conv(x) for k, x in v.items()}
+        return v
+
+    return conv(cfg)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``"a.b=value"`` into (["a", "b"], value parsed as YAML: numbers, booleans, lists, null)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key=value, e.g. method.tau=0.9")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: cannot parse value: {e}") from None
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | dict[str, Any]) -> dict[str, Any]:
+    """Apply dotted overrides (``["a.b=1"]`` or ``{"a.b": 1}``) to a nested dict, returning a new dict."""
+    import copy
+
+    out = copy.deepcopy(data)
+    items = (
+        [parse_override(o) for o in overrides] if isinstance(overrides, list)
+        else [(k.split("."), v) for k, v in overrides.items()]
+    )
+    for path, value in items:
+        node = out
+        for part in path[:-1]:
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"{'.'.join(path)}: {part!r} is not a section")
+            node = nxt
+        node[path[-1]] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> RunConfig:
+    """Load a YAML config file (or start from defaults when ``path`` is None) and apply dotted overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p}: invalid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {p}: expected a mapping at the top level")
+    if overrides:
+        data = apply_overrides(data, overrides)
+    return config_from_dict(data)
+
+
+def dump_config(cfg: RunConfig) -> str:
+    """The resolved config as YAML text (the run directory's config.yaml)."""
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
+def validate(cfg: RunConfig) -> None:
+    """Reject impossible values and combinations before any work starts (ConfigError names key and fix)."""
+    d, m, o, t, e = cfg.data, cfg.model, cfg.optim, cfg.train, cfg.eval
+    checks = [
+        (d.dataset in ("synthetic", "prepared"), "data.dataset", "must be 'synthetic' or 'prepared'"),
+        (d.crop_size > 0, "data.crop_size", "must be positive"),
+        (0 < d.scale_range[0] <= d.scale_range[1], "data.scale_range", "must be [low, high] with 0 < low <= high"),
+        (d.batch_size > 0, "data.batch_size", "must be positive"),
+        (d.unlabeled_batch_size is None or d.unlabeled_batch_size > 0, "data.unlabeled_batch_size",
+         "must be positive or null"),
+        (d.num_workers >= 0, "data.num_workers", "must be >= 0"),
+        (d.bad_data in ("fail", "skip"), "data.bad_data", "must be 'fail' or 'skip'"),
+        (m.backbone in ("resnet18", "resnet34", "resnet50", "resnet101"), "model.backbone",
+         "must be one of resnet18, resnet34, resnet50, resnet101"),
+        (m.stem in ("plain", "deep"), "model.stem", "must be 'plain' or 'deep'"),
+        (m.output_stride in (8, 16, 32), "model.output_stride", "must be 8, 16 or 32"),
+        (m.width > 0 and m.head_width > 0, "model.width", "width and head_width must be positive"),
+        (o.lr > 0, "optim.lr", "must be positive"),
+        (o.lr_scaling in ("linear", "sqrt", "none"), "optim.lr_scaling", "must be linear, sqrt or none"),
+        (o.grad_accum >= 1, "optim.grad_accum", "must be >= 1"),
+        (o.amp in ("auto", "bf16", "fp16", "off"), "optim.amp", "must be auto, bf16, fp16 or off"),
+        (o.nonfinite in ("stop", "skip"), "optim.nonfinite", "must be 'stop' or 'skip'"),
+        (t.epochs > 0 or (t.iters or 0) > 0, "train.epochs", "set train.epochs or train.iters to a positive number"),
+        (t.iters is None or t.iters > 0, "train.iters", "must be positive or null"),
+        (t.log_every > 0, "train.log_every", "must be positive"),
+        (min(t.eval_every, t.checkpoint_every, t.capture_every) >= 0, "train.eval_every",
+         "eval_every, checkpoint_every and capture_every must be >= 0"),
+        (e.mode in ("original", "center_crop", "sliding"), "eval.mode", "must be original, center_crop or sliding"),
+        (len(e.scales) > 0 and all(s > 0 for s in e.scales), "eval.scales", "must be a non-empty list of positives"),
+    ]
+    for ok, key, msg in checks:
+        if not ok:
+            raise ConfigError(f"{key}: {msg} (got {_get(cfg, key)!r})")
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg

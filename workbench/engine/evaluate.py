@@ -1,0 +1,314 @@
+"""Evaluation: whole-image, centre-crop and sliding-window inference, optional multi-scale + flip, then metrics.
+
+Modes (``EvalSettings.mode``):
+- "original": predict each image whole, at its own size (Pascal VOC protocol).
+- "center_crop": crop image and mask to ``crop_size`` around the centre, then predict whole.
+- "sliding": predict ``window``-sized tiles on a grid with ``stride``, average overlapping logits (Cityscapes).
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from workbench.engine.metrics import ConfusionMeter, all_reduce_sum
+
+__all__ = [
+    "EVAL_MODES",
+    "window_starts",
+    "sliding_window_coverage",
+    "sliding_window_logits",
+    "multiscale_logits",
+    "center_crop",
+    "EvalSettings",
+    "evaluate",
+]
+
+EVAL_MODES = ("original", "center_crop", "sliding")
+LogitsFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
+    """Turn an int or an (h, w) pair into a validated pair of positive ints."""
+    pair = (value, value) if isinstance(value, int) else tuple(value)
+    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in pair):
+        raise ValueError(f"{name} must be a positive int or an (h, w) pair of positive ints, got {value!r}")
+    return pair  # type: ignore[return-value]
+
+
+def _check_image(image: torch.Tensor) -> None:
+    if not isinstance(image, torch.Tensor):
+        raise TypeError(f"image must be a torch.Tensor, got {type(image).__name__}")
+    if image.dim() != 4 or not image.dtype.is_floating_point:
+        raise ValueError(f"image must be a float [B, C, H, W] tensor, got {image.dtype} {tuple(image.shape)}")
+
+
+def window_starts(size: int, window: int, stride: int) -> list[int]:
+    """Start offsets of windows along one axis of length ``size``.
+
+    Windows start at 0, stride, 2*stride, ...; the last one is clamped so it ends exactly at the border, so every
+    position is covered. A size smaller than the window gives the single start 0 (the caller pads).
+    """
+    if window <= 0 or stride <= 0 or size <= 0:
+        raise ValueError(f"size, window and stride must be positive, got {size}, {window}, {stride}")
+    if stride > window:
+        raise ValueError(f"stride ({stride}) must not exceed window ({window}), or pixels would be skipped")
+    last = max(size - window, 0)
+    starts = list(range(0, last + 1, stride))
+    if starts[-1] != last:
+        starts.append(last)
+    return starts
+
+
+def sliding_window_coverage(height: int, width: int, window: int | Sequence[int],
+                            stride: int | Sequence[int]) -> torch.Tensor:
+    """How many windows of ``sliding_window_logits`` cover each pixel of a ``height`` x ``width`` image.
+
+    Returns:
+        int64 tensor [height, width]; every entry is >= 1 by construction.
+    """
+    (wh, ww), (sh, sw) = _pair(window, "window"), _pair(stride, "stride")
+    rows = torch.zeros(max(height, wh), dtype=torch.int64)
+    cols = torch.zeros(max(width, ww), dtype=torch.int64)
+    for y in window_starts(height, wh, sh):
+        rows[y:y + wh] += 1
+    for x in window_starts(width, ww, sw):
+        cols[x:x + ww] += 1
+    return (rows[:, None] * cols[None, :])[:height, :width]
+
+
+def sliding_window_logits(fn: LogitsFn, image: torch.Tensor, window: int | Sequence[int],
+                          stride: int | Sequence[int], num_classes: int | None = None) -> torch.Tensor:
+    """Predict an image tile by tile and average the logits where tiles overlap.
+
+    Args:
+        fn: maps a float batch [B, C, h, w] to logits [B, K, h, w].
+        image: float [B, C, H, W].
+        window: tile size, int or (h, w). An image smaller than the window is zero-padded (bottom/right) to it
+            and the logits are cropped back.
+        stride: grid step, int or (h, w), at most the window; the last tile is clamped to the border.
+        num_classes: K; None = take it from the first tile's logits.
+
+    Returns:
+        float32 logits [B, K, H, W] (each pixel the mean over the tiles covering it).
+    """
+    _check_image(image)
+    (wh, ww), (sh, sw) = _pair(window, "window"), _pair(stride, "stride")
+    b, _, h, w = image.shape
+    ph, pw = max(h, wh), max(w, ww)
+    if (ph, pw) != (h, w):
+        image = F.pad(image, (0, pw - w, 0, ph - h))
+    total: torch.Tensor | None = None
+    count = torch.zeros(1, 1, ph, pw, device=image.device)
+    for y in window_starts(h, wh, sh):
+        for x in window_starts(w, ww, sw):
+            logits = fn(image[:, :, y:y + wh, x:x + ww])
+            k = num_classes if num_classes is not None else logits.shape[1] if logits.dim() == 4 else -1
+            if logits.shape != (b, k, wh, ww):
+                raise ValueError(f"fn returned logits of shape {tuple(logits.shape)} for a window of "
+                                 f"{(b, wh, ww)}; expected {(b, k, wh, ww)}")
+            if total is None:
+                total = torch.zeros(b, k, ph, pw, device=image.device, dtype=torch.float32)
+            total[:, :, y:y + wh, x:x + ww] += logits.float()
+            count[:, :, y:y + wh, x:x + ww] += 1
+    assert total is not None  # at least one window always exists
+    return (total / count)[:, :, :h, :w]
+
+
+def multiscale_logits(fn: LogitsFn, image: torch.Tensor, scales: Sequence[float] = (1.0,), flip: bool = False,
+                      mode: str = "original", window: int | Sequence[int] | None = None,
+                      stride: int | Sequence[int] | None = None) -> torch.Tensor:
+    """Softmax probabilities averaged over scales (and horizontal flips).
+
+    For each scale s the image is resized to round(s * H) x round(s * W) (bilinear, align_corners=True), predicted
+    whole ("original"/"center_crop" modes) or by sliding window ("sliding": ``window`` and ``stride`` required),
+    the logits are resized back to H x W and turned into probabilities; with ``flip`` the horizontally flipped image
+    is predicted too and its (un-flipped) probabilities added. The result is the mean over all predictions.
+
+    Args:
+        fn: maps a float batch [B, C, h, w] to logits [B, K, h, w].
+        image: float [B, C, H, W].
+
+    Returns:
+        float32 probabilities [B, K, H, W] (sum to 1 over K).
+    """
+    _check_image(image)
+    if mode not in EVAL_MODES:
+        raise ValueError(f"mode must be one of {EVAL_MODES}, got {mode!r}")
+    if mode == "sliding" and (window is None or stride is None):
+        raise ValueError("mode 'sliding' needs both window and stride")
+    scales = tuple(scales)
+    if not scales or not all(isinstance(s, (int, float)) and s > 0 for s in scales):
+        raise ValueError(f"scales must be a non-empty sequence of positive numbers, got {scales!r}")
+    h, w = image.shape[-2:]
+
+    def predict(x: torch.Tensor) -> torch.Tensor:
+        if mode == "sliding":
+            return sliding_window_logits(fn, x, window, stride)  # type: ignore[arg-type]
+        logits = fn(x)
+        if logits.dim() != 4 or logits.shape[0] != x.shape[0] or logits.shape[-2:] != x.shape[-2:]:
+            raise ValueError(f"fn returned logits of shape {tuple(logits.shape)} for an input of shape "
+                             f"{tuple(x.shape)}; expected [B, K, H, W] at the input's resolution")
+        return logits.float()
+
+    probs: torch.Tensor | None = None
+    for s in scales:
+        size = (max(1, int(h * s + 0.5)), max(1, int(w * s + 0.5)))
+        scaled = image if size == (h, w) else F.interpolate(image, size=size, mode="bilinear", align_corners=True)
+        views = [(scaled, False), (scaled.flip(-1), True)] if flip else [(scaled, False)]
+        for x, flipped in views:
+            logits = predict(x)
+            if flipped:
+                logits = logits.flip(-1)
+            if logits.shape[-2:] != (h, w):
+                logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=True)
+            p = logits.softmax(1)
+            probs = p if probs is None else probs + p
+    assert probs is not None
+    return probs / (len(scales) * (2 if flip else 1))
+
+
+def center_crop(image: torch.Tensor, mask: torch.Tensor,
+                size: int | Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Crop image and mask to ``size`` around the centre (top/left offset = (H - h) // 2).
+
+    Args:
+        image: [..., C, H, W] (e.g. [B, 3, H, W] or [3, H, W]).
+        mask: [..., H, W] with the same H, W.
+        size: int or (h, w); a dimension already no larger than the size is left as it is.
+
+    Returns:
+        (image, mask) cropped views.
+    """
+    ch, cw = _pair(size, "size")
+    if image.dim() < 3 or mask.dim() < 2 or image.shape[-2:] != mask.shape[-2:]:
+        raise ValueError(f"image [..., C, H, W] and mask [..., H, W] must share H, W; got "
+                         f"{tuple(image.shape)} and {tuple(mask.shape)}")
+    h, w = image.shape[-2:]
+    top, left = max(h - ch, 0) // 2, max(w - cw, 0) // 2
+    rows, cols = slice(top, top + min(h, ch)), slice(left, left + min(w, cw))
+    return image[..., rows, cols], mask[..., rows, cols]
+
+
+@dataclass
+class EvalSettings:
+    """How to evaluate.
+
+    Attributes:
+        mode: "original" (whole image), "center_crop" (crop to ``crop_size`` first) or "sliding".
+        crop_size: crop side for "center_crop", and the default sliding window.
+        window: sliding-window side; None = ``crop_size`` (see ``resolved_window``).
+        stride: sliding-window step; None = int(2/3 of the window) (see ``resolved_stride``).
+        scales: image scales to average over (1.0 = original size).
+        flip: also average the horizontally flipped prediction.
+    """
+    mode: str = "original"
+    crop_size: int = 321
+    window: int | None = None
+    stride: int | None = None
+    scales: tuple[float, ...] = (1.0,)
+    flip: bool = False
+
+    def __post_init__(self) -> None:
+        if self.mode not in EVAL_MODES:
+            raise ValueError(f"EvalSettings.mode must be one of {EVAL_MODES}, got {self.mode!r}")
+        for name in ("crop_size", "window", "stride"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
+                raise ValueError(f"EvalSettings.{name} must be a positive int, got {v!r}")
+        if self.crop_size is None:
+            raise ValueError("EvalSettings.crop_size must be a positive int, got None")
+        if isinstance(self.scales, (int, float)):
+            raise ValueError(f"EvalSettings.scales must be a sequence of numbers, got {self.scales!r}")
+        self.scales = tuple(self.scales)
+        if not self.scales or not all(isinstance(s, (int, float)) and not isinstance(s, bool) and s > 0
+                                      for s in self.scales):
+            raise ValueError(f"EvalSettings.scales must be non-empty positive numbers, got {self.scales!r}")
+        if not isinstance(self.flip, bool):
+            raise ValueError(f"EvalSettings.flip must be a bool, got {self.flip!r}")
+        if self.resolved_stride > self.resolved_window:
+            raise ValueError(f"EvalSettings.stride ({self.resolved_stride}) must not exceed the window "
+                             f"({self.resolved_window})")
+
+    @property
+    def resolved_window(self) -> int:
+        """The sliding window side actually used: ``window`` or, when None, ``crop_size``."""
+        return self.window if self.window is not None else self.crop_size
+
+    @property
+    def resolved_stride(self) -> int:
+        """The sliding step actually used: ``stride`` or, when None, int(2/3 * window) (at least 1)."""
+        return self.stride if self.stride is not None else max(1, self.resolved_window * 2 // 3)
+
+
+def _unpack(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """(image, mask) from a (image, mask, ...) sequence or a dict with "image" and "mask"."""
+    if isinstance(batch, dict):
+        if "image" not in batch or "mask" not in batch:
+            raise ValueError(f"a dict batch needs keys 'image' and 'mask', got {sorted(batch)}")
+        return batch["image"], batch["mask"]
+    if isinstance(batch, (list, tuple)) and len(batch) >= 2:
+        return batch[0], batch[1]
+    raise TypeError(f"loader must yield (image, mask) pairs or dicts, got {type(batch).__name__}")
+
+
+def evaluate(fn: LogitsFn, loader: Iterable[Any], num_classes: int, settings: EvalSettings,
+             device: torch.device | str, ignore_index: int | None = 255, progress: bool = True) -> dict[str, Any]:
+    """Run inference over ``loader`` and compute segmentation metrics (summed over processes when distributed).
+
+    Args:
+        fn: maps a normalised float image batch [B, 3, h, w] to logits [B, K, h, w] at the same resolution. If it is
+            an ``nn.Module`` it is put in eval mode for the run and restored afterwards.
+        loader: yields (image [B, 3, H, W] float, mask [B, H, W] long) or dicts with "image" and "mask".
+        num_classes: K.
+        settings: mode, crop size, sliding window, scales, flip.
+        device: where inference runs.
+        ignore_index: mask value excluded from the metrics.
+        progress: show a tqdm bar (only ever on rank 0).
+
+    Returns:
+        ``ConfusionMeter.compute()`` (miou, iou, pixel_acc, fg_iou, fg_class_acc, fg_gt_frac, fg_pred_frac, confusion)
+        plus "num_images" (all processes) and "seconds" (this process's wall time).
+    """
+    if not isinstance(settings, EvalSettings):
+        raise TypeError(f"settings must be an EvalSettings, got {type(settings).__name__}")
+    device = torch.device(device)
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    meter = ConfusionMeter(num_classes, ignore_index=ignore_index, device=device)
+    num_images = 0
+    was_training = fn.training if isinstance(fn, torch.nn.Module) else None
+    if isinstance(fn, torch.nn.Module):
+        fn.eval()
+    start = time.perf_counter()
+    try:
+        with torch.inference_mode():
+            for batch in tqdm(loader, desc="eval", disable=not progress or rank != 0, leave=False):
+                image, mask = _unpack(batch)
+                image = image.to(device, non_blocking=True)
+                mask = mask.to(device, non_blocking=True)
+                if image.dim() != 4 or mask.dim() != 3 or image.shape[0] != mask.shape[0] \
+                        or image.shape[-2:] != mask.shape[-2:]:
+                    raise ValueError(f"expected image [B, 3, H, W] and mask [B, H, W] of matching B, H, W; got "
+                                     f"{tuple(image.shape)} and {tuple(mask.shape)}")
+                if settings.mode == "center_crop":
+                    image, mask = center_crop(image, mask, settings.crop_size)
+                probs = multiscale_logits(fn, image, settings.scales, settings.flip, settings.mode,
+                                          settings.resolved_window, settings.resolved_stride)
+                meter.update(probs.argmax(1), mask)
+                num_images += image.shape[0]
+        meter.all_reduce()
+        total_images = int(all_reduce_sum(torch.tensor([num_images], dtype=torch.int64, device=device)).item())
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    finally:
+        if was_training is not None:
+            fn.train(was_training)  # type: ignore[union-attr]
+    result = meter.compute()
+    result.update(num_images=total_images, seconds=time.perf_counter() - start)
+    return result

@@ -1,0 +1,241 @@
+"""Segmentation metrics built on one confusion matrix (rows = ground truth, columns = prediction).
+
+Everything here works on any device; the matrix is int64 so that counts over a whole validation set never overflow.
+The foreground diagnostics (``foreground_stats``) separate "finds objects" from "tells the classes apart", which a
+single mIoU number hides (see NOTES.md in the shared folder).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "confusion_matrix",
+    "class_iou",
+    "mean_iou",
+    "pixel_accuracy",
+    "foreground_stats",
+    "all_reduce_sum",
+    "ConfusionMeter",
+]
+
+
+def _check_cm(cm: torch.Tensor) -> torch.Tensor:
+    """Validate a square confusion matrix and return it as float64 for ratio arithmetic."""
+    if not isinstance(cm, torch.Tensor):
+        raise TypeError(f"cm must be a torch.Tensor, got {type(cm).__name__}")
+    if cm.dim() != 2 or cm.shape[0] != cm.shape[1]:
+        raise ValueError(f"cm must be a square [K, K] matrix, got shape {tuple(cm.shape)}")
+    return cm.to(torch.float64)
+
+
+def _ratio(num: torch.Tensor, den: torch.Tensor) -> float:
+    """num / den as a Python float, NaN when den is zero."""
+    return float(num / den) if float(den) > 0 else math.nan
+
+
+def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
+                     ignore_index: int | None = 255) -> torch.Tensor:
+    """Count (ground truth, prediction) pairs.
+
+    Args:
+        pred: integer class ids, any shape (e.g. [B, H, W]), values in [0, num_classes).
+        target: integer class ids of the same shape; pixels equal to ``ignore_index`` are skipped.
+        num_classes: K, the number of classes.
+        ignore_index: label value to skip, or None to count every pixel.
+
+    Returns:
+        int64 tensor [K, K] on ``pred``'s device; entry [g, p] counts pixels with ground truth g predicted as p.
+
+    Raises:
+        TypeError: non-tensor or non-integer inputs.
+        ValueError: shape mismatch, or a target (other than the ignore index) or prediction outside [0, K).
+    """
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    for name, t in (("pred", pred), ("target", target)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+            raise TypeError(f"{name} must hold integer class ids, got dtype {t.dtype}")
+    if pred.shape != target.shape:
+        raise ValueError(f"pred shape {tuple(pred.shape)} != target shape {tuple(target.shape)}")
+    target = target.to(pred.device).reshape(-1).long()
+    pred = pred.reshape(-1).long()
+    if ignore_index is not None:
+        keep = target != ignore_index
+        target, pred = target[keep], pred[keep]
+    for name, t in (("target", target), ("pred", pred)):
+        if t.numel() and (bool((t < 0).any()) or bool((t >= num_classes).any())):
+            bad = t[(t < 0) | (t >= num_classes)].unique()[:5].tolist()
+            raise ValueError(f"{name} has values {bad} outside [0, {num_classes}) "
+                             f"(ignore_index={ignore_index})")
+    counts = torch.bincount(target * num_classes + pred, minlength=num_classes * num_classes)
+    return counts.reshape(num_classes, num_classes)
+
+
+def class_iou(cm: torch.Tensor) -> torch.Tensor:
+    """Per-class intersection over union TP / (TP + FP + FN).
+
+    Args:
+        cm: confusion matrix [K, K] (rows = ground truth, columns = prediction), any numeric dtype.
+
+    Returns:
+        float64 tensor [K]; NaN for a class absent from both ground truth and prediction.
+    """
+    m = _check_cm(cm)
+    tp = m.diagonal()
+    union = m.sum(0) + m.sum(1) - tp
+    return torch.where(union > 0, tp / union.clamp(min=1), torch.full_like(tp, math.nan))
+
+
+def mean_iou(cm: torch.Tensor) -> float:
+    """Mean of ``class_iou`` over the classes that occur (NaNs skipped); NaN when no class occurs at all."""
+    iou = class_iou(cm)
+    present = ~torch.isnan(iou)
+    return float(iou[present].mean()) if bool(present.any()) else math.nan
+
+
+def pixel_accuracy(cm: torch.Tensor) -> float:
+    """Fraction of counted pixels predicted correctly (trace / total); NaN for an empty matrix."""
+    m = _check_cm(cm)
+    return _ratio(m.trace(), m.sum())
+
+
+def foreground_stats(cm: torch.Tensor, background: int = 0) -> dict[str, float]:
+    """Foreground diagnostics: does the model find objects, and does it name them right?
+
+    Args:
+        cm: confusion matrix [K, K] (rows = ground truth, columns = prediction).
+        background: index of the background class; every other class counts as foreground.
+
+    Returns:
+        dict of floats (NaN when undefined):
+        - "fg_iou": IoU of the binary foreground-vs-background problem (all foreground classes merged).
+        - "fg_class_acc": among pixels that are foreground in ground truth AND predicted as some foreground class,
+          the fraction predicted with the right class (chance is 1 / number of foreground classes).
+        - "fg_gt_frac", "fg_pred_frac": fraction of counted pixels that are foreground in ground truth / prediction
+          (an under-predicting teacher shows fg_pred_frac < fg_gt_frac).
+    """
+    m = _check_cm(cm)
+    k = m.shape[0]
+    if not isinstance(background, int) or not 0 <= background < k:
+        raise ValueError(f"background must be a class index in [0, {k}), got {background!r}")
+    fg = torch.ones(k, dtype=torch.bool, device=m.device)
+    fg[background] = False
+    both_fg = m[fg][:, fg]
+    inter = both_fg.sum()
+    missed = m[fg, background].sum()        # GT foreground predicted as background
+    false_alarm = m[background, fg].sum()   # GT background predicted as foreground
+    total = m.sum()
+    return {
+        "fg_iou": _ratio(inter, inter + missed + false_alarm),
+        "fg_class_acc": _ratio(both_fg.diagonal().sum(), inter),
+        "fg_gt_frac": _ratio(m[fg].sum(), total),
+        "fg_pred_frac": _ratio(m[:, fg].sum(), total),
+    }
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum ``tensor`` over all processes when torch.distributed is initialised; return it unchanged otherwise.
+
+    With the NCCL backend a CPU tensor is moved to the current CUDA device for the reduction and moved back.
+    Returns the reduced tensor on the input's device (the input may or may not be modified in place).
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return tensor
+    work = tensor
+    if "nccl" in str(dist.get_backend()).lower() and not tensor.is_cuda:
+        work = tensor.to(torch.device("cuda", torch.cuda.current_device()))
+    dist.all_reduce(work, op=dist.ReduceOp.SUM)
+    return work.to(tensor.device)
+
+
+def _none_if_nan(x: float) -> float | None:
+    return None if math.isnan(x) else x
+
+
+class ConfusionMeter:
+    """Accumulates a confusion matrix over batches (and processes) and reports every metric of this module.
+
+    Usage: ``update`` per batch, ``all_reduce`` once after the last batch (a no-op without torch.distributed),
+    ``compute`` for a JSON-ready dict, ``reset`` to start over.
+
+    Args:
+        num_classes: K.
+        ignore_index: target value that is skipped (None: count every pixel).
+        device: where the matrix lives; None = the device of the first ``update``'s prediction (CPU if none).
+        background: background class for the foreground diagnostics.
+    """
+
+    def __init__(self, num_classes: int, ignore_index: int | None = 255,
+                 device: torch.device | str | None = None, background: int = 0) -> None:
+        if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        if not isinstance(background, int) or not 0 <= background < num_classes:
+            raise ValueError(f"background must be a class index in [0, {num_classes}), got {background!r}")
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.device = torch.device(device) if device is not None else None
+        self.background = background
+        self.reset()
+
+    def reset(self) -> None:
+        """Zero the matrix and allow updates again."""
+        self._cm: torch.Tensor | None = None
+        self._reduced = False
+
+    @property
+    def matrix(self) -> torch.Tensor:
+        """The accumulated int64 [K, K] confusion matrix (rows = ground truth, columns = prediction)."""
+        if self._cm is None:
+            k = self.num_classes
+            self._cm = torch.zeros(k, k, dtype=torch.int64, device=self.device or torch.device("cpu"))
+        return self._cm
+
+    def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
+        """Add one batch.
+
+        Args:
+            pred: integer class ids with ``target``'s shape, or floating scores [B, K, H, W] for target [B, H, W]
+                (argmax over dim 1 is taken).
+            target: integer ground truth, e.g. [B, H, W]; ``ignore_index`` pixels are skipped.
+        """
+        if self._reduced:
+            raise RuntimeError("ConfusionMeter was already all-reduced; call reset() before new updates")
+        if isinstance(pred, torch.Tensor) and pred.dtype.is_floating_point and \
+                isinstance(target, torch.Tensor) and pred.dim() == target.dim() + 1:
+            if pred.shape[1] != self.num_classes:
+                raise ValueError(f"pred scores have {pred.shape[1]} channels, expected {self.num_classes}")
+            pred = pred.argmax(1)
+        cm = confusion_matrix(pred, target, self.num_classes, self.ignore_index)
+        if self._cm is None and self.device is None:
+            self._cm = torch.zeros_like(cm)
+        self.matrix.add_(cm.to(self.matrix.device))
+
+    def all_reduce(self) -> None:
+        """Sum the matrix across processes (torch.distributed, when initialised). Call once, after all updates."""
+        if self._reduced:
+            raise RuntimeError("ConfusionMeter.all_reduce() called twice; it would count every pixel again")
+        self._cm = all_reduce_sum(self.matrix)
+        self._reduced = True
+
+    def compute(self) -> dict[str, Any]:
+        """Metrics of the accumulated matrix, JSON-ready (plain Python types, every NaN replaced by None).
+
+        Returns:
+            dict with "miou" (float), "iou" (list of K floats), "pixel_acc", "fg_iou", "fg_class_acc",
+            "fg_gt_frac", "fg_pred_frac" (floats) and "confusion" (K x K nested list of ints).
+        """
+        cm = self.matrix
+        out: dict[str, Any] = {
+            "miou": _none_if_nan(mean_iou(cm)),
+            "iou": [_none_if_nan(v) for v in class_iou(cm).tolist()],
+            "pixel_acc": _none_if_nan(pixel_accuracy(cm)),
+        }
+        out.update({k: _none_if_nan(v) for k, v in foreground_stats(cm, self.background).items()})
+        out["confusion"] = cm.cpu().tolist()
+        return out

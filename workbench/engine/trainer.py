@@ -1,0 +1,445 @@
+"""The training loop: one engine for every method (single process or torchrun/DDP, CPU or CUDA).
+
+``Trainer(cfg).fit()`` builds data, model, method and optimiser from a :class:`~workbench.config.RunConfig`,
+resumes from ``<run>/checkpoints/latest.pt`` when present, trains with poly lr decay, evaluates, checkpoints
+atomically (every epoch, every ``train.checkpoint_every`` steps, at the end, and the best by validation mIoU), and
+writes ``metrics.jsonl`` / ``summary.json``. Only rank 0 writes.
+"""
+from __future__ import annotations
+
+import contextlib
+import platform
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Subset
+
+from workbench.config import ConfigError, RunConfig, config_from_dict, config_to_dict, dump_config
+from workbench.data.dataset import EvalDataset, SegDataset, StepDataset, StepPlan, load_manifest
+from workbench.data.transforms import denormalize, normalize
+from workbench.engine import distributed as D
+from workbench.engine.checkpoint import (CheckpointError, load_checkpoint, load_state_checked, rng_state,
+                                         save_checkpoint, set_rng_state)
+from workbench.engine.evaluate import EvalSettings, evaluate
+from workbench.engine.optim import build_sgd, scaled_lr, set_poly_lr
+from workbench.engine.rundir import RunDir
+from workbench.methods import METHODS, Method, SemiBatch, StepInfo, build_method
+from workbench.models import build_model
+
+
+class NonFiniteError(RuntimeError):
+    """The loss or the gradients became NaN/inf under the ``stop`` policy."""
+
+
+def prepare_dataset(cfg: RunConfig) -> Path:
+    """Make sure the dataset root exists (generating the synthetic one when needed, on rank 0 only)."""
+    root = Path(cfg.data.root)
+    if cfg.data.dataset == "synthetic":
+        if D.is_main():
+            from workbench.data.synthetic import SyntheticSpec, ensure_synthetic
+
+            try:
+                spec = SyntheticSpec.from_dict(cfg.data.synthetic)
+            except (TypeError, ValueError) as e:
+                raise ConfigError(f"data.synthetic: {e}") from None
+            ensure_synthetic(root, spec, progress=cfg.train.progress)
+        if D.world_size() > 1:
+            torch.distributed.barrier()
+    load_manifest(root)  # clear error when missing
+    return root
+
+
+def split_names(cfg: RunConfig, semi: bool) -> tuple[str, str | None]:
+    """(labeled split, unlabeled split or None) of the manifest for ``data.split``."""
+    if cfg.data.split == "all":
+        if semi:
+            raise ConfigError("data.split: 'all' leaves no unlabeled images for a semi-supervised method; "
+                              "choose a label fraction such as 1-16, or method.name=supervised")
+        return "train", None
+    return f"labeled_{cfg.data.split}", (f"unlabeled_{cfg.data.split}" if semi else None)
+
+
+def build_from_config(cfg: RunConfig, num_classes: int, device: torch.device) -> Method:
+    """The method (with its freshly built model) on ``device``."""
+    m = cfg.model
+    model = build_model(num_classes, backbone=m.backbone, stem=m.stem, output_stride=m.output_stride,
+                        width=m.width, head_width=m.head_width, pretrained=m.pretrained, fp_dropout=m.fp_dropout)
+    method = build_method(cfg.method.name, model, cfg.method, num_classes).to(device)
+    if m.channels_last:
+        method = method.to(memory_format=torch.channels_last)
+    return method
+
+
+def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype for optim.amp on ``device`` (None = fp32). AMP runs on CUDA only."""
+    if mode == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    if mode == "off":
+        return None
+    if device.type != "cuda":
+        raise ConfigError(f"optim.amp={mode!r} needs CUDA (device is {device}); use auto or off")
+    return torch.bfloat16 if mode == "bf16" else torch.float16
+
+
+def artifact_tensor(key: str, t: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:
+    """Compact CPU copy of a captured tensor: images (keys ``x_*``) -> uint8, labels -> uint8, floats -> fp16."""
+    t = t.detach()
+    if key.startswith("x_") and t.dim() == 4 and t.shape[1] == 3 and t.is_floating_point():
+        return (denormalize(t.float(), mean, std) * 255).round().to(torch.uint8).cpu()
+    if t.dtype in (torch.int64, torch.int32) and t.numel() and int(t.min()) >= 0 and int(t.max()) <= 255:
+        return t.to(torch.uint8).cpu()
+    if t.is_floating_point():
+        return t.to(torch.float16).cpu()
+    return t.cpu()
+
+
+def environment() -> dict[str, Any]:
+    """Versions, device and git commit for summary.json."""
+    import torchvision
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                                cwd=Path(__file__).resolve().parents[2]).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
+    return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "device": dev, "cuda": torch.version.cuda, "threads": torch.get_num_threads(), "git_commit": commit,
+            "platform": platform.platform()}
+
+
+class Trainer:
+    """Runs one configuration to completion (or to ``stop_at``), resuming when the run directory has a checkpoint."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+        self.device = D.local_device(cfg.train.device)
+        D.init_from_env(self.device)
+        self.rank, self.world = D.rank(), D.world_size()
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        self.run = RunDir(cfg.run_dir)
+        self.method_cls = METHODS[cfg.method.name]
+        self.semi = self.method_cls.uses_unlabeled
+        self.amp = amp_dtype(cfg.optim.amp, self.device)
+
+    # ------------------------------------------------------------------ setup
+    def _check_run_dir(self) -> None:
+        if self.run.config.is_file() and self.run.latest.is_file():
+            import yaml
+
+            old = yaml.safe_load(self.run.config.read_text())
+            new = config_to_dict(self.cfg)
+            for d in (old, new):
+                d.get("train", {}).pop("progress", None)
+            if old != new:
+                diff = sorted(_diff_keys(old, new))
+                raise ConfigError(f"{self.run.path} holds a run with a different config (keys {diff[:5]}); resume "
+                                  "with the same config, or pick another train name / delete the directory")
+
+    def setup(self) -> None:
+        """Build everything; resume from the latest checkpoint when present."""
+        cfg = self.cfg
+        torch.manual_seed(cfg.train.seed)
+        if self.rank == 0:
+            self._check_run_dir()
+            self.run.create()
+            self.run.config.write_text(dump_config(cfg))
+        root = prepare_dataset(cfg)
+        lab_split, unl_split = split_names(cfg, self.semi)
+        self.labeled = SegDataset(root, lab_split)
+        self.unlabeled = SegDataset(root, unl_split) if unl_split else None
+        self.num_classes = self.labeled.num_classes
+        self.val = EvalDataset(root, cfg.data.val_split)
+        bl = cfg.data.batch_size
+        bu = cfg.data.unlabeled_batch_size or bl
+        self.plan = StepPlan(len(self.labeled), len(self.unlabeled) if self.unlabeled else 0, bl, bu,
+                             self.world, self.rank, cfg.train.seed, self.semi, cfg.optim.grad_accum)
+        self.ipe = self.plan.iters_per_epoch
+        self.total = cfg.train.iters or cfg.train.epochs * self.ipe
+
+        self.method = build_from_config(cfg, self.num_classes, self.device)
+        self.ddp = self.method
+        if self.world > 1:
+            D.convert_sync_batchnorm(self.method, self.device)
+            self.ddp = torch.nn.parallel.DistributedDataParallel(
+                self.method, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=getattr(self.method, "ddp_find_unused", False))
+        self.lr = scaled_lr(cfg.optim.lr, bl * self.world * cfg.optim.grad_accum, cfg.optim.reference_batch,
+                            cfg.optim.lr_scaling)
+        fused = True if self.device.type == "cuda" else None
+        self.optimizer = build_sgd(self.method.param_groups(self.lr, cfg.optim.head_lr_mult), cfg.optim.momentum,
+                                   cfg.optim.weight_decay, fused=fused)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == torch.float16)
+        self.start = 0
+        self.best = {"miou": -1.0, "step": -1}
+        self.counters = {"skipped_samples": 0, "nonfinite_steps": 0}
+        self.elapsed = 0.0
+        if self.run.latest.is_file():
+            self._resume()
+
+    def _resume(self) -> None:
+        ck = load_checkpoint(self.run.latest)
+        load_state_checked(self.method, ck["method"], self.run.latest)
+        self.optimizer.load_state_dict(ck["optimizer"])
+        self.scaler.load_state_dict(ck["scaler"])
+        self.start = ck["step"]
+        self.best = ck["best"]
+        self.counters = ck["counters"]
+        self.elapsed = ck.get("elapsed", 0.0)
+        set_rng_state(ck["rng"][min(self.rank, len(ck["rng"]) - 1)])
+        if self.rank == 0:
+            self.run.truncate_metrics(self.start)
+            self.run.truncate_artifacts(self.start)
+            for tmp in self.run.iter_checkpoint_temps():
+                tmp.unlink()
+
+    def _loader(self) -> DataLoader:
+        cfg = self.cfg
+        ds = StepDataset(self.labeled, self.unlabeled, self.plan, cfg.data.crop_size, cfg.data.scale_range,
+                         cfg.data.flip, cfg.data.bad_data)
+        micro = cfg.optim.grad_accum
+        ds.total_steps = self.total * micro
+        nw = cfg.data.num_workers
+        return DataLoader(ds, batch_size=None, sampler=range(self.start * micro, self.total * micro),
+                          num_workers=nw, pin_memory=cfg.data.pin_memory and self.device.type == "cuda",
+                          prefetch_factor=4 if nw else None, persistent_workers=False)
+
+    # ------------------------------------------------------------------ steps
+    def _checkpoint(self, step: int) -> None:
+        states = [rng_state()]
+        if self.world > 1:
+            gathered: list[Any] = [None] * self.world
+            torch.distributed.all_gather_object(gathered, states[0])
+            states = gathered
+        if self.rank == 0:
+            save_checkpoint(self.run.latest, method=self.method.state_dict(), optimizer=self.optimizer.state_dict(),
+                            scaler=self.scaler.state_dict(), step=step, epoch=step // self.ipe, best=self.best,
+                            counters=self.counters, rng=states, elapsed=self.elapsed,
+                            config=config_to_dict(self.cfg))
+
+    def evaluate(self) -> dict[str, Any]:
+        """Validation metrics of the method's predictor (all processes take part; the result is all-reduced)."""
+        cfg = self.cfg
+        e = cfg.eval
+        settings = EvalSettings(mode=e.mode, crop_size=e.crop_size, window=e.window, stride=e.stride,
+                                scales=tuple(e.scales), flip=e.flip)
+        ds = self.val if self.world == 1 else Subset(self.val, range(self.rank, len(self.val), self.world))
+        mean, std = cfg.data.mean, cfg.data.std
+
+        def collate(items):
+            imgs = torch.stack([i for i, _ in items])
+            return normalize(imgs, mean, std), torch.stack([m for _, m in items])
+
+        bs = e.batch_size if e.mode != "original" or _same_size(self.val) else 1
+        loader = DataLoader(ds, batch_size=bs, num_workers=min(2, cfg.data.num_workers), collate_fn=collate)
+        predictor = self.method.predictor()
+        was_training = self.method.training
+        self.method.eval()
+        try:
+            with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+                res = evaluate(lambda x: predictor(x)["logits"].float(), loader, self.num_classes, settings,
+                               self.device, progress=cfg.train.progress and self.rank == 0)
+        finally:
+            self.method.train(was_training)
+        return res
+
+    def _log(self, record: dict[str, Any]) -> None:
+        if self.rank == 0:
+            self.run.append_metrics(record)
+            if self.tb is not None:
+                for k, v in record.items():
+                    if isinstance(v, (int, float)) and k not in ("step", "epoch"):
+                        self.tb.add_scalar(f"{record['kind']}/{k}", v, record["step"])
+
+    def fit(self, stop_at: int | None = None) -> dict[str, Any]:
+        """Train from the current step to the end (or until ``stop_at`` steps are done); returns the summary."""
+        self.setup()
+        cfg = self.cfg
+        self.tb = None
+        if cfg.train.tensorboard and self.rank == 0:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(self.run.path / "tensorboard"))
+        end = self.total if stop_at is None else min(stop_at, self.total)
+        micro = cfg.optim.grad_accum
+        sums: dict[str, Tensor] = {}
+        n_sum = 0
+        last_eval: dict[str, Any] | None = None
+        self.method.train()
+        step = self.start
+        pbar = None
+        if cfg.train.progress and self.rank == 0:
+            from tqdm.auto import tqdm
+
+            pbar = tqdm(total=self.total, initial=self.start, desc=f"{cfg.method.name}", dynamic_ncols=True)
+        t_start = time.perf_counter()
+        data_time = 0.0
+        it = iter(self._loader()) if self.start < end else iter(())
+        while step < end:
+            capture = cfg.train.capture_every > 0 and (step + 1) % cfg.train.capture_every == 0
+            info = StepInfo(step, step // self.ipe, self.total, self.ipe, capture)
+            set_poly_lr(self.optimizer, step, self.total, cfg.optim.poly_power)
+            self.optimizer.zero_grad(set_to_none=True)
+            ids: list[str] = []
+            logs_step: dict[str, Tensor] = {}
+            for a in range(micro):
+                t0 = time.perf_counter()
+                raw = next(it)
+                data_time += time.perf_counter() - t0
+                self.counters["skipped_samples"] += int(raw.get("skipped", 0))
+                batch = SemiBatch.from_loader(raw, self.device, cfg.data.mean, cfg.data.std, cfg.model.channels_last)
+                ids += batch.ids_l + batch.ids_u
+                sync = contextlib.nullcontext() if (a == micro - 1 or self.world == 1) else self.ddp.no_sync()
+                with sync:
+                    with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+                        out = self.ddp(batch, info)
+                    self.scaler.scale(out.loss / micro).backward()
+                for k, v in out.logs.items():
+                    v = v.detach().float() if isinstance(v, Tensor) else torch.tensor(float(v))
+                    logs_step[k] = logs_step.get(k, 0) + v / micro
+            if not self._finite_step(out, logs_step, step, ids):
+                step += 1
+                if pbar:
+                    pbar.update(1)
+                continue
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.method.after_step(info)
+            for k, v in logs_step.items():
+                sums[k] = sums.get(k, 0) + v
+            n_sum += 1
+            if capture and self.rank == 0 and out.artifacts:
+                self.run.save_artifacts(step + 1, info.epoch, {k: artifact_tensor(k, v, cfg.data.mean, cfg.data.std)
+                                                               for k, v in out.artifacts.items()})
+            step += 1
+            if pbar:
+                pbar.update(1)
+            if step % cfg.train.log_every == 0 or step == end:
+                rec = {"kind": "train", "step": step, "epoch": (step - 1) // self.ipe,
+                       "lr": self.optimizer.param_groups[0]["lr"]}
+                rec.update({k: float(v / n_sum) for k, v in sums.items()})
+                self._log(rec)
+                if pbar:
+                    pbar.set_postfix(loss=f"{rec.get('loss', float('nan')):.3f}")
+                sums, n_sum = {}, 0
+            epoch_end = step % self.ipe == 0
+            do_eval = step == self.total or (cfg.train.eval_every and step % cfg.train.eval_every == 0) or (
+                not cfg.train.eval_every and epoch_end)
+            if do_eval:
+                res = self.evaluate()
+                last_eval = {"kind": "eval", "step": step, "epoch": (step - 1) // self.ipe, **res}
+                self._log(last_eval)
+                miou = res["miou"] if res["miou"] is not None else 0.0
+                if miou > self.best["miou"]:
+                    self.best = {"miou": miou, "step": step}
+                    if self.rank == 0:
+                        save_checkpoint(self.run.best, method=self.method.state_dict(), step=step, miou=miou,
+                                        config=config_to_dict(cfg))
+            self.elapsed += time.perf_counter() - t_start
+            t_start = time.perf_counter()
+            if step == self.total or epoch_end or (cfg.train.checkpoint_every and
+                                                   step % cfg.train.checkpoint_every == 0):
+                self._checkpoint(step)
+        if pbar:
+            pbar.close()
+        self.elapsed += time.perf_counter() - t_start
+        summary = self._summary(step, last_eval, data_time)
+        if self.tb is not None:
+            self.tb.close()
+        return summary
+
+    def _finite_step(self, out, logs: dict[str, Tensor], step: int, ids: list[str]) -> bool:
+        """Check loss (and, for fp16, the scaler handles grads); apply the non-finite policy."""
+        if self.amp == torch.float16:
+            return True  # GradScaler skips steps with inf/NaN gradients itself
+        ok = bool(torch.isfinite(out.loss)) and all(
+            bool(torch.isfinite(p.grad).all()) for p in self.method.parameters() if p.grad is not None)
+        if ok:
+            return True
+        if self.cfg.optim.nonfinite == "skip":
+            self.counters["nonfinite_steps"] += 1
+            self.optimizer.zero_grad(set_to_none=True)
+            return False
+        terms = {k: float(v) for k, v in logs.items()}
+        raise NonFiniteError(f"non-finite loss/gradients at step {step}: loss terms {terms}; batch ids {ids}. "
+                             "Set optim.nonfinite=skip to skip such steps, or lower optim.lr.")
+
+    def _summary(self, step: int, last_eval: dict[str, Any] | None, data_time: float) -> dict[str, Any]:
+        if last_eval is None:
+            evals = self.run.read_metrics("eval") if self.rank == 0 else []
+            last_eval = evals[-1] if evals else None
+        done = step - self.start
+        summary = {
+            "name": self.cfg.name, "method": self.cfg.method.name, "steps": step, "total_steps": self.total,
+            "finished": step >= self.total, "iters_per_epoch": self.ipe, "world_size": self.world,
+            "seed": self.cfg.train.seed, "lr": self.lr,
+            "final": {k: v for k, v in (last_eval or {}).items() if k not in ("kind", "confusion")},
+            "best": self.best, "counters": self.counters,
+            "timing": {"seconds_total": self.elapsed, "steps_this_session": done,
+                       "data_wait_seconds_this_session": data_time},
+            "environment": environment(),
+        }
+        if self.rank == 0:
+            self.run.write_summary(summary)
+        return summary
+
+
+def _same_size(ds: EvalDataset) -> bool:
+    return ds.base.manifest.raw.get("image_size") is not None
+
+
+def _diff_keys(a: Any, b: Any, prefix: str = "") -> set[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out: set[str] = set()
+        for k in set(a) | set(b):
+            out |= _diff_keys(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    return set() if a == b else {prefix.rstrip(".")}
+
+
+def train(cfg: RunConfig, stop_at: int | None = None) -> dict[str, Any]:
+    """Train ``cfg`` (resuming if its run directory has a checkpoint); returns the summary dict."""
+    return Trainer(cfg).fit(stop_at)
+
+
+def load_run_config(run_dir: str | Path) -> RunConfig:
+    """The resolved config of an existing run directory."""
+    import yaml
+
+    rd = RunDir(run_dir)
+    if not rd.config.is_file():
+        raise CheckpointError(f"{rd.config} not found: {run_dir} is not a run directory")
+    return config_from_dict(yaml.safe_load(rd.config.read_text()))
+
+
+def evaluate_run(run_dir: str | Path, checkpoint: str = "best", overrides: dict[str, Any] | None = None
+                 ) -> dict[str, Any]:
+    """Evaluate a run's ``best`` (or ``latest``) checkpoint with its config's eval settings (optionally overridden)."""
+    from workbench.config import apply_overrides
+
+    cfg = load_run_config(run_dir)
+    if overrides:
+        cfg = config_from_dict(apply_overrides(config_to_dict(cfg), overrides))
+    t = Trainer(cfg)
+    rd = RunDir(run_dir)
+    path = rd.best if checkpoint == "best" else rd.latest
+    if checkpoint == "best" and not path.is_file():
+        path = rd.latest
+    ck = load_checkpoint(path)
+    root = prepare_dataset(cfg)
+    t.num_classes = load_manifest(root).num_classes
+    t.val = EvalDataset(root, cfg.data.val_split)
+    t.method = build_from_config(cfg, t.num_classes, t.device)
+    load_state_checked(t.method, ck["method"], path)
+    res = t.evaluate()
+    res["checkpoint"] = str(path)
+    res["checkpoint_step"] = ck.get("step")
+    return res
+
+
+__all__ = ["Trainer", "train", "evaluate_run", "load_run_config", "NonFiniteError"]

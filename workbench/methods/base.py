@@ -1,0 +1,146 @@
+"""The Method interface: what one training step computes (the engine decides how the loop runs).
+
+A method owns the student model (and its teacher or extra heads) and turns a :class:`SemiBatch` into a
+:class:`StepOutput`. Logs are tensors (read by the engine at logging time, so a step never synchronises with the
+device); artifacts are filled only when ``step.capture`` is true.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from workbench.config import MethodConfig, register_method_config
+from workbench.data.transforms import normalize
+
+METHODS: dict[str, type["Method"]] = {}
+
+
+@dataclass
+class SemiBatch:
+    """One step's data on the device. Images are normalised float [B,3,h,w]; labels long [B,h,w] (255 = ignore).
+
+    ``ignore``/``ignore_mix`` are 255 on padded pixels of the unlabeled views, 0 elsewhere; ``box1``/``box2`` are bool
+    CutMix boxes of the first unlabeled batch. ``y_u``/``y_u_mix`` (unlabeled ground truth) exist only for
+    diagnostics: no loss may read them (tests prove it).
+    """
+
+    x_l: Tensor
+    y_l: Tensor
+    x_w: Tensor | None = None
+    x_s1: Tensor | None = None
+    x_s2: Tensor | None = None
+    ignore: Tensor | None = None
+    box1: Tensor | None = None
+    box2: Tensor | None = None
+    x_w_mix: Tensor | None = None
+    x_s1_mix: Tensor | None = None
+    x_s2_mix: Tensor | None = None
+    ignore_mix: Tensor | None = None
+    y_u: Tensor | None = None
+    y_u_mix: Tensor | None = None
+    ids_l: list[str] = field(default_factory=list)
+    ids_u: list[str] = field(default_factory=list)
+    ids_mix: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_loader(cls, raw: dict[str, Any], device: torch.device, mean: tuple[float, ...],
+                    std: tuple[float, ...], channels_last: bool = False) -> "SemiBatch":
+        """Move a :class:`~workbench.data.dataset.StepDataset` item to ``device``: images normalised, labels long."""
+        kw: dict[str, Any] = {}
+        names = {f.name for f in fields(cls)}
+        for key, value in raw.items():
+            if key not in names:
+                continue
+            if isinstance(value, Tensor):
+                value = value.to(device, non_blocking=True)
+                if key.startswith("x_"):
+                    value = normalize(value, mean, std)
+                    if channels_last:
+                        value = value.contiguous(memory_format=torch.channels_last)
+                elif key.startswith(("y_", "ignore")):
+                    value = value.long()
+            kw[key] = value
+        return cls(**kw)
+
+
+@dataclass
+class StepInfo:
+    """Where the loop is: 0-based optimiser step, epoch, schedule length, and whether to capture artifacts."""
+
+    iteration: int
+    epoch: int
+    total_iters: int
+    iters_per_epoch: int
+    capture: bool = False
+
+
+@dataclass
+class StepOutput:
+    """A step's loss (to backpropagate), logs (scalar tensors or floats) and captured tensors (when capturing)."""
+
+    loss: Tensor
+    logs: dict[str, Tensor | float] = field(default_factory=dict)
+    artifacts: dict[str, Tensor] = field(default_factory=dict)
+
+
+class Method(nn.Module):
+    """Base class of every semi-supervised recipe (see DESIGN.md, "The method interface")."""
+
+    name: ClassVar[str] = ""
+    config_class: ClassVar[type[MethodConfig]] = MethodConfig
+    uses_unlabeled: ClassVar[bool] = False
+
+    def __init__(self, model: nn.Module, cfg: MethodConfig, num_classes: int) -> None:
+        super().__init__()
+        if not isinstance(cfg, self.config_class):
+            raise TypeError(f"{type(self).__name__} expects a {self.config_class.__name__}, got {type(cfg).__name__}")
+        self.model = model
+        self.cfg = cfg
+        self.num_classes = num_classes
+
+    def forward(self, batch: SemiBatch, step: StepInfo) -> StepOutput:  # noqa: D102 (DDP calls forward)
+        return self.training_step(batch, step)
+
+    def training_step(self, batch: SemiBatch, step: StepInfo) -> StepOutput:
+        """Compute the loss of one step."""
+        raise NotImplementedError
+
+    def predictor(self) -> nn.Module:
+        """The network evaluation runs (returns a dict with "logits"); the student unless overridden."""
+        return self.model
+
+    def param_groups(self, lr: float, head_mult: float = 10.0) -> list[dict[str, Any]]:
+        """Optimiser groups: backbone at ``lr``, head at ``lr x head_mult``, both poly-decayed.
+
+        A method adds its own groups (e.g. a constant-lr decoder) by extending this list; groups with
+        ``"poly": False`` keep their lr.
+        """
+        return [
+            {"params": list(self.model.backbone_parameters()), "lr": lr, "base_lr": lr, "poly": True,
+             "name": "backbone"},
+            {"params": list(self.model.head_parameters()), "lr": lr * head_mult, "base_lr": lr * head_mult,
+             "poly": True, "name": "head"},
+        ]
+
+    def after_step(self, step: StepInfo) -> None:
+        """Hook after the optimiser step (EMA teachers, thresholds, dictionaries)."""
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    """Class decorator: register a method under ``cls.name`` (with its config dataclass)."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} has no name")
+    METHODS[cls.name] = cls
+    register_method_config(cls.name, cls.config_class)
+    cls.config_class.uses_unlabeled = cls.uses_unlabeled
+    return cls
+
+
+def build_method(name: str, model: nn.Module, cfg: MethodConfig, num_classes: int) -> Method:
+    """Instantiate the registered method ``name``."""
+    if name not in METHODS:
+        raise KeyError(f"unknown method {name!r}; known: {sorted(METHODS)}")
+    return METHODS[name](model, cfg, num_classes)
