@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 FORMAT = "workbench-dataset/1"
 GENERATOR_VERSION = 1  # bump whenever the same spec would render different pixels
 IGNORE_INDEX = 255
-JPEG_QUALITY = 95
+JPEG_QUALITY = 95  # written without chroma subsampling
 SHAPES = ("ellipse", "rectangle", "triangle", "blob", "cross", "diamond")
 
 
@@ -490,7 +490,8 @@ def _write_dataset(out: Path, spec: SyntheticSpec, progress: bool) -> None:
             for i in range(total):
                 sample = render_sample_detailed(np.random.default_rng([spec.seed, code, i]), spec)
                 sid = _sample_id(split, i, total)
-                Image.fromarray(sample.image, "RGB").save(out / "images" / f"{sid}.jpg", quality=JPEG_QUALITY)
+                Image.fromarray(sample.image, "RGB").save(out / "images" / f"{sid}.jpg", quality=JPEG_QUALITY,
+                                                          subsampling=0)  # 4:4:4, keeps colour detail
                 png = Image.frombytes("P", (width, height), np.ascontiguousarray(sample.mask).tobytes())
                 png.putpalette(png_palette)
                 png.save(out / "masks" / f"{sid}.png")

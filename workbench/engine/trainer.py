@@ -299,7 +299,7 @@ class Trainer:
                     with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
                         out = self.ddp(batch, info)
                     self.scaler.scale(out.loss / micro).backward()
-                for k, v in out.logs.items():
+                for k, v in {"loss": out.loss, **out.logs}.items():
                     v = v.detach().float() if isinstance(v, Tensor) else torch.tensor(float(v))
                     logs_step[k] = logs_step.get(k, 0) + v / micro
             if not self._finite_step(out, logs_step, step, ids):

@@ -1,0 +1,229 @@
+"""Weak-to-strong baselines: FixMatch (teacher = student), mean teacher (EMA teacher) and UniMatch.
+
+All three share :class:`WeakStrong`: teacher prediction of the mix batch in eval mode, CutMix of the strong views
+and of their targets (UniMatch convention), confidence-masked CE normalised by the non-ignored pixels, and the
+pseudo-label diagnostics. Loss weights follow METHODS.md ("Shared baselines").
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from workbench.methods.base import Method, SemiBatch, StepInfo, StepOutput, register_method
+from workbench.methods.supervised import SupervisedConfig, supervised_loss
+from workbench.engine.optim import ema_update
+from workbench.ops.losses import masked_ce_loss
+from workbench.ops.semi import (confident_mask, cutmix_images, paste_in_box, pseudo_label,
+                                pseudo_label_diagnostics)
+
+
+@dataclass
+class FixMatchConfig(SupervisedConfig):
+    """FixMatch: confidence threshold ``tau``; CutMix across the batch on/off."""
+
+    name: str = "fixmatch"
+    tau: float = 0.95
+    cutmix: bool = True
+
+
+@dataclass
+class Targets:
+    """Pseudo-label, confidence and ignore mask of one (possibly CutMixed) view."""
+
+    pseudo: Tensor
+    conf: Tensor
+    ignore: Tensor
+
+    def confident(self, tau: float) -> Tensor:
+        """bool mask conf >= tau on non-ignored pixels."""
+        return confident_mask(self.conf, tau, self.ignore)
+
+
+class WeakStrong(Method):
+    """Shared machinery of the weak-to-strong methods (not registered itself)."""
+
+    uses_unlabeled = True
+    cfg: FixMatchConfig
+
+    def teacher(self) -> nn.Module:
+        """The network that makes pseudo-labels (the student itself unless overridden)."""
+        return self.model
+
+    @torch.no_grad()
+    def predict_eval(self, x: Tensor) -> Tensor:
+        """Teacher logits of ``x`` in eval mode without gradients (mode restored afterwards)."""
+        net = self.teacher()
+        was = net.training
+        net.eval()
+        try:
+            return net(x)["logits"]
+        finally:
+            net.train(was)
+
+    def mix_targets(self, batch: SemiBatch) -> Targets:
+        """Teacher's pseudo-label and confidence of the mix batch (eval mode, no grad) with its ignore mask."""
+        pseudo, conf = pseudo_label(self.predict_eval(batch.x_w_mix))
+        return Targets(pseudo, conf, batch.ignore_mix)
+
+    def strong_view(self, x_s: Tensor, x_s_mix: Tensor, box: Tensor) -> Tensor:
+        """The strong view with the mix batch's strong view pasted into the CutMix box (when CutMix is on)."""
+        return cutmix_images(x_s, x_s_mix, box) if self.cfg.cutmix else x_s
+
+    def mixed_targets(self, weak: Targets, mix: Targets, box: Tensor) -> Targets:
+        """Targets of a CutMixed strong view: the weak view's outside the box, the mix batch's inside it."""
+        if not self.cfg.cutmix:
+            return weak
+        p, c, i = paste_in_box(box, (weak.pseudo, mix.pseudo), (weak.conf, mix.conf), (weak.ignore, mix.ignore))
+        return Targets(p, c, i)
+
+    def unsup_loss(self, logits: Tensor, t: Targets) -> Tensor:
+        """Confidence-masked CE of ``logits`` against targets ``t`` (normalised by non-ignored pixels)."""
+        return masked_ce_loss(logits, t.pseudo, t.confident(self.cfg.tau), t.ignore)
+
+    def diagnostics(self, weak: Targets, batch: SemiBatch) -> dict[str, Tensor]:
+        """Pseudo-label quality of the weak view (GT read for diagnostics only)."""
+        return pseudo_label_diagnostics(weak.pseudo, weak.confident(self.cfg.tau), weak.ignore, batch.y_u,
+                                        self.num_classes)
+
+    def capture(self, batch: SemiBatch, weak: Targets, x_s: Tensor, logits_s: Tensor, **extra: Tensor
+                ) -> dict[str, Tensor]:
+        """Artifacts of a weak-to-strong step (see the run-directory docs for the format)."""
+        arts = {"x_w": batch.x_w, "x_s1": x_s, "pseudo": weak.pseudo, "conf": weak.conf,
+                "confident": weak.confident(self.cfg.tau), "ignore": weak.ignore, "box1": batch.box1,
+                "pred_s1": logits_s.argmax(1), "x_l": batch.x_l, "y_l": batch.y_l}
+        if batch.y_u is not None:
+            arts["y_u"] = batch.y_u
+        arts.update(extra)
+        return arts
+
+
+@register_method
+class FixMatch(WeakStrong):
+    """FixMatch with CutMix (UniMatch's ``fixmatch.py`` protocol): loss = (L_x + L_s) / 2."""
+
+    name = "fixmatch"
+    config_class = FixMatchConfig
+
+    def training_step(self, batch: SemiBatch, step: StepInfo) -> StepOutput:
+        n = batch.x_l.shape[0]
+        mix = self.mix_targets(batch)
+        x_s = self.strong_view(batch.x_s1, batch.x_s1_mix, batch.box1)
+        logits_l, logits_w = self.model(torch.cat([batch.x_l, batch.x_w]))["logits"].split(
+            [n, batch.x_w.shape[0]])
+        weak = Targets(*pseudo_label(logits_w), batch.ignore)
+        logits_s = self.model(x_s)["logits"]
+        loss_x = supervised_loss(self.cfg, logits_l, batch.y_l)
+        loss_s = self.unsup_loss(logits_s, self.mixed_targets(weak, mix, batch.box1))
+        loss = (loss_x + loss_s) / 2
+        logs = {"loss_x": loss_x.detach(), "loss_s": loss_s.detach(), **self.diagnostics(weak, batch)}
+        arts = self.capture(batch, weak, x_s, logits_s) if step.capture else {}
+        return StepOutput(loss, logs, arts)
+
+
+@dataclass
+class MeanTeacherConfig(FixMatchConfig):
+    """Mean teacher: EMA ``alpha``; ``ema_warmup`` uses min(alpha, 1 - 1/(step+1)) as in Tarvainen & Valpola and
+    U2PL (the teacher follows the student closely at first); ``unsup_weight`` multiplies L_u."""
+
+    name: str = "meanteacher"
+    alpha: float = 0.999
+    ema_warmup: bool = True
+    unsup_weight: float = 1.0
+
+
+@register_method
+class MeanTeacher(WeakStrong):
+    """Mean teacher: the EMA teacher (eval mode) makes pseudo-labels and is evaluated; L = L_x + w L_u."""
+
+    name = "meanteacher"
+    config_class = MeanTeacherConfig
+    cfg: MeanTeacherConfig
+
+    def __init__(self, model: nn.Module, cfg: MeanTeacherConfig, num_classes: int) -> None:
+        super().__init__(model, cfg, num_classes)
+        self.ema = copy.deepcopy(model)
+        for p in self.ema.parameters():
+            p.requires_grad_(False)
+        self.ema.eval()
+
+    def teacher(self) -> nn.Module:  # noqa: D102
+        return self.ema
+
+    def predictor(self) -> nn.Module:  # noqa: D102
+        return self.ema
+
+    def train(self, mode: bool = True) -> "MeanTeacher":  # noqa: D102 - the teacher always stays in eval mode
+        super().train(mode)
+        self.ema.eval()
+        return self
+
+    def ema_alpha(self, iteration: int) -> float:
+        """EMA weight at ``iteration`` (0-based)."""
+        a = self.cfg.alpha
+        return min(a, 1 - 1 / (iteration + 1)) if self.cfg.ema_warmup else a
+
+    def training_step(self, batch: SemiBatch, step: StepInfo) -> StepOutput:
+        n = batch.x_l.shape[0]
+        mix = self.mix_targets(batch)
+        weak = Targets(*pseudo_label(self.predict_eval(batch.x_w)), batch.ignore)
+        x_s = self.strong_view(batch.x_s1, batch.x_s1_mix, batch.box1)
+        logits_l, logits_s = self.model(torch.cat([batch.x_l, x_s]))["logits"].split([n, x_s.shape[0]])
+        loss_x = supervised_loss(self.cfg, logits_l, batch.y_l)
+        loss_u = self.unsup_loss(logits_s, self.mixed_targets(weak, mix, batch.box1))
+        loss = loss_x + self.cfg.unsup_weight * loss_u
+        logs = {"loss_x": loss_x.detach(), "loss_u": loss_u.detach(), **self.diagnostics(weak, batch)}
+        arts = self.capture(batch, weak, x_s, logits_s) if step.capture else {}
+        return StepOutput(loss, logs, arts)
+
+    def after_step(self, step: StepInfo) -> None:  # noqa: D102
+        ema_update(self.ema, self.model, self.ema_alpha(step.iteration))
+
+
+@dataclass
+class UniMatchConfig(FixMatchConfig):
+    """UniMatch: loss = (L_x + w_s L_s1 + w_s L_s2 + w_fp L_fp) / 2 with w_s = 0.25, w_fp = 0.5."""
+
+    name: str = "unimatch"
+    weight_s: float = 0.25
+    weight_fp: float = 0.5
+
+
+@register_method
+class UniMatch(WeakStrong):
+    """UniMatch (UniPerb feature perturbation + DusPerb dual strong views), teacher = student."""
+
+    name = "unimatch"
+    config_class = UniMatchConfig
+    cfg: UniMatchConfig
+
+    def forward_weak(self, batch: SemiBatch) -> tuple[Tensor, Tensor, Tensor, dict[str, Any]]:
+        """One pass over cat(x_l, x_w) with feature perturbation: (logits_l, logits_w, logits_w_fp, outputs)."""
+        n, m = batch.x_l.shape[0], batch.x_w.shape[0]
+        out = self.model(torch.cat([batch.x_l, batch.x_w]), perturb=True)
+        logits_l, logits_w = out["logits"].split([n, m])
+        return logits_l, logits_w, out["logits_fp"][n:], out
+
+    def training_step(self, batch: SemiBatch, step: StepInfo) -> StepOutput:
+        c = self.cfg
+        mix = self.mix_targets(batch)
+        x_s1 = self.strong_view(batch.x_s1, batch.x_s1_mix, batch.box1)
+        x_s2 = self.strong_view(batch.x_s2, batch.x_s2_mix, batch.box2)
+        logits_l, logits_w, logits_fp, _ = self.forward_weak(batch)
+        weak = Targets(*pseudo_label(logits_w), batch.ignore)
+        logits_s1, logits_s2 = self.model(torch.cat([x_s1, x_s2]))["logits"].chunk(2)
+        loss_x = supervised_loss(c, logits_l, batch.y_l)
+        loss_s1 = self.unsup_loss(logits_s1, self.mixed_targets(weak, mix, batch.box1))
+        loss_s2 = self.unsup_loss(logits_s2, self.mixed_targets(weak, mix, batch.box2))
+        loss_fp = self.unsup_loss(logits_fp, weak)
+        loss = (loss_x + c.weight_s * (loss_s1 + loss_s2) + c.weight_fp * loss_fp) / 2
+        logs = {"loss_x": loss_x.detach(), "loss_s": ((loss_s1 + loss_s2) / 2).detach(),
+                "loss_fp": loss_fp.detach(), **self.diagnostics(weak, batch)}
+        arts = {}
+        if step.capture:
+            arts = self.capture(batch, weak, x_s1, logits_s1, x_s2=x_s2, box2=batch.box2,
+                                pred_fp=logits_fp.argmax(1))
+        return StepOutput(loss, logs, arts)

@@ -1,0 +1,75 @@
+"""Weak-to-strong building blocks (pure tensor functions): pseudo-labels, CutMix pasting, diagnostics."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+IGNORE = 255
+
+
+def pseudo_label(logits: Tensor) -> tuple[Tensor, Tensor]:
+    """(pseudo = argmax_c p, conf = max_c p) of softmax(logits) [B,K,H,W], computed in fp32 without gradients."""
+    with torch.no_grad():
+        conf, pseudo = logits.detach().float().softmax(1).max(1)
+    return pseudo, conf
+
+
+def cutmix_images(x: Tensor, x_mix: Tensor, box: Tensor) -> Tensor:
+    """Images [B,3,H,W] with the pixels inside ``box`` (bool [B,H,W]) taken from ``x_mix`` (a new tensor)."""
+    if box.shape != (x.shape[0], *x.shape[2:]):
+        raise ValueError(f"box shape {tuple(box.shape)} does not match images {tuple(x.shape)}")
+    return torch.where(box.unsqueeze(1), x_mix, x)
+
+
+def paste_in_box(box: Tensor, *pairs: tuple[Tensor, Tensor]) -> list[Tensor]:
+    """For each (value, value_mix) [B,H,W] pair, ``value`` with the pixels inside ``box`` taken from ``value_mix``.
+
+    Used for the pseudo-label, the confidence and the ignore mask of a CutMixed strong view (UniMatch convention:
+    inside the box they come from the teacher's prediction on the mix batch).
+    """
+    out = []
+    for value, value_mix in pairs:
+        if value.shape != box.shape or value_mix.shape != box.shape:
+            raise ValueError(f"shapes {tuple(value.shape)}/{tuple(value_mix.shape)} do not match box "
+                             f"{tuple(box.shape)}")
+        out.append(torch.where(box, value_mix, value))
+    return out
+
+
+def confident_mask(conf: Tensor, tau: float, ignore: Tensor | None = None) -> Tensor:
+    """bool [B,H,W]: conf >= tau and not ignored (ignore == 255 marks padding)."""
+    mask = conf >= tau
+    if ignore is not None:
+        mask &= ignore != IGNORE
+    return mask
+
+
+@torch.no_grad()
+def pseudo_label_diagnostics(pseudo: Tensor, confident: Tensor, ignore: Tensor | None, gt: Tensor | None,
+                             num_classes: int) -> dict[str, Tensor]:
+    """Quality of pseudo-labels (scalar tensors; nothing is synchronised with the host).
+
+    ``mask_ratio`` = confident / valid pixels (valid = not padding). With the ground truth ``gt`` (diagnostics only,
+    never a loss), over pixels that are valid and not ignored in the GT:
+      - ``pl_acc``: accuracy of the confident pseudo-labels;
+      - ``pl_miou``: mIoU of all pseudo-labels against the GT (classes absent from both are skipped);
+      - ``mining_ratio``: confident-and-correct / all correct pixels (CorrMatch Fig. 5b);
+      - ``effective_ratio``: confident-and-correct / all pixels (CorrMatch Fig. 5c).
+    """
+    valid = torch.ones_like(pseudo, dtype=torch.bool) if ignore is None else ignore != IGNORE
+    out = {"mask_ratio": (confident & valid).sum() / valid.sum().clamp(min=1)}
+    if gt is None:
+        return out
+    v = valid & (gt != IGNORE)
+    correct = (pseudo == gt) & v
+    conf_v = confident & v
+    out["pl_acc"] = (correct & conf_v).sum() / conf_v.sum().clamp(min=1)
+    out["mining_ratio"] = (correct & conf_v).sum() / correct.sum().clamp(min=1)
+    out["effective_ratio"] = (correct & conf_v).sum() / v.sum().clamp(min=1)
+    k = num_classes
+    cm = torch.bincount(gt[v] * k + pseudo[v], minlength=k * k).view(k, k).float()
+    inter = cm.diag()
+    union = cm.sum(0) + cm.sum(1) - inter
+    present = union > 0
+    out["pl_miou"] = (inter[present] / union[present]).sum() / present.sum().clamp(min=1)
+    return out
