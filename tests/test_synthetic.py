@@ -71,10 +71,11 @@ def test_spec_normalises_and_round_trips() -> None:
 
 def test_difficulty_law_and_overrides() -> None:
     easy, hard = SyntheticSpec(difficulty=0.0).effective(), SyntheticSpec(difficulty=1.0).effective()
-    assert easy["texture_contrast"] == pytest.approx(0.5) and hard["texture_contrast"] == pytest.approx(0.2)
-    assert easy["distractor_rate"] == 0.0 and hard["distractor_rate"] == pytest.approx(1.5)
-    # linear in between: 0.9 + (0.3 - 0.9) * 0.25 = 0.75
-    assert SyntheticSpec(difficulty=0.25).effective()["color_informativeness"] == pytest.approx(0.75)
+    assert easy["texture_contrast"] == pytest.approx(0.35) and hard["texture_contrast"] == pytest.approx(0.05)
+    assert easy["distractor_rate"] == pytest.approx(0.75) and hard["distractor_rate"] == pytest.approx(2.25)
+    # linear in between: 0.6 + (0.0 - 0.6) * 0.25 = 0.45; the default (0.5) sits mid-way: (0.035 + 0.085) / 2
+    assert SyntheticSpec(difficulty=0.25).effective()["color_informativeness"] == pytest.approx(0.45)
+    assert SyntheticSpec().effective()["noise_std"] == pytest.approx(0.06)
     # harder = less contrast, more jitter, less informative colour/shape, more clutter, distractors and noise
     for knob, sign in [("texture_contrast", -1), ("texture_jitter", 1), ("color_informativeness", -1),
                        ("shape_informativeness", -1), ("background_contrast", 1), ("distractor_rate", 1),

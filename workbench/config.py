@@ -62,6 +62,9 @@ class ModelConfig:
     output_stride: int = 8
     width: float = 0.5
     head_width: float = 0.5
+    aspp_rates: tuple[int, ...] | None = None
+    """ASPP dilation rates; None = (6, 12, 18) at output stride 16, doubled at 8. For small crops use rates that
+    fit the feature map (the embedded dataset's 64-pixel crops give 8x8 maps at stride 8: rates 2, 4, 6)."""
     pretrained: str | None = None
     """None, a local state-dict file, or a torchvision weights name (``ResNet50_Weights.IMAGENET1K_V1``)."""
     fp_dropout: float = 0.5

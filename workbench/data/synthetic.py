@@ -43,7 +43,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 FORMAT = "workbench-dataset/1"
-GENERATOR_VERSION = 1  # bump whenever the same spec would render different pixels
+GENERATOR_VERSION = 2  # bump whenever the same spec would render different pixels
 IGNORE_INDEX = 255
 JPEG_QUALITY = 95  # written without chroma subsampling
 SHAPES = ("ellipse", "rectangle", "triangle", "blob", "cross", "diamond")
@@ -74,16 +74,19 @@ _PALETTE = ((0, 0, 0), (128, 0, 0), (0, 128, 0), (128, 128, 0), (0, 0, 128), (12
             (128, 128, 128), (64, 0, 0))
 _IGNORE_COLOUR = (224, 224, 192)
 
-# knob: (value at difficulty 0, value at difficulty 1); linear in between
+# knob: (value at difficulty 0, value at difficulty 1); linear in between. The default difficulty 0.5 was the one
+# measured to leave a clear gap: a small FCN from scratch (500 iterations, batch 16, CPU) reached val mIoU 0.59 and
+# 76% class accuracy on found foreground pixels from the 63 images of labeled_1-32, against mIoU 0.78 / 91% from
+# all 2000; at difficulty 0 the same test gave 0.88 vs 0.92 (too easy for semi-supervision to matter).
 DIFFICULTY_LAW: dict[str, tuple[float, float]] = {
-    "texture_contrast": (0.50, 0.20),
-    "texture_jitter": (0.05, 0.25),
-    "color_informativeness": (0.90, 0.30),
-    "shape_informativeness": (0.90, 0.50),
-    "background_contrast": (0.10, 0.30),
-    "distractor_rate": (0.00, 1.50),
-    "distractor_contrast": (0.30, 0.70),
-    "noise_std": (0.01, 0.06),
+    "texture_contrast": (0.35, 0.05),
+    "texture_jitter": (0.15, 0.35),
+    "color_informativeness": (0.60, 0.00),
+    "shape_informativeness": (0.70, 0.30),
+    "background_contrast": (0.20, 0.40),
+    "distractor_rate": (0.75, 2.25),
+    "distractor_contrast": (0.50, 0.90),
+    "noise_std": (0.035, 0.085),
 }
 _KNOB_BOUNDS = {"texture_contrast": (0.0, 1.0), "texture_jitter": (0.0, 1.0), "color_informativeness": (0.0, 1.0),
                 "shape_informativeness": (0.0, 1.0), "background_contrast": (0.0, 1.0),

@@ -19,7 +19,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 
 from workbench.config import ConfigError, RunConfig, config_from_dict, config_to_dict, dump_config
-from workbench.data.dataset import EvalDataset, SegDataset, StepDataset, StepPlan, load_manifest
+from workbench.data.dataset import DataError, EvalDataset, SegDataset, StepDataset, StepPlan, load_manifest
 from workbench.data.transforms import denormalize, normalize
 from workbench.engine import distributed as D
 from workbench.engine.checkpoint import (CheckpointError, load_checkpoint, load_state_checked, rng_state,
@@ -46,7 +46,10 @@ def prepare_dataset(cfg: RunConfig) -> Path:
                 spec = SyntheticSpec.from_dict(cfg.data.synthetic)
             except (TypeError, ValueError) as e:
                 raise ConfigError(f"data.synthetic: {e}") from None
-            ensure_synthetic(root, spec, progress=cfg.train.progress)
+            try:
+                ensure_synthetic(root, spec, progress=cfg.train.progress)
+            except ValueError as e:
+                raise DataError(f"data.root: {e}") from None
         if D.world_size() > 1:
             torch.distributed.barrier()
     load_manifest(root)  # clear error when missing
@@ -67,7 +70,7 @@ def build_from_config(cfg: RunConfig, num_classes: int, device: torch.device) ->
     """The method (with its freshly built model) on ``device``."""
     m = cfg.model
     model = build_model(num_classes, backbone=m.backbone, stem=m.stem, output_stride=m.output_stride,
-                        width=m.width, head_width=m.head_width, pretrained=m.pretrained, fp_dropout=m.fp_dropout)
+                        width=m.width, head_width=m.head_width, aspp_rates=m.aspp_rates, pretrained=m.pretrained, fp_dropout=m.fp_dropout)
     method = build_method(cfg.method.name, model, cfg.method, num_classes).to(device)
     if m.channels_last:
         method = method.to(memory_format=torch.channels_last)
@@ -417,6 +420,21 @@ def load_run_config(run_dir: str | Path) -> RunConfig:
     return config_from_dict(yaml.safe_load(rd.config.read_text()))
 
 
+def load_method(run_dir: str | Path, checkpoint: str = "best", device: str | torch.device = "cpu"
+                ) -> tuple[Method, RunConfig, dict[str, Any]]:
+    """A run's method with the weights of its ``best`` (falls back to ``latest``) or ``latest`` checkpoint,
+    in eval mode, plus its config and the checkpoint's metadata ({"path", "step"})."""
+    cfg = load_run_config(run_dir)
+    rd = RunDir(run_dir)
+    path = rd.best if checkpoint == "best" and rd.best.is_file() else rd.latest
+    ck = load_checkpoint(path)
+    num_classes = load_manifest(cfg.data.root).num_classes
+    method = build_from_config(cfg, num_classes, torch.device(device))
+    load_state_checked(method, ck["method"], path)
+    method.eval()
+    return method, cfg, {"path": str(path), "step": ck.get("step")}
+
+
 def evaluate_run(run_dir: str | Path, checkpoint: str = "best", overrides: dict[str, Any] | None = None
                  ) -> dict[str, Any]:
     """Evaluate a run's ``best`` (or ``latest``) checkpoint with its config's eval settings (optionally overridden)."""
@@ -426,20 +444,14 @@ def evaluate_run(run_dir: str | Path, checkpoint: str = "best", overrides: dict[
     if overrides:
         cfg = config_from_dict(apply_overrides(config_to_dict(cfg), overrides))
     t = Trainer(cfg)
-    rd = RunDir(run_dir)
-    path = rd.best if checkpoint == "best" else rd.latest
-    if checkpoint == "best" and not path.is_file():
-        path = rd.latest
-    ck = load_checkpoint(path)
+    t.method, _, meta = load_method(run_dir, checkpoint, t.device)
     root = prepare_dataset(cfg)
     t.num_classes = load_manifest(root).num_classes
     t.val = EvalDataset(root, cfg.data.val_split)
-    t.method = build_from_config(cfg, t.num_classes, t.device)
-    load_state_checked(t.method, ck["method"], path)
     res = t.evaluate()
-    res["checkpoint"] = str(path)
-    res["checkpoint_step"] = ck.get("step")
+    res["checkpoint"] = meta["path"]
+    res["checkpoint_step"] = meta["step"]
     return res
 
 
-__all__ = ["Trainer", "train", "evaluate_run", "load_run_config", "NonFiniteError"]
+__all__ = ["Trainer", "train", "evaluate_run", "load_method", "load_run_config", "NonFiniteError"]

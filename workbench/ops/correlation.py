@@ -201,19 +201,110 @@ def region_propagation(
       shapes); ``k*`` is the most frequent class (ties go to the smallest class id) and ``r2`` its share;
     - if ``r2 > tau``, every pixel of ``S`` takes class ``k*`` and joins the output confident mask.
 
-    Ratios are computed as float32 quotients of integer counts, exactly like the reference loop, so the comparisons
-    with ``tau`` agree bit for bit. The work is one Python loop over ``M``, vectorised over batch and pixels.
+    Ratios are float32 quotients of exact integer counts, as in the authors' loop, so every comparison with ``tau``
+    agrees bit for bit with a per-image, per-shape loop using ``torch.unique``.
+
+    How it is vectorised (one Python loop over ``m``, each step batched over images and pixels):
+
+    1. One integer matrix product per image gives every shape's class histogram over ``S & Q`` under the *input*
+       labels, and ``|S|``. Relabelling moves pixels between classes, never in or out of ``S & Q``, so ``r1`` is
+       known for all shapes up front.
+    2. Repainting is recorded, not applied: ``stamp[p]`` = 1 + index of the last shape that repainted pixel ``p``
+       (shapes come in increasing order, so one ``maximum`` per step keeps it), and the class each shape painted is
+       kept per image. The current label of ``p`` is the class painted by shape ``stamp[p] - 1``, or its input label.
+    3. Confident pixels whose class has changed are kept in a short index list. Shape ``m``'s histogram is the
+       precomputed one, corrected over the listed pixels that lie in ``S``. The exact counts say when a repainting
+       changes the class of confident pixels not listed yet; only then are those pixels searched for and listed.
 
     Args:
-        pseudo: int64 ``[B, H, W]`` pseudo-label (values under ``confident`` must lie in ``[0, num_classes)``).
+        pseudo: int64 ``[B, H, W]`` pseudo-label (values under ``confident`` must lie in ``[0, num_classes)``;
+            other pixels may hold anything, e.g. 255, and keep it unless a shape relabels them).
         confident: bool ``[B, H, W]`` confident (and not ignored) pixels.
         shapes: bool ``[B, M, H, W]``, already cleared of CutMix-box and ignored pixels.
         tau: the threshold (python float or 0-d tensor), used for both ``r1`` and ``r2``.
-        num_classes: number of classes ``K``; inferred as ``pseudo[confident].max() + 1`` when None.
+        num_classes: number of classes ``K`` (at most 32767); inferred as ``pseudo[confident].max() + 1`` when None.
 
     Returns:
         ``(pseudo_out, confident_out)``: new int64 ``[B, H, W]`` and bool ``[B, H, W]`` tensors (inputs untouched).
     """
+    tau, num_classes = _check_region_inputs(pseudo, confident, shapes, tau, num_classes)
+    b, m, h, w = shapes.shape
+    n, k, device = h * w, num_classes, pseudo.device
+    orig = pseudo.reshape(b, n)
+    conf = confident.reshape(b, n)
+    flat_shapes = shapes.reshape(b, m, n).contiguous()
+    table = _shape_histograms(flat_shapes, orig, conf, k)  # [B, M, K + 1]: classes of S & Q, then |S|
+    n_inside = table[..., :k].sum(dim=2)
+    usable = (n_inside > 0) & ~(n_inside / table[..., k] < tau)
+    steps = usable.any(dim=0).tolist()
+
+    label_dtype = torch.uint8 if k <= 256 else torch.int16
+    stamp_dtype = torch.uint8 if m < 256 else torch.int32
+    labels = orig.to(label_dtype)  # exact on confident pixels, the only ones read
+    fresh = conf.to(label_dtype)  # 1 on confident pixels not listed as moved
+    stamp = torch.zeros(b, n, dtype=stamp_dtype, device=device)
+    painted_class = torch.zeros(b, m + 1, dtype=torch.long, device=device)  # [:, 1 + j]: class painted by shape j
+    shape_bytes = flat_shapes.view(torch.uint8)
+    shape_flat, stamp_flat = shape_bytes.view(-1), stamp.view(-1)
+    ones = torch.ones(1, dtype=torch.long, device=device).expand(b * n)
+    # moved confident pixels, one row each (first ``count`` valid): flat index in [B, HW]; the pixel's index in
+    # shape 0 of its image, flat in [B, M, HW]; its image's first histogram bin (b * K); its input class's bin
+    # (b * K + class); its image's first entry in ``painted_class`` flattened (b * (M + 1))
+    moved = torch.empty(1024, 5, dtype=torch.long, device=device)
+    at = moved[:, 1]
+    count = 0
+    for j in range(m):
+        if not steps[j]:
+            continue
+        counts = table[:, j, :k]
+        moved_now = None
+        if count:
+            hit = torch.index_select(shape_flat, 0, at[:count] + j * n).nonzero().squeeze(1)
+            if hit.numel():
+                rows = torch.index_select(moved[:count], 0, hit).t()
+                source = torch.index_select(stamp_flat, 0, rows[0]).long() + rows[4]
+                now = rows[2] + torch.index_select(painted_class.view(-1), 0, source)
+                moved_now = torch.zeros(b * k, dtype=torch.long, device=device).index_add_(0, now, ones[: now.numel()])
+                moved_was = torch.zeros_like(moved_now).index_add_(0, rows[3], ones[: now.numel()])
+                counts = counts + (moved_now - moved_was).view(b, k)
+                moved_now = moved_now.view(b, k)
+        top = counts.argmax(dim=1)  # first maximum = smallest class id on ties
+        best = counts.gather(1, top[:, None]).squeeze(1)
+        apply = usable[:, j] & (best / n_inside[:, j] > tau)
+        if not bool(apply.any()):
+            continue
+        painted_class[:, j + 1] = top
+        torch.maximum(stamp, shape_bytes[:, j].to(stamp_dtype) * (apply * (j + 1)).to(stamp_dtype)[:, None], out=stamp)
+        # confident pixels of S whose class changes = n_inside - best; those already listed are counted in moved_now
+        changed = n_inside[:, j] - best
+        if moved_now is not None:
+            changed = changed - (moved_now.sum(dim=1) - moved_now.gather(1, top[:, None]).squeeze(1))
+        critical = (apply & (changed > 0)).nonzero().squeeze(1)  # images where such pixels exist
+        if critical.numel():
+            flips = torch.index_select(labels, 0, critical) ^ top.to(label_dtype)[critical, None]
+            flips *= torch.index_select(fresh, 0, critical)
+            flips *= torch.index_select(shape_bytes[:, j], 0, critical).to(label_dtype)
+            local = _sparse_nonzero(flips)
+            img = torch.index_select(critical, 0, torch.div(local, n, rounding_mode="floor"))
+            first = img * n + local % n
+            new = torch.stack((first, first + img * (m - 1) * n, img * k, img * k, img * (m + 1)), dim=1)
+            new[:, 3] += torch.index_select(orig.reshape(-1), 0, first)
+            if count + first.numel() > moved.shape[0]:  # grow the list geometrically
+                grown = moved.new_empty(max(2 * moved.shape[0], count + first.numel()), 5)
+                grown[:count] = moved[:count]
+                moved, at = grown, grown[:, 1]
+            moved[count : count + first.numel()] = new
+            count += first.numel()
+            fresh.view(-1).index_fill_(0, first, 0)
+    painted = stamp > 0
+    out = torch.where(painted, painted_class.gather(1, stamp.long()), orig)
+    return out.reshape(b, h, w), (conf | painted).reshape(b, h, w)
+
+
+def _check_region_inputs(
+    pseudo: Tensor, confident: Tensor, shapes: Tensor, tau: float | Tensor, num_classes: int | None
+) -> tuple[float | Tensor, int]:
+    """Validate :func:`region_propagation`'s arguments; return ``tau`` (on pseudo's device) and the class count."""
     for name, value in (("pseudo", pseudo), ("confident", confident), ("shapes", shapes)):
         _require_tensor(name, value)
     _require_dims("pseudo", pseudo, 3, "[B, H, W]")
@@ -224,43 +315,73 @@ def region_propagation(
         raise TypeError(f"confident and shapes must be bool, got {confident.dtype} and {shapes.dtype}")
     if confident.shape != pseudo.shape:
         raise ValueError(f"confident {tuple(confident.shape)} must match pseudo {tuple(pseudo.shape)}")
-    b, m, h, w = shapes.shape
+    b, _, h, w = shapes.shape
     if (b, h, w) != tuple(pseudo.shape):
         raise ValueError(f"shapes {tuple(shapes.shape)} must be [B, M, H, W] for pseudo {tuple(pseudo.shape)}")
-    if isinstance(tau, Tensor) and tau.numel() != 1:
-        raise ValueError(f"tau must be a scalar, got shape {tuple(tau.shape)}")
-
-    counted = pseudo[confident]
-    if counted.numel() and int(counted.min()) < 0:
-        raise ValueError("pseudo must be non-negative where confident is True")
-    top_label = int(counted.max()) if counted.numel() else 0
+    if shapes.device != pseudo.device or confident.device != pseudo.device:
+        raise ValueError("pseudo, confident and shapes must be on the same device")
+    if isinstance(tau, Tensor):
+        if tau.numel() != 1:
+            raise ValueError(f"tau must be a scalar, got shape {tuple(tau.shape)}")
+        tau = tau.reshape(()).to(pseudo.device)
+    elif not isinstance(tau, (int, float)) or isinstance(tau, bool):
+        raise TypeError(f"tau must be a float or a 0-d tensor, got {type(tau).__name__}")
+    counted = pseudo * confident  # labels under Q, 0 elsewhere
+    low, high = int(counted.min()), int(counted.max())
+    if low < 0:
+        raise ValueError(f"pseudo must be non-negative where confident is True, got {low}")
     if num_classes is None:
-        num_classes = top_label + 1
-    elif not isinstance(num_classes, int) or num_classes <= top_label:
-        raise ValueError(f"num_classes={num_classes!r} must be an int above the largest confident label {top_label}")
+        num_classes = high + 1
+    elif not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes <= high:
+        raise ValueError(f"num_classes={num_classes!r} must be an int above the largest confident label {high}")
+    if num_classes > 32767:
+        raise ValueError(f"num_classes={num_classes} is above the supported 32767")
+    return tau, num_classes
 
-    n = h * w
-    out = pseudo.reshape(b, n).clone()
-    conf = confident.reshape(b, n)
-    out_conf = conf.clone()
-    flat_shapes = shapes.reshape(b, m, n)
-    offsets = torch.arange(b, device=pseudo.device) * num_classes
-    keys = out + offsets[:, None]  # (image, class) bin of every pixel, kept in step with ``out``
-    for j in range(m):
-        shape = flat_shapes[:, j]
-        inside = shape & conf
-        n_inside = inside.sum(dim=1)
-        usable = (n_inside > 0) & ~(n_inside / shape.sum(dim=1) < tau)
-        if not bool(usable.any()):
-            continue
-        counts = torch.bincount(keys[inside], minlength=b * num_classes).reshape(b, num_classes)
-        top = counts.argmax(dim=1)  # first maximum = smallest class id on ties
-        share = counts.gather(1, top[:, None]).squeeze(1) / n_inside
-        apply = usable & (share > tau)
-        if not bool(apply.any()):
-            continue
-        region = shape & apply[:, None]
-        out = torch.where(region, top[:, None], out)
-        keys = torch.where(region, (top + offsets)[:, None], keys)
-        out_conf |= region
-    return out.reshape(b, h, w), out_conf.reshape(b, h, w)
+
+def _shape_histograms(flat_shapes: Tensor, labels: Tensor, conf: Tensor, num_classes: int) -> Tensor:
+    """Exact per-shape histograms: int64 ``[B, M, K + 1]``, ``[..., k] = |S & Q & (labels == k)|``, ``[..., K] = |S|``.
+
+    One integer matrix product per image, ``[K+1, HW] x [HW, M]``: ``torch._int_mm`` (int8 x int8 -> int32, exact)
+    on the CPU, a float32 product elsewhere (exact: every partial sum is an integer below 2**24).
+    """
+    b, m, n = flat_shapes.shape
+    cols = -(-(num_classes + 1) // 8) * 8  # pad to a multiple of 8 columns (matrix-kernel friendly)
+    onehot = torch.zeros(b, cols, n, dtype=torch.int8, device=flat_shapes.device)
+    onehot.scatter_(1, labels.clamp(0, num_classes - 1)[:, None], conf[:, None].to(torch.int8))
+    onehot[:, num_classes] = 1
+    if flat_shapes.device.type == "cpu":
+        table = torch.stack([torch._int_mm(onehot[i], flat_shapes[i].view(torch.int8).t()) for i in range(b)])
+    else:
+        if n >= 2**24:
+            raise ValueError(f"images of {n} pixels are too large for exact float32 counting")
+        with torch.autocast(flat_shapes.device.type, enabled=False):
+            table = torch.cat(
+                [torch.bmm(onehot.float(), chunk.float().transpose(1, 2)) for chunk in flat_shapes.split(32, dim=1)],
+                dim=2,
+            )
+    return table[:, : num_classes + 1].transpose(1, 2).long()
+
+
+def _sparse_nonzero(values: Tensor) -> Tensor:
+    """Flat indices (int64, ascending) of the nonzero entries of a contiguous, mostly-zero integer tensor.
+
+    Equal to ``values.reshape(-1).nonzero().squeeze(1)``, but reads the bytes as 64-bit words and ORs eight
+    interleaved eighths of them together first, so only the few words (then bytes) behind a nonzero OR are searched.
+    """
+    flat = values.reshape(-1)
+    raw = flat.view(torch.uint8)
+    head = raw.numel() // 64 * 64
+    words = raw[:head].view(torch.int64)
+    eighths = words.view(8, -1)
+    merged = eighths[0].clone()
+    for part in eighths[1:]:
+        merged |= part
+    eight = torch.arange(8, device=flat.device)
+    word_ids = (merged.nonzero() + eight * eighths.shape[1]).reshape(-1)
+    word_ids = torch.index_select(word_ids, 0, torch.index_select(words, 0, word_ids).nonzero().squeeze(1))
+    byte_ids = (word_ids[:, None] * 8 + eight).reshape(-1)
+    byte_ids = torch.index_select(byte_ids, 0, torch.index_select(raw, 0, byte_ids).nonzero().squeeze(1))
+    byte_ids = torch.cat((byte_ids.sort().values, raw[head:].nonzero().squeeze(1) + head))
+    size = flat.element_size()
+    return byte_ids if size == 1 else torch.unique_consecutive(torch.div(byte_ids, size, rounding_mode="floor"))

@@ -1,0 +1,28 @@
+# The two set-up commands of the README: `make demo` (main job) and `make test` (tests).
+# Each creates the virtual environment (.venv) when missing.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.workbench-installed
+
+.PHONY: demo test venv bench clean-runs
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[test]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m workbench quickstart
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	for m in supervised fixmatch meanteacher unimatch; do $(PY) -m workbench bench --method $$m || exit 1; done
+
+clean-runs:
+	rm -rf runs

@@ -1,0 +1,137 @@
+"""``workbench bench``: steady-state speed and peak memory of a method's training step.
+
+The step is timed on synthetic in-memory batches (no data loading: loader stalls are a separate question), after
+``warmup`` steps; ``repeats`` timed blocks of ``iters`` steps each, median reported. Peak memory is CUDA max
+allocated on GPU, and on CPU the growth of the process's peak RSS during the timed steps plus the absolute peak.
+Results: JSON in ``reports/bench/<method>.json`` (+ a markdown table of all methods benchmarked so far).
+"""
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from workbench.config import apply_overrides, config_from_dict
+from workbench.engine.optim import build_sgd
+from workbench.engine.rundir import atomic_write_text
+from workbench.engine.trainer import amp_dtype, build_from_config, environment
+from workbench.methods import SemiBatch, StepInfo
+
+
+def _peak_rss_mb() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r / 1024 / (1024 if sys.platform == "darwin" else 1)
+
+
+def random_batch(num_classes: int, batch: int, crop: int, semi: bool, device: torch.device,
+                 generator: torch.Generator) -> SemiBatch:
+    """A SemiBatch of random normalised images and labels (with CutMix boxes and some padding) on ``device``."""
+    def img() -> torch.Tensor:
+        return torch.randn(batch, 3, crop, crop, generator=generator).to(device)
+
+    def lab() -> torch.Tensor:
+        return torch.randint(0, num_classes, (batch, crop, crop), generator=generator).to(device)
+
+    kw: dict[str, Any] = {"x_l": img(), "y_l": lab()}
+    if semi:
+        ign = torch.zeros(batch, crop, crop, dtype=torch.long)
+        ign[:, :, -crop // 8:] = 255
+        box = torch.zeros(batch, crop, crop, dtype=torch.bool)
+        box[:, crop // 4: crop // 2, crop // 4: crop // 2] = True
+        kw.update(x_w=img(), x_s1=img(), x_s2=img(), x_w_mix=img(), x_s1_mix=img(), x_s2_mix=img(),
+                  ignore=ign.to(device), ignore_mix=ign.to(device), box1=box.to(device), box2=box.to(device))
+    return SemiBatch(**kw)
+
+
+def run_bench(method: str, iters: int = 20, warmup: int = 3, repeats: int = 3, crop: int = 64, batch: int = 8,
+              num_classes: int = 6, overrides: list[str] | None = None, out_dir: Path | None = Path("reports/bench"),
+              device: str = "auto") -> dict[str, Any]:
+    """Benchmark ``method``'s training step (forward, backward, optimiser step, after_step); returns the result."""
+    from workbench.engine.distributed import local_device
+
+    cfg = config_from_dict(apply_overrides({"method": {"name": method}}, list(overrides or [])))
+    dev = local_device(device if device != "auto" else cfg.train.device)
+    torch.manual_seed(0)
+    m = build_from_config(cfg, num_classes, dev)
+    m.train()
+    opt = build_sgd(m.param_groups(0.001), 0.9, 1e-4, fused=True if dev.type == "cuda" else None)
+    amp = amp_dtype(cfg.optim.amp, dev)
+    g = torch.Generator().manual_seed(0)
+    batches = [random_batch(num_classes, batch, crop, m.uses_unlabeled, dev, g) for _ in range(2)]
+    total = warmup + iters * repeats
+
+    def step(i: int) -> None:
+        info = StepInfo(i, 0, total, total, False)
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
+            out = m(batches[i % 2], info)
+        out.loss.backward()
+        opt.step()
+        m.after_step(info)
+
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    for i in range(warmup):
+        step(i)
+    sync()
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    rss0 = _peak_rss_mb()
+    times = []
+    for r in range(repeats):
+        t0 = time.perf_counter()
+        for i in range(iters):
+            step(warmup + r * iters + i)
+        sync()
+        times.append((time.perf_counter() - t0) / iters)
+    sec = statistics.median(times)
+    images = batch * (2 if m.uses_unlabeled else 1)
+    res = {"method": method, "device": environment()["device"], "device_type": dev.type, "crop": crop,
+           "batch_labeled": batch, "batch_unlabeled": batch if m.uses_unlabeled else 0,
+           "model": cfg.model.backbone, "width": cfg.model.width, "output_stride": cfg.model.output_stride,
+           "amp": str(amp).replace("torch.", "") if amp else "off", "seconds_per_iter": sec,
+           "iters_per_second": 1 / sec, "images_per_second": images / sec, "seconds_per_iter_all": times,
+           "torch_threads": torch.get_num_threads(), "overrides": list(overrides or []),
+           "command": "workbench " + " ".join(sys.argv[1:]) if sys.argv and "bench" in sys.argv else None}
+    if dev.type == "cuda":
+        res["peak_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        res["peak_rss_mb"] = _peak_rss_mb()
+        res["rss_growth_mb"] = _peak_rss_mb() - rss0
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out_dir / f"{method}.json", json.dumps(res, indent=1) + "\n")
+        write_table(out_dir)
+    return res
+
+
+def write_table(out_dir: Path) -> str:
+    """Markdown table (``bench.md``) of every ``<method>.json`` in ``out_dir``, relative to unimatch when present."""
+    rows = []
+    for p in sorted(out_dir.glob("*.json")):
+        try:
+            r = json.loads(p.read_text())
+        except json.JSONDecodeError:
+            continue
+        if "seconds_per_iter" in r:
+            rows.append(r)
+    ref = next((r for r in rows if r["method"] == "unimatch"), None)
+    lines = ["| method | device | crop | batch (l+u) | s/iter | images/s | peak memory MB | step time vs unimatch |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        mem = r.get("peak_memory_mb", r.get("peak_rss_mb", 0.0))
+        rel = f"{r['seconds_per_iter'] / ref['seconds_per_iter']:.2f}x" if ref else "-"
+        lines.append(f"| {r['method']} | {r['device_type']} | {r['crop']} | {r['batch_labeled']}+"
+                     f"{r['batch_unlabeled']} | {r['seconds_per_iter']:.4f} | {r['images_per_second']:.1f} | "
+                     f"{mem:.0f} | {rel} |")
+    text = "\n".join(lines) + "\n"
+    atomic_write_text(out_dir / "bench.md", text)
+    return text

@@ -1,0 +1,116 @@
+"""Matplotlib figures: palettes, label colouring, overlays, prediction grids.
+
+Every function takes plain arrays/tensors (uint8 images [3,H,W] or [H,W,3], label maps [H,W] with 255 = ignore),
+so notebooks, reports and the dashboard share one look: a dataset's palette (VOC's for VOC), ignored pixels white.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg", force=False)
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
+
+IGNORE = 255
+IGNORE_COLOR = (255, 255, 255)
+
+
+def voc_palette(n: int = 256) -> list[list[int]]:
+    """The Pascal VOC colour map (bit-interleaved class index), n entries."""
+    out = []
+    for i in range(n):
+        r = g = b = 0
+        c = i
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        out.append([r, g, b])
+    return out
+
+
+def _np(x) -> np.ndarray:
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+def to_hwc(image) -> np.ndarray:
+    """uint8 image as [H, W, 3] (accepts [3, H, W] or [H, W, 3])."""
+    a = _np(image)
+    if a.ndim == 3 and a.shape[0] == 3 and a.shape[-1] != 3:
+        a = a.transpose(1, 2, 0)
+    if a.dtype != np.uint8:
+        a = np.clip(a * (255 if a.max() <= 1.0 else 1), 0, 255).astype(np.uint8)
+    return a
+
+
+def colorize(labels, palette: Sequence[Sequence[int]]) -> np.ndarray:
+    """Label map [H, W] -> RGB uint8 [H, W, 3] with ``palette[k]`` for class k and white for 255 (ignore)."""
+    lab = _np(labels).astype(np.int64)
+    lut = np.zeros((256, 3), dtype=np.uint8)
+    pal = np.asarray(palette, dtype=np.uint8)[:255]
+    lut[: len(pal)] = pal
+    lut[IGNORE] = IGNORE_COLOR
+    if lab.min() < 0 or lab.max() > 255:
+        raise ValueError(f"labels must lie in [0, 255], got [{lab.min()}, {lab.max()}]")
+    return lut[lab]
+
+
+def overlay(image, labels, palette: Sequence[Sequence[int]], alpha: float = 0.5) -> np.ndarray:
+    """Image blended with its coloured labels (background class 0 and ignored pixels left unblended)."""
+    img = to_hwc(image).astype(np.float32)
+    col = colorize(labels, palette).astype(np.float32)
+    lab = _np(labels)
+    w = np.where((lab != 0) & (lab != IGNORE), alpha, 0.0)[..., None]
+    return (img * (1 - w) + col * w).astype(np.uint8)
+
+
+def legend_handles(class_names: Sequence[str], palette: Sequence[Sequence[int]]) -> list[Patch]:
+    """Legend patches, one per class."""
+    return [Patch(facecolor=np.asarray(palette[i]) / 255, edgecolor="black", label=n)
+            for i, n in enumerate(class_names)]
+
+
+def prediction_grid(images: Sequence, columns: dict[str, Sequence], palette: Sequence[Sequence[int]],
+                    class_names: Sequence[str], title: str | None = None, cell: float = 1.8) -> plt.Figure:
+    """A grid: one row per image; first column the image, then one coloured label map per entry of ``columns``
+    (e.g. {"ground truth": gts, "supervised": preds_a, "unimatch": preds_b}); a class legend below."""
+    n, m = len(images), len(columns) + 1
+    fig, axes = plt.subplots(n, m, figsize=(cell * m, cell * n + 0.8), squeeze=False)
+    for i in range(n):
+        axes[i, 0].imshow(to_hwc(images[i]))
+        for j, (name, maps) in enumerate(columns.items(), 1):
+            axes[i, j].imshow(colorize(maps[i], palette), interpolation="nearest")
+        for j, name in enumerate(["image", *columns]):
+            if i == 0:
+                axes[i, j].set_title(name, fontsize=9)
+            axes[i, j].set_xticks([])
+            axes[i, j].set_yticks([])
+    fig.legend(handles=legend_handles(class_names, palette), loc="lower center", ncol=min(len(class_names), 7),
+               fontsize=8, frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0.06, 1, 0.97 if title else 1))
+    return fig
+
+
+def training_curves(records: dict[str, list[dict]], keys: Sequence[str], title: str | None = None) -> plt.Figure:
+    """Curves of metrics.jsonl records: one panel per key, one line per run (``records[run] = [...]``)."""
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 2.8), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        for run, recs in records.items():
+            pts = [(r["step"], r[key]) for r in recs if r.get(key) is not None]
+            if pts:
+                ax.plot(*zip(*pts), label=run, marker="." if len(pts) < 30 else None)
+        ax.set_title(key, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
