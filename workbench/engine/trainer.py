@@ -150,8 +150,6 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         if self.rank == 0:
             self._check_run_dir()
-            self.run.create()
-            self.run.config.write_text(dump_config(cfg))
         root = prepare_dataset(cfg)
         lab_split, unl_split = split_names(cfg, self.semi)
         self.labeled = SegDataset(root, lab_split)
@@ -182,6 +180,9 @@ class Trainer:
         self.best = {"miou": -1.0, "step": -1}
         self.counters = {"skipped_samples": 0, "nonfinite_steps": 0}
         self.elapsed = 0.0
+        if self.rank == 0:  # everything built: only now does the run directory appear
+            self.run.create()
+            self.run.config.write_text(dump_config(cfg))
         if self.run.latest.is_file():
             self._resume()
 
@@ -208,9 +209,12 @@ class Trainer:
         micro = cfg.optim.grad_accum
         ds.total_steps = self.total * micro
         nw = cfg.data.num_workers
+        # the loader gets its own generator: creating its iterator must not draw from the global RNG (a resumed
+        # run creates it after restoring the RNG state, an uninterrupted one before the first step)
         return DataLoader(ds, batch_size=None, sampler=range(self.start * micro, self.total * micro),
                           num_workers=nw, pin_memory=cfg.data.pin_memory and self.device.type == "cuda",
-                          prefetch_factor=4 if nw else None, persistent_workers=False)
+                          prefetch_factor=4 if nw else None, persistent_workers=False,
+                          generator=torch.Generator().manual_seed(cfg.train.seed))
 
     # ------------------------------------------------------------------ steps
     def _checkpoint(self, step: int) -> None:

@@ -229,6 +229,8 @@ def region_propagation(
     """
     tau, num_classes = _check_region_inputs(pseudo, confident, shapes, tau, num_classes)
     b, m, h, w = shapes.shape
+    if shapes.numel() == 0:
+        return pseudo.clone(), confident.clone()
     n, k, device = h * w, num_classes, pseudo.device
     orig = pseudo.reshape(b, n)
     conf = confident.reshape(b, n)
@@ -274,7 +276,8 @@ def region_propagation(
         if not bool(apply.any()):
             continue
         painted_class[:, j + 1] = top
-        torch.maximum(stamp, shape_bytes[:, j].to(stamp_dtype) * (apply * (j + 1)).to(stamp_dtype)[:, None], out=stamp)
+        painted_by_j = shape_bytes[:, j].to(stamp_dtype) * (apply * (j + 1)).to(stamp_dtype)[:, None]
+        torch.maximum(stamp, painted_by_j, out=stamp)
         # confident pixels of S whose class changes = n_inside - best; those already listed are counted in moved_now
         changed = n_inside[:, j] - best
         if moved_now is not None:
@@ -342,12 +345,13 @@ def _check_region_inputs(
 def _shape_histograms(flat_shapes: Tensor, labels: Tensor, conf: Tensor, num_classes: int) -> Tensor:
     """Exact per-shape histograms: int64 ``[B, M, K + 1]``, ``[..., k] = |S & Q & (labels == k)|``, ``[..., K] = |S|``.
 
-    One integer matrix product per image, ``[K+1, HW] x [HW, M]``: ``torch._int_mm`` (int8 x int8 -> int32, exact)
-    on the CPU, a float32 product elsewhere (exact: every partial sum is an integer below 2**24).
+    One integer matrix product per image, ``[K+1, HW] x [HW, M]`` (one-hot labels under ``Q``, plus a row of ones):
+    ``torch._int_mm`` (int8 x int8 -> int32, exact) on the CPU, a float32 product elsewhere (exact as well: every
+    partial sum is an integer below 2**24). Reading the shapes once this way is the cost floor of the whole op.
     """
     b, m, n = flat_shapes.shape
-    cols = -(-(num_classes + 1) // 8) * 8  # pad to a multiple of 8 columns (matrix-kernel friendly)
-    onehot = torch.zeros(b, cols, n, dtype=torch.int8, device=flat_shapes.device)
+    rows = -(-(num_classes + 1) // 8) * 8  # a multiple of 8 rows suits the matrix kernels
+    onehot = torch.zeros(b, rows, n, dtype=torch.int8, device=flat_shapes.device)
     onehot.scatter_(1, labels.clamp(0, num_classes - 1)[:, None], conf[:, None].to(torch.int8))
     onehot[:, num_classes] = 1
     if flat_shapes.device.type == "cpu":

@@ -1,0 +1,153 @@
+"""Trainer: run directory, resume reproducibility, clean failures, artifacts, CLI."""
+import json
+import shutil
+
+import pytest
+import torch
+
+from workbench.cli import main as cli
+from workbench.config import ConfigError
+from workbench.engine.checkpoint import CheckpointError
+from workbench.engine.rundir import RunDir, read_jsonl
+from workbench.engine.trainer import Trainer, evaluate_run, load_method, train
+
+
+def train_records(run_dir, kind="train"):
+    return [{k: v for k, v in r.items() if k not in ("seconds",)} for r in RunDir(run_dir).read_metrics(kind)]
+
+
+def test_run_directory_contents(tiny_cfg):
+    cfg = tiny_cfg(**{"train.capture_every": 2, "method.name": "unimatch"})
+    s = train(cfg)
+    rd = RunDir(cfg.run_dir)
+    assert rd.config.is_file() and rd.latest.is_file() and rd.best.is_file() and rd.summary.is_file()
+    assert s["finished"] and s["steps"] == 4
+    summary = json.loads(rd.summary.read_text())
+    assert summary["environment"]["torch"] == torch.__version__ and summary["seed"] == 0
+    assert 0.0 <= summary["final"]["miou"] <= 1.0
+    idx = rd.artifact_index()
+    assert [e["step"] for e in idx] == [2, 4]
+    arts = rd.load_artifacts(2)
+    assert arts["x_w"].dtype == torch.uint8 and arts["x_w"].shape == (4, 3, 32, 32)
+    assert arts["pseudo"].dtype == torch.uint8 and arts["conf"].dtype == torch.float16
+    train_recs = rd.read_metrics("train")
+    assert [r["step"] for r in train_recs] == [1, 2, 3, 4]
+    assert {"loss", "loss_x", "loss_s", "loss_fp", "mask_ratio", "pl_acc", "pl_miou", "mining_ratio",
+            "effective_ratio"} <= set(train_recs[0])
+
+
+def test_capture_off_writes_no_artifacts(tiny_cfg):
+    cfg = tiny_cfg()
+    train(cfg)
+    assert RunDir(cfg.run_dir).artifact_index() == []
+
+
+@pytest.mark.parametrize("method", ["supervised", "unimatch"])
+def test_resume_reproduces_uninterrupted_run(tiny_cfg, tmp_path, method):
+    over = {"method.name": method, "train.iters": 6, "train.checkpoint_every": 2, "train.capture_every": 1}
+    full = tiny_cfg(**over, name="full")
+    train(full)
+    cut = tiny_cfg(**over, name="cut")
+    Trainer(cut).fit(stop_at=3)           # "crash" after step 3: the last checkpoint is at step 2
+    assert torch.load(RunDir(cut.run_dir).latest, weights_only=False)["step"] == 2
+    assert max(r["step"] for r in train_records(cut.run_dir)) == 3
+    s = train(cut)                        # resume: steps 3..6 again
+    assert s["finished"]
+    a, b = train_records(full.run_dir), train_records(cut.run_dir)
+    assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]  # no duplicated step-3 line
+    for ra, rb in zip(a, b):
+        assert ra.keys() == rb.keys()
+        for k in ra:
+            if isinstance(ra[k], float):
+                assert ra[k] == pytest.approx(rb[k], rel=1e-6, abs=1e-7), (ra["step"], k)
+            else:
+                assert ra[k] == rb[k], (ra["step"], k)
+    ea, eb = train_records(full.run_dir, "eval"), train_records(cut.run_dir, "eval")
+    assert [e["miou"] for e in ea] == pytest.approx([e["miou"] for e in eb])
+    assert [e["step"] for e in RunDir(cut.run_dir).artifact_index()] == [1, 2, 3, 4, 5, 6]
+
+
+def test_changed_config_on_existing_run_is_rejected(tiny_cfg):
+    train(tiny_cfg())
+    with pytest.raises(ConfigError, match="different config"):
+        train(tiny_cfg(**{"optim.lr": 0.5}))
+
+
+def test_checkpoint_from_other_model_is_named(tiny_cfg, tmp_path):
+    a = tiny_cfg(name="a")
+    train(a)
+    b = tiny_cfg(name="b", **{"model.width": 0.5})
+    train(b)
+    shutil.copy(RunDir(a.run_dir).best, RunDir(b.run_dir).best)
+    with pytest.raises(CheckpointError, match="best.pt") as e:
+        load_method(b.run_dir)
+    assert "does not fit" in str(e.value)
+    RunDir(b.run_dir).best.write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="cannot read"):
+        load_method(b.run_dir)
+
+
+def test_missing_file_fails_before_writing(tiny_cfg, tmp_path, tiny_data):
+    root = tmp_path / "broken"
+    shutil.copytree(tiny_data, root)
+    img = (root / "splits" / "val.txt").read_text().split()[0]
+    (root / img).unlink()
+    cfg = tiny_cfg(**{"data.root": str(root)})
+    from workbench.data.dataset import DataError
+
+    with pytest.raises(DataError, match=img.split("/")[-1]):
+        train(cfg)
+    assert not cfg.run_dir.exists()
+
+
+def test_nonfinite_policy(tiny_cfg, monkeypatch):
+    from workbench.engine.trainer import NonFiniteError
+    from workbench.methods.supervised import Supervised
+
+    orig = Supervised.training_step
+
+    def nan_at_2(self, batch, step):
+        out = orig(self, batch, step)
+        if step.iteration == 1:
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(Supervised, "training_step", nan_at_2)
+    with pytest.raises(NonFiniteError, match="step 1") as e:
+        train(tiny_cfg(name="stop"))
+    assert "batch ids" in str(e.value)
+    s = train(tiny_cfg(name="skip", **{"optim.nonfinite": "skip"}))
+    assert s["counters"]["nonfinite_steps"] == 1 and s["finished"]
+    m, _, _ = load_method(tiny_cfg(name="skip").run_dir, "latest")
+    assert all(torch.isfinite(p).all() for p in m.parameters())
+
+
+def test_torn_metrics_line_is_ignored(tmp_path):
+    p = tmp_path / "m.jsonl"
+    p.write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "lo')
+    assert read_jsonl(p) == [{"step": 1}, {"step": 2}]
+
+
+def test_evaluate_run_and_cli(tiny_cfg, capsys):
+    cfg = tiny_cfg()
+    train(cfg)
+    res = evaluate_run(cfg.run_dir, overrides={"eval.mode": "sliding", "eval.window": 16, "eval.stride": 8})
+    assert 0 <= res["miou"] <= 1 and res["num_images"] == 8
+    assert cli(["eval", "--run", str(cfg.run_dir), "--checkpoint", "latest"]) == 0
+    assert '"miou"' in capsys.readouterr().out
+
+
+def test_cli_rejects_unknown_key_without_writing(tmp_path, capsys):
+    code = cli(["train", "--set", f"out_dir={tmp_path}/runs", "--set", "optim.lrr=1"])
+    assert code == 2
+    assert "optim.lrr" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_cli_bench_writes_json(tmp_path):
+    assert cli(["bench", "--method", "fixmatch", "--iters", "2", "--warmup", "1", "--repeats", "1", "--crop", "32",
+                "--batch", "2", "--out", str(tmp_path), "--set", "model.width=0.25", "--set",
+                "model.head_width=0.25"]) == 0
+    res = json.loads((tmp_path / "fixmatch.json").read_text())
+    assert res["seconds_per_iter"] > 0 and res["images_per_second"] > 0 and res["peak_rss_mb"] > 0
+    assert "fixmatch" in (tmp_path / "bench.md").read_text()
