@@ -89,6 +89,13 @@ class WeakStrong(Method):
         return pseudo_label_diagnostics(weak.pseudo, weak.confident(self.cfg.tau), weak.ignore, batch.y_u,
                                         self.num_classes)
 
+    def component_losses(self, batch: SemiBatch, weak: Targets, step: StepInfo) -> dict[str, Tensor]:
+        """Weighted losses of opt-in components shared across methods (e.g. MaskMatch's LCR), keyed by log name.
+
+        Every weak-to-strong method adds ``sum(values)`` to its loss and logs each entry; empty by default.
+        """
+        return {}
+
     def capture(self, batch: SemiBatch, weak: Targets, x_s: Tensor, logits_s: Tensor, **extra: Tensor
                 ) -> dict[str, Tensor]:
         """Artifacts of a weak-to-strong step (see the run-directory docs for the format)."""
@@ -118,8 +125,10 @@ class FixMatch(WeakStrong):
         logits_s = self.model(x_s)["logits"]
         loss_x = supervised_loss(self.cfg, logits_l, batch.y_l)
         loss_s = self.unsup_loss(logits_s, self.mixed_targets(weak, mix, batch.box1))
-        loss = (loss_x + loss_s) / 2
-        logs = {"loss_x": loss_x.detach(), "loss_s": loss_s.detach(), **self.diagnostics(weak, batch)}
+        extra = self.component_losses(batch, weak, step)
+        loss = (loss_x + loss_s) / 2 + sum(extra.values())
+        logs = {"loss_x": loss_x.detach(), "loss_s": loss_s.detach(), **self.diagnostics(weak, batch),
+                **{k: v.detach() for k, v in extra.items()}}
         arts = self.capture(batch, weak, x_s, logits_s) if step.capture else {}
         return StepOutput(loss, logs, arts)
 
@@ -174,8 +183,10 @@ class MeanTeacher(WeakStrong):
         logits_l, logits_s = self.model(torch.cat([batch.x_l, x_s]))["logits"].split([n, x_s.shape[0]])
         loss_x = supervised_loss(self.cfg, logits_l, batch.y_l)
         loss_u = self.unsup_loss(logits_s, self.mixed_targets(weak, mix, batch.box1))
-        loss = loss_x + self.cfg.unsup_weight * loss_u
-        logs = {"loss_x": loss_x.detach(), "loss_u": loss_u.detach(), **self.diagnostics(weak, batch)}
+        extra = self.component_losses(batch, weak, step)
+        loss = loss_x + self.cfg.unsup_weight * loss_u + sum(extra.values())
+        logs = {"loss_x": loss_x.detach(), "loss_u": loss_u.detach(), **self.diagnostics(weak, batch),
+                **{k: v.detach() for k, v in extra.items()}}
         arts = self.capture(batch, weak, x_s, logits_s) if step.capture else {}
         return StepOutput(loss, logs, arts)
 
@@ -219,9 +230,10 @@ class UniMatch(WeakStrong):
         loss_s1 = self.unsup_loss(logits_s1, self.mixed_targets(weak, mix, batch.box1))
         loss_s2 = self.unsup_loss(logits_s2, self.mixed_targets(weak, mix, batch.box2))
         loss_fp = self.unsup_loss(logits_fp, weak)
-        loss = (loss_x + c.weight_s * (loss_s1 + loss_s2) + c.weight_fp * loss_fp) / 2
+        extra = self.component_losses(batch, weak, step)
+        loss = (loss_x + c.weight_s * (loss_s1 + loss_s2) + c.weight_fp * loss_fp) / 2 + sum(extra.values())
         logs = {"loss_x": loss_x.detach(), "loss_s": ((loss_s1 + loss_s2) / 2).detach(),
-                "loss_fp": loss_fp.detach(), **self.diagnostics(weak, batch)}
+                "loss_fp": loss_fp.detach(), **self.diagnostics(weak, batch), **{k: v.detach() for k, v in extra.items()}}
         arts = {}
         if step.capture:
             arts = self.capture(batch, weak, x_s1, logits_s1, x_s2=x_s2, box2=batch.box2,

@@ -25,6 +25,7 @@ __all__ = [
     "sample_rows",
     "shapes_from_rows",
     "region_propagation",
+    "region_propagation_reference",
 ]
 
 
@@ -184,6 +185,15 @@ def shapes_from_rows(
     return shapes.reshape(b, m, out_h, out_w)
 
 
+# columns of region_propagation's list of moved pixels
+_PIXEL = 0  # flat index in [B, HW]
+_IN_SHAPE_0 = 1  # the same pixel in shape 0 of its image, flat in [B, M, HW] (add j * HW for shape j)
+_IMAGE_BIN = 2  # first histogram bin of its image, b * K
+_INPUT_BIN = 3  # histogram bin of its input class, b * K + class
+_PAINT_ROW = 4  # first entry of its image in the flattened painted-class table, b * (M + 1)
+_MOVED_COLUMNS = 5
+
+
 def region_propagation(
     pseudo: Tensor,
     confident: Tensor,
@@ -249,27 +259,24 @@ def region_propagation(
     shape_bytes = flat_shapes.view(torch.uint8)
     shape_flat, stamp_flat = shape_bytes.view(-1), stamp.view(-1)
     ones = torch.ones(1, dtype=torch.long, device=device).expand(b * n)
-    # moved confident pixels, one row each (first ``count`` valid): flat index in [B, HW]; the pixel's index in
-    # shape 0 of its image, flat in [B, M, HW]; its image's first histogram bin (b * K); its input class's bin
-    # (b * K + class); its image's first entry in ``painted_class`` flattened (b * (M + 1))
-    moved = torch.empty(1024, 5, dtype=torch.long, device=device)
-    at = moved[:, 1]
+    # the list of moved pixels (confident pixels whose class has changed), one row each, ``count`` rows in use
+    moved = torch.empty(1024, _MOVED_COLUMNS, dtype=torch.long, device=device)
     count = 0
     for j in range(m):
         if not steps[j]:
             continue
         counts = table[:, j, :k]
-        moved_now = None
+        moved_hist = None  # [B, K] current classes of the moved pixels inside shape j
         if count:
-            hit = torch.index_select(shape_flat, 0, at[:count] + j * n).nonzero().squeeze(1)
+            hit = torch.index_select(shape_flat, 0, moved[:count, _IN_SHAPE_0] + j * n).nonzero().squeeze(1)
             if hit.numel():
                 rows = torch.index_select(moved[:count], 0, hit).t()
-                source = torch.index_select(stamp_flat, 0, rows[0]).long() + rows[4]
-                now = rows[2] + torch.index_select(painted_class.view(-1), 0, source)
-                moved_now = torch.zeros(b * k, dtype=torch.long, device=device).index_add_(0, now, ones[: now.numel()])
-                moved_was = torch.zeros_like(moved_now).index_add_(0, rows[3], ones[: now.numel()])
-                counts = counts + (moved_now - moved_was).view(b, k)
-                moved_now = moved_now.view(b, k)
+                source = torch.index_select(stamp_flat, 0, rows[_PIXEL]).long() + rows[_PAINT_ROW]
+                now = rows[_IMAGE_BIN] + torch.index_select(painted_class.view(-1), 0, source)
+                moved_hist = torch.zeros(b * k, dtype=torch.long, device=device).index_add_(0, now, ones[: hit.numel()])
+                was_hist = torch.zeros_like(moved_hist).index_add_(0, rows[_INPUT_BIN], ones[: hit.numel()])
+                counts = counts + (moved_hist - was_hist).view(b, k)
+                moved_hist = moved_hist.view(b, k)
         top = counts.argmax(dim=1)  # first maximum = smallest class id on ties
         best = counts.gather(1, top[:, None]).squeeze(1)
         apply = usable[:, j] & (best / n_inside[:, j] > tau)
@@ -278,30 +285,55 @@ def region_propagation(
         painted_class[:, j + 1] = top
         painted_by_j = shape_bytes[:, j].to(stamp_dtype) * (apply * (j + 1)).to(stamp_dtype)[:, None]
         torch.maximum(stamp, painted_by_j, out=stamp)
-        # confident pixels of S whose class changes = n_inside - best; those already listed are counted in moved_now
+        # confident pixels of S that change class: n_inside - best; minus those already listed -> new ones to list
         changed = n_inside[:, j] - best
-        if moved_now is not None:
-            changed = changed - (moved_now.sum(dim=1) - moved_now.gather(1, top[:, None]).squeeze(1))
-        critical = (apply & (changed > 0)).nonzero().squeeze(1)  # images where such pixels exist
+        if moved_hist is not None:
+            changed = changed - (moved_hist.sum(dim=1) - moved_hist.gather(1, top[:, None]).squeeze(1))
+        critical = (apply & (changed > 0)).nonzero().squeeze(1)  # the images that have such pixels
         if critical.numel():
             flips = torch.index_select(labels, 0, critical) ^ top.to(label_dtype)[critical, None]
             flips *= torch.index_select(fresh, 0, critical)
             flips *= torch.index_select(shape_bytes[:, j], 0, critical).to(label_dtype)
             local = _sparse_nonzero(flips)
             img = torch.index_select(critical, 0, torch.div(local, n, rounding_mode="floor"))
-            first = img * n + local % n
-            new = torch.stack((first, first + img * (m - 1) * n, img * k, img * k, img * (m + 1)), dim=1)
-            new[:, 3] += torch.index_select(orig.reshape(-1), 0, first)
-            if count + first.numel() > moved.shape[0]:  # grow the list geometrically
-                grown = moved.new_empty(max(2 * moved.shape[0], count + first.numel()), 5)
+            pixel = img * n + local % n
+            new = torch.stack(
+                (pixel, pixel + img * (m - 1) * n, img * k, img * k + orig.reshape(-1)[pixel], img * (m + 1)), dim=1
+            )
+            if count + new.shape[0] > moved.shape[0]:  # grow the list geometrically
+                grown = moved.new_empty(max(2 * moved.shape[0], count + new.shape[0]), _MOVED_COLUMNS)
                 grown[:count] = moved[:count]
-                moved, at = grown, grown[:, 1]
-            moved[count : count + first.numel()] = new
-            count += first.numel()
-            fresh.view(-1).index_fill_(0, first, 0)
+                moved = grown
+            moved[count : count + new.shape[0]] = new
+            count += new.shape[0]
+            fresh.view(-1).index_fill_(0, pixel, 0)
     painted = stamp > 0
     out = torch.where(painted, painted_class.gather(1, stamp.long()), orig)
     return out.reshape(b, h, w), (conf | painted).reshape(b, h, w)
+
+
+def region_propagation_reference(
+    pseudo: Tensor, confident: Tensor, shapes: Tensor, tau: float | Tensor
+) -> tuple[Tensor, Tensor]:
+    """The rule of :func:`region_propagation` as the authors run it: a loop over images and shapes with
+    ``torch.unique``. Slow; it is the executable definition that tests and the benchmark compare against.
+
+    Args and returns as :func:`region_propagation` (classes are read from the labels directly).
+    """
+    _check_region_inputs(pseudo, confident, shapes, tau, None)
+    pseudo, out_conf = pseudo.clone(), confident.clone()
+    for b in range(shapes.shape[0]):
+        for m in range(shapes.shape[1]):
+            shape = shapes[b, m]
+            inside = shape & confident[b]
+            n_inside = inside.sum()
+            if n_inside == 0 or n_inside / shape.sum() < tau:
+                continue
+            classes, counts = torch.unique(pseudo[b][inside], return_counts=True)
+            if counts.max() / counts.sum() > tau:
+                pseudo[b][shape] = classes[counts.argmax()]
+                out_conf[b] |= shape
+    return pseudo, out_conf
 
 
 def _check_region_inputs(
@@ -346,15 +378,16 @@ def _shape_histograms(flat_shapes: Tensor, labels: Tensor, conf: Tensor, num_cla
     """Exact per-shape histograms: int64 ``[B, M, K + 1]``, ``[..., k] = |S & Q & (labels == k)|``, ``[..., K] = |S|``.
 
     One integer matrix product per image, ``[K+1, HW] x [HW, M]`` (one-hot labels under ``Q``, plus a row of ones):
-    ``torch._int_mm`` (int8 x int8 -> int32, exact) on the CPU, a float32 product elsewhere (exact as well: every
-    partial sum is an integer below 2**24). Reading the shapes once this way is the cost floor of the whole op.
+    ``torch._int_mm`` (int8 x int8 -> int32, exact) on the CPU, a float32 product elsewhere and for tiny images
+    (exact as well: every partial sum is an integer below 2**24). Reading the shapes once this way is the cost floor
+    of the whole op.
     """
     b, m, n = flat_shapes.shape
     rows = -(-(num_classes + 1) // 8) * 8  # a multiple of 8 rows suits the matrix kernels
     onehot = torch.zeros(b, rows, n, dtype=torch.int8, device=flat_shapes.device)
     onehot.scatter_(1, labels.clamp(0, num_classes - 1)[:, None], conf[:, None].to(torch.int8))
     onehot[:, num_classes] = 1
-    if flat_shapes.device.type == "cpu":
+    if flat_shapes.device.type == "cpu" and n >= 8:  # torch 2.14's CPU _int_mm is wrong for an inner size of 1
         table = torch.stack([torch._int_mm(onehot[i], flat_shapes[i].view(torch.int8).t()) for i in range(b)])
     else:
         if n >= 2**24:

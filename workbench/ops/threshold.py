@@ -66,14 +66,15 @@ class DynamicThreshold(nn.Module):
 
     @torch.no_grad()
     def update(self, logits: Tensor, ignore_mask: Tensor | None = None, ignore_index: int = 255) -> Tensor:
-        """One EMA step from the weak-view logits; returns the new threshold (a 0-d tensor, also in ``value``).
+        """One EMA step from the weak-view logits; returns a copy of the new threshold (a 0-d tensor; see ``value``).
 
         Args:
             logits: float ``[B, K, H, W]`` weak-view logits (detached internally).
             ignore_mask: optional ``[B, H, W]``, bool (True = ignored) or integer (``== ignore_index`` = ignored).
             ignore_index: the ignored value of an integer ``ignore_mask``.
 
-        When no pixel is left (everything ignored, on every process), the threshold is left unchanged.
+        When no pixel is left (everything ignored, on every process), the threshold is left unchanged. Under DDP keep
+        the module on the process's device (the reduction runs there, e.g. CUDA for NCCL).
         """
         maxima = class_max_confidence(logits, ignore_mask, ignore_index).to(self.value.device)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -82,7 +83,7 @@ class DynamicThreshold(nn.Module):
         if bool(predicted.any()):
             target = maxima[predicted].mean()
             self.value.mul_(self.momentum).add_((1.0 - self.momentum) * target)
-        return self.value
+        return self.value.clone()
 
     def extra_repr(self) -> str:
         return f"value={float(self.value):.4f}, momentum={self.momentum}"

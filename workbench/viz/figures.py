@@ -80,7 +80,7 @@ def prediction_grid(images: Sequence, columns: dict[str, Sequence], palette: Seq
     """A grid: one row per image; first column the image, then one coloured label map per entry of ``columns``
     (e.g. {"ground truth": gts, "supervised": preds_a, "unimatch": preds_b}); a class legend below."""
     n, m = len(images), len(columns) + 1
-    fig, axes = plt.subplots(n, m, figsize=(cell * m, cell * n + 0.8), squeeze=False)
+    fig, axes = plt.subplots(n, m, figsize=(cell * m, cell * n + 0.9), squeeze=False)
     for i in range(n):
         axes[i, 0].imshow(to_hwc(images[i]))
         for j, (name, maps) in enumerate(columns.items(), 1):
@@ -90,11 +90,12 @@ def prediction_grid(images: Sequence, columns: dict[str, Sequence], palette: Seq
                 axes[i, j].set_title(name, fontsize=9)
             axes[i, j].set_xticks([])
             axes[i, j].set_yticks([])
-    fig.legend(handles=legend_handles(class_names, palette), loc="lower center", ncol=min(len(class_names), 7),
-               fontsize=8, frameon=False)
+    ncol = max(1, min(len(class_names), int(cell * m / 1.1)))
+    rows = -(-len(class_names) // ncol)
+    fig.legend(handles=legend_handles(class_names, palette), loc="lower center", ncol=ncol, fontsize=8, frameon=False)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout(rect=(0, 0.06, 1, 0.97 if title else 1))
+    fig.tight_layout(rect=(0, min(0.3, 0.22 * rows / n), 1, 0.97 if title else 1))
     return fig
 
 
