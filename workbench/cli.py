@@ -71,6 +71,21 @@ def _quickstart(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from workbench.report import run_report
+
+    run_report(args.notebook, out=Path(args.out), grid=args.grid or [], parameters=args.param or [],
+               html=not args.no_html)
+    return 0
+
+
+def _dashboard(args: argparse.Namespace) -> int:
+    from workbench.dashboard.app import serve
+
+    serve(Path(args.runs_dir), port=args.port, address=args.address, show=False)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``workbench`` command."""
     p = argparse.ArgumentParser(prog="workbench", description=__doc__)
@@ -113,6 +128,19 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--methods", default="supervised")
     q.add_argument("--seed", type=int, default=0)
     q.set_defaults(fn=_quickstart)
+    r = sub.add_parser("report", help="execute a notebook with papermill over a parameter grid; HTML + index")
+    r.add_argument("notebook", help="notebook path or name in notebooks/ (e.g. 00_quickstart)")
+    r.add_argument("--out", default="reports", help="reports/<name>/ gets the executed notebooks and index.html")
+    r.add_argument("--grid", action="append", metavar="KEY=V1,V2", help="parameter grid axis, e.g. seed=0,1")
+    r.add_argument("--param", action="append", metavar="KEY=VALUE", help="fixed parameter")
+    r.add_argument("--no-html", action="store_true")
+    r.set_defaults(fn=_report)
+
+    db = sub.add_parser("dashboard", help="serve the Panel dashboard over a runs directory")
+    db.add_argument("runs_dir", nargs="?", default="runs")
+    db.add_argument("--port", type=int, default=5006)
+    db.add_argument("--address", default="127.0.0.1", help="bind address (localhost by default)")
+    db.set_defaults(fn=_dashboard)
     return p
 
 
