@@ -92,7 +92,8 @@ def test_missing_file_fails_before_writing(tiny_cfg, tmp_path, tiny_data):
     shutil.copytree(tiny_data, root)
     img = (root / "splits" / "val.txt").read_text().split()[0]
     (root / img).unlink()
-    cfg = tiny_cfg(**{"data.root": str(root)})
+    # "prepared": a synthetic root would be repaired (regenerated) by ensure_synthetic instead
+    cfg = tiny_cfg(**{"data.root": str(root), "data.dataset": "prepared"})
     from workbench.data.dataset import DataError
 
     with pytest.raises(DataError, match=img.split("/")[-1]):
@@ -151,3 +152,10 @@ def test_cli_bench_writes_json(tmp_path):
     res = json.loads((tmp_path / "fixmatch.json").read_text())
     assert res["seconds_per_iter"] > 0 and res["images_per_second"] > 0 and res["peak_rss_mb"] > 0
     assert "fixmatch" in (tmp_path / "bench.md").read_text()
+
+
+def test_grad_accumulation_and_lr_scaling(tiny_cfg):
+    s = train(tiny_cfg(**{"optim.grad_accum": 2, "data.batch_size": 2, "optim.lr": 0.01}))
+    assert s["finished"] and s["steps"] == 4
+    # 2 images x 1 process x 2 micro-batches = 4 labeled images per step; reference 8 -> lr x 0.5 (linear rule)
+    assert s["lr"] == pytest.approx(0.005)

@@ -126,6 +126,8 @@ class EvalConfig:
     scales: tuple[float, ...] = (1.0,)
     flip: bool = False
     batch_size: int = 1
+    boundary_tolerance: float | None = None
+    """Also report the boundary F-score with this tolerance (fraction of the image diagonal; MaskMatch: 0.0003)."""
 
 
 @dataclass

@@ -234,7 +234,7 @@ class Trainer:
         cfg = self.cfg
         e = cfg.eval
         settings = EvalSettings(mode=e.mode, crop_size=e.crop_size, window=e.window, stride=e.stride,
-                                scales=tuple(e.scales), flip=e.flip)
+                                scales=tuple(e.scales), flip=e.flip, boundary_tolerance=e.boundary_tolerance)
         ds = self.val if self.world == 1 else Subset(self.val, range(self.rank, len(self.val), self.world))
         mean, std = cfg.data.mean, cfg.data.std
 
@@ -269,8 +269,11 @@ class Trainer:
         cfg = self.cfg
         self.tb = None
         if cfg.train.tensorboard and self.rank == 0:
-            from torch.utils.tensorboard import SummaryWriter
-
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ConfigError("train.tensorboard=true needs the tensorboard package: "
+                                  "pip install 'workbench[tensorboard]'") from None
             self.tb = SummaryWriter(str(self.run.path / "tensorboard"))
         end = self.total if stop_at is None else min(stop_at, self.total)
         micro = cfg.optim.grad_accum

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from workbench.methods.base import Method, SemiBatch, StepInfo, StepOutput, register_method
+from workbench.methods.components import LocalConsistency, check_lcr_config
 from workbench.methods.supervised import SupervisedConfig, supervised_loss
 from workbench.engine.optim import ema_update
 from workbench.ops.losses import masked_ce_loss
@@ -23,11 +24,26 @@ from workbench.ops.semi import (confident_mask, cutmix_images, paste_in_box, pse
 
 @dataclass
 class FixMatchConfig(SupervisedConfig):
-    """FixMatch: confidence threshold ``tau``; CutMix across the batch on/off."""
+    """FixMatch: confidence threshold ``tau``; CutMix across the batch on/off.
+
+    Every weak-to-strong method inherits the opt-in LCR component (MaskMatch's local consistency regularisation, see
+    :mod:`workbench.methods.components`): ``lcr_weight`` > 0 adds ``lcr_weight x L_LCR`` to the loss (logged as
+    ``loss_lcr``, weighted); ``lcr_patch`` (pixels), ``lcr_ratio`` (hidden fraction), ``lcr_strategy``
+    (random/block/grid) and ``lcr_region`` (both/unmasked/masked) shape it.
+    """
 
     name: str = "fixmatch"
     tau: float = 0.95
     cutmix: bool = True
+    lcr_weight: float = 0.0
+    lcr_patch: int = 32
+    lcr_ratio: float = 0.7
+    lcr_strategy: str = "random"
+    lcr_region: str = "both"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_lcr_config(self.lcr_weight, self.lcr_patch, self.lcr_ratio, self.lcr_strategy, self.lcr_region)
 
 
 @dataclass
@@ -92,9 +108,23 @@ class WeakStrong(Method):
     def component_losses(self, batch: SemiBatch, weak: Targets, step: StepInfo) -> dict[str, Tensor]:
         """Weighted losses of opt-in components shared across methods (e.g. MaskMatch's LCR), keyed by log name.
 
-        Every weak-to-strong method adds ``sum(values)`` to its loss and logs each entry; empty by default.
+        Every weak-to-strong method adds ``sum(values)`` to its loss and logs each entry; empty when every
+        component is off. ``{"loss_lcr": lcr_weight x L_LCR}`` when ``cfg.lcr_weight > 0``.
         """
-        return {}
+        return self.component_outputs(batch, weak, step)[0]
+
+    def component_outputs(self, batch: SemiBatch, weak: Targets, step: StepInfo
+                          ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """(weighted losses, artifacts) of the opt-in components; artifacts only when ``step.capture``.
+
+        LCR: the student (``self.model``) predicts the patch-masked weak view, supervised by ``weak`` (the pseudo-label
+        and confidence of the unmasked weak view, thresholded at ``cfg.tau``, with its ignore mask).
+        """
+        lcr = LocalConsistency.from_config(self.cfg)
+        if not lcr.enabled:
+            return {}, {}
+        out = lcr(self.model, batch.x_w, weak.pseudo, weak.confident(self.cfg.tau), weak.ignore)
+        return {"loss_lcr": lcr.weight * out.loss}, (out.artifacts() if step.capture else {})
 
     def capture(self, batch: SemiBatch, weak: Targets, x_s: Tensor, logits_s: Tensor, **extra: Tensor
                 ) -> dict[str, Tensor]:
