@@ -1,7 +1,7 @@
 """Learning-signal experiment (issue 3): on the embedded dataset at its smallest labeled fraction, does UniMatch beat
 supervised-only at the same number of iterations? Also trains supervised-only on all labels (the ceiling).
 
-    python experiments/learning_signal.py --iters 1500 --seeds 0 1
+    python experiments/learning_signal.py --iters 1000 --seeds 0 1
 
 Writes reports/learning_signal/results.json and table.md (with the command line). Runs go to runs/learning_signal/.
 """
@@ -21,17 +21,45 @@ from workbench.quickstart import quickstart_config
 KEYS = ("miou", "fg_iou", "fg_class_acc")
 
 
+def write_table(out: Path, result_files: list[Path]) -> str:
+    """Merge results.json files (e.g. one per seed, run in parallel) into ``out/table.md``; returns the text."""
+    rows, cmds, iters = [], [], set()
+    for f in result_files:
+        d = json.loads(Path(f).read_text())
+        rows += d["rows"]
+        cmds.append(d["command"])
+        iters.add(d.get("iters"))
+    keys = sorted({(r["method"], r["split"]) for r in rows}, key=lambda k: (k[1] == "all", k[0] != "supervised"))
+    lines = [f"# Learning signal ({'/'.join(map(str, sorted(iters)))} steps, seeds "
+             f"{sorted({r['seed'] for r in rows})})", "", *[f"Command: `{c}`" for c in cmds], "",
+             "| method | labels | mIoU (final, mean) | per seed | fg IoU | fg class acc | best mIoU | train s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for method, split in keys:
+        rs = [r for r in rows if r["method"] == method and r["split"] == split]
+        mean = lambda k: statistics.mean(r[k] or 0.0 for r in rs)  # noqa: E731
+        lines.append(f"| {method} | {split} | {mean('miou'):.3f} | "
+                     f"{', '.join(format(r['miou'], '.3f') for r in rs)} | {mean('fg_iou'):.3f} | "
+                     f"{mean('fg_class_acc'):.3f} | {mean('best_miou'):.3f} | {mean('seconds'):.0f} |")
+    text = "\n".join(lines) + "\n"
+    atomic_write_text(out / "table.md", text)
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--iters", type=int, default=1500)
+    p.add_argument("--iters", type=int, default=1000)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    p.add_argument("--split", default="1-32")
+    p.add_argument("--split", default="1-128")
     p.add_argument("--methods", nargs="+", default=["supervised", "unimatch"])
     p.add_argument("--no-ceiling", action="store_true", help="skip supervised-only on all labels")
     p.add_argument("--data-root", default="data/synthetic")
     p.add_argument("--out", default="reports/learning_signal")
     p.add_argument("--set", action="append", default=[], help="extra config override for every run")
+    p.add_argument("--merge", nargs="+", type=Path, help="only merge these results.json files into --out/table.md")
     a = p.parse_args(argv)
+    if a.merge:
+        print(write_table(Path(a.out), a.merge))
+        return 0
     runs = [(m, a.split) for m in a.methods] + ([] if a.no_ceiling else [("supervised", "all")])
     rows = []
     for seed in a.seeds:
@@ -48,18 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     cmd = "python " + " ".join(sys.argv)
-    atomic_write_text(out / "results.json", json.dumps({"command": cmd, "rows": rows}, indent=1) + "\n")
-    lines = [f"# Learning signal ({a.iters} steps, seeds {a.seeds})", "", f"Command: `{cmd}`", "",
-             "| method | labels | mIoU (final, mean) | per seed | fg IoU | fg class acc | best mIoU |",
-             "|---|---|---|---|---|---|---|"]
-    for method, split in runs:
-        rs = [r for r in rows if r["method"] == method and r["split"] == split]
-        mean = lambda k: statistics.mean(r[k] or 0.0 for r in rs)  # noqa: E731
-        lines.append(f"| {method} | {split} | {mean('miou'):.3f} | "
-                     f"{', '.join(format(r['miou'], '.3f') for r in rs)} | {mean('fg_iou'):.3f} | "
-                     f"{mean('fg_class_acc'):.3f} | {mean('best_miou'):.3f} |")
-    atomic_write_text(out / "table.md", "\n".join(lines) + "\n")
-    print("\n".join(lines))
+    atomic_write_text(out / "results.json", json.dumps({"command": cmd, "iters": a.iters, "rows": rows}, indent=1)
+                      + "\n")
+    print(write_table(out, [out / "results.json"]))
     return 0
 
 

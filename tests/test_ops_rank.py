@@ -87,6 +87,21 @@ def test_rank_loss_gradient_reaches_strong_view_only_through_dist_s() -> None:
     assert logits_s.grad is not None and float(logits_s.grad.abs().sum()) > 0
 
 
+def test_plackett_luce_underflowed_weights_stay_normalised_with_finite_gradients() -> None:
+    # a zero weight (an underflowed softmax entry) acts as a vanishing positive one: (1, 0) -> orderings (1, 0)
+    assert plackett_luce(torch.tensor([1.0, 0.0])).tolist() == pytest.approx([1.0, 0.0], abs=1e-18)
+    assert torch.allclose(plackett_luce(torch.zeros(3)), torch.full((6,), 1 / 6))  # all underflowed: uniform
+    # near one-hot strong correlations (raw dot products of large features): many exact zeros in float32
+    logits_s = torch.tensor([[0.0, -30.0, -60.0, -200.0, -900.0, 5.0]], requires_grad=True)
+    corr_s = logits_s.softmax(-1)
+    assert int((corr_s == 0).sum()) >= 1
+    corr_w = torch.tensor([[0.4, 0.3, 0.2, 0.1, 0.0, 0.0]])
+    dist_w, dist_s = rank_distributions(corr_w, corr_s, k=4)
+    assert torch.allclose(dist_s.sum(-1), torch.ones(1), atol=1e-6)
+    rank_consistency_loss(dist_w, dist_s, eps=1e-10).backward()
+    assert bool(torch.isfinite(logits_s.grad).all()) and float(logits_s.grad.abs().sum()) > 0
+
+
 # ---------------------------------------------------------------------------------------------- agents
 HAND = [
     [1.0, 0.0, 0.0],  # 0: e1

@@ -15,7 +15,7 @@ from workbench.data import synthetic
 from workbench.data.synthetic import (SyntheticSpec, ensure_synthetic, generate_synthetic, render_sample,
                                       render_sample_detailed)
 
-TINY = SyntheticSpec(image_size=(32, 40), num_train=96, num_val=8, seed=3)
+TINY = SyntheticSpec(image_size=(32, 40), num_train=96, num_val=8, seed=3, label_fractions=("1-32", "1-16", "1-8", "1-4"))
 FRACTIONS = ("1-32", "1-16", "1-8", "1-4")
 
 
@@ -73,9 +73,9 @@ def test_difficulty_law_and_overrides() -> None:
     easy, hard = SyntheticSpec(difficulty=0.0).effective(), SyntheticSpec(difficulty=1.0).effective()
     assert easy["texture_contrast"] == pytest.approx(0.35) and hard["texture_contrast"] == pytest.approx(0.05)
     assert easy["distractor_rate"] == pytest.approx(0.75) and hard["distractor_rate"] == pytest.approx(2.25)
-    # linear in between: 0.6 + (0.0 - 0.6) * 0.25 = 0.45; the default (0.5) sits mid-way: (0.035 + 0.085) / 2
+    # linear in between: 0.6 + (0.0 - 0.6) * 0.25 = 0.45; the default (0.3): 0.035 + (0.085 - 0.035) * 0.3 = 0.05
     assert SyntheticSpec(difficulty=0.25).effective()["color_informativeness"] == pytest.approx(0.45)
-    assert SyntheticSpec().effective()["noise_std"] == pytest.approx(0.06)
+    assert SyntheticSpec().effective()["noise_std"] == pytest.approx(0.05)
     # harder = less contrast, more jitter, less informative colour/shape, more clutter, distractors and noise
     for knob, sign in [("texture_contrast", -1), ("texture_jitter", 1), ("color_informativeness", -1),
                        ("shape_informativeness", -1), ("background_contrast", 1), ("distractor_rate", 1),
@@ -112,7 +112,7 @@ def test_object_metadata_matches_mask_and_occlusion_happens() -> None:
 
 
 def test_object_areas_span_an_order_of_magnitude() -> None:
-    spec = SyntheticSpec(num_train=10, num_val=1)
+    spec = SyntheticSpec(image_size=64, num_train=10, num_val=1)
     areas = [o.area for i in range(150) for o in render_sample_detailed(np.random.default_rng([2, i]), spec).objects]
     # nominal areas are log-uniform over 0.025..0.35 of 4096 px = 102..1434 px (14x)
     assert max(areas) / min(areas) >= 10

@@ -32,7 +32,7 @@ class DataConfig:
     written by ``workbench data prepare``)."""
     root: str = "data/synthetic"
     """Dataset root directory (holds manifest.json)."""
-    split: str = "1-32"
+    split: str = "1-128"
     """Label fraction: the manifest's ``labeled_<split>``/``unlabeled_<split>`` lists; ``all`` = the ``train`` list."""
     val_split: str = "val"
     crop_size: int = 64
@@ -60,8 +60,8 @@ class ModelConfig:
     backbone: str = "resnet18"
     stem: str = "plain"
     output_stride: int = 8
-    width: float = 0.5
-    head_width: float = 0.5
+    width: float = 0.25
+    head_width: float = 0.25
     aspp_rates: tuple[int, ...] | None = None
     """ASPP dilation rates; None = (6, 12, 18) at output stride 16, doubled at 8. For small crops use rates that
     fit the feature map (the embedded dataset's 64-pixel crops give 8x8 maps at stride 8: rates 2, 4, 6)."""

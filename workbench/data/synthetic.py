@@ -119,15 +119,15 @@ class SyntheticSpec:
         noise_std: standard deviation of per-pixel Gaussian sensor noise.
     """
 
-    image_size: tuple[int, int] = (64, 64)
+    image_size: tuple[int, int] = (96, 96)
     num_classes: int = 6
     num_train: int = 2000
     num_val: int = 300
     seed: int = 0
-    label_fractions: tuple[str, ...] = ("1-32", "1-16", "1-8", "1-4")
+    label_fractions: tuple[str, ...] = ("1-128", "1-64", "1-32", "1-16", "1-8")
     objects_per_image: tuple[int, int] = (1, 6)
     object_area: tuple[float, float] = (0.025, 0.35)
-    difficulty: float = 0.5
+    difficulty: float = 0.3
     texture_contrast: float | None = None
     texture_jitter: float | None = None
     color_informativeness: float | None = None

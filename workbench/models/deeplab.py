@@ -1,7 +1,7 @@
 """DeepLabV3+ (ASPP + low-level decoder) over a ResNet backbone, returning a dict of named features.
 
 Layout as in the UniMatch family of code bases: ASPP on layer4 (1x1 + three dilated 3x3 + image pooling, 256
-channels each, BN+ReLU, projected by 1x1 conv+BN+ReLU and dropout 0.5), layer1 reduced to 48 channels, fused by two
+channels each, BN+ReLU, projected by 1x1 conv+BN+ReLU), layer1 reduced to 48 channels, fused by two
 3x3 conv(256)+BN+ReLU, 1x1 classifier, bilinear upsampling with ``align_corners=True``.
 """
 
@@ -45,7 +45,8 @@ class ASPP(nn.Module):
     """Atrous spatial pyramid pooling: maps [B, in_channels, h, w] to [B, out_channels, h, w].
 
     Branches: a 1x1 conv, one dilated 3x3 conv per rate, and global average pooling + 1x1 conv (broadcast back to
-    h x w); each conv is followed by BN+ReLU. The concatenation is projected by a 1x1 conv+BN+ReLU and dropout 0.5.
+    h x w); each conv is followed by BN+ReLU. The concatenation is projected by a 1x1 conv+BN+ReLU (no dropout,
+    as in the reference code of the UniMatch family; torchvision's DeepLabV3 adds Dropout(0.5) there).
     """
 
     def __init__(self, in_channels: int, out_channels: int, rates: Sequence[int]) -> None:
@@ -57,7 +58,8 @@ class ASPP(nn.Module):
         self.branches = nn.ModuleList([conv_bn_relu(in_channels, out_channels, 1), *dilated])
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), conv_bn_relu(in_channels, out_channels, 1))
         n_branches = len(self.branches) + 1
-        self.project = nn.Sequential(conv_bn_relu(n_branches * out_channels, out_channels, 1), nn.Dropout(0.5))
+        # no dropout after the projection: the UniMatch/CorrMatch/RankMatch reference ASPP has none
+        self.project = conv_bn_relu(n_branches * out_channels, out_channels, 1)
 
     def forward(self, x: Tensor) -> Tensor:
         """[B, C_in, h, w] -> [B, C_out, h, w]."""

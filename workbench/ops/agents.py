@@ -59,8 +59,11 @@ def orthogonal_agents(
     Returns:
         int64 ``[B, N]`` flat pixel indices in selection order.
     """
-    pix = F.normalize(_pixels(feats).detach().float(), dim=-1)
-    b, n, _ = pix.shape
+    _pixels(feats)  # validation
+    # unit pixel vectors kept channels-first, [B, C, HW] like the input: each step is then one contiguous batched
+    # row-vector x matrix product (a transposed [B, HW, C] view made every step ~10x slower at 81x81 x 256)
+    unit = F.normalize(feats.detach().float().flatten(2), dim=1)
+    b, _, n = unit.shape
     _check_num(num, n)
     if first is None:
         first = torch.randint(n, (b,), generator=generator, device=_draw_device(generator, feats.device))
@@ -73,7 +76,7 @@ def orthogonal_agents(
     worst = torch.zeros(b, n, device=feats.device)  # max |cos| of every pixel to the chosen agents
     rows = torch.arange(b, device=feats.device)
     for _ in range(num - 1):
-        cos = torch.einsum("bpc,bc->bp", pix, pix[rows, chosen]).abs()
+        cos = torch.bmm(unit[rows, :, chosen].unsqueeze(1), unit).squeeze(1).abs()
         worst = torch.maximum(worst, cos)
         worst[rows, chosen] = float("inf")
         chosen = worst.argmin(dim=1)

@@ -35,16 +35,23 @@ def plackett_luce(values: Tensor) -> Tensor:
 
     Returns:
         float32 (or float64 for float64 input) ``[..., k!]``: entry ``p`` is the probability of ordering
-        ``permutations(k)[p]``, ``prod_n v[pi(n)] / sum_{n' >= n} v[pi(n')]``. The entries sum to 1 whenever some
-        weight is positive; all-zero weights give all-zero probabilities (denominators are clamped, not divided by 0).
+        ``permutations(k)[p]``, ``prod_n v[pi(n)] / sum_{n' >= n} v[pi(n')]``; the entries sum to 1.
+
+    Weights are first raised to at least ``sqrt(finfo.tiny)`` (about 1.1e-19 in float32), which leaves ordinary
+    weights untouched. Softmax probabilities underflow to 0 easily (raw dot products of 256-channel features), and
+    without the floor (a) one zero weight gives *every* ordering probability 0 (its factor is 0 wherever it stands)
+    and (b) the gradient of ``v / remaining`` grows like ``1 / remaining`` and overflows to inf, which a softmax
+    backward then turns into NaN. With it, weights that all underflowed give the uniform distribution, and no
+    intermediate gradient exceeds ``upstream / 1.1e-19``. Gradients do not flow into floored weights.
     """
     if not isinstance(values, Tensor) or values.dim() < 1 or not values.is_floating_point():
         raise ValueError(f"values must be a float tensor [..., k], got {getattr(values, 'shape', values)!r}")
     values = values.double() if values.dtype == torch.float64 else values.float()
+    values = values.clamp_min(torch.finfo(values.dtype).tiny ** 0.5)
     order = permutations(values.shape[-1], values.device)
     ranked = values[..., order]  # [..., k!, k]
-    remaining = ranked.flip(-1).cumsum(-1).flip(-1)  # sum over positions n' >= n
-    return (ranked / remaining.clamp_min(torch.finfo(values.dtype).tiny)).prod(dim=-1)
+    remaining = ranked.flip(-1).cumsum(-1).flip(-1)  # sum over positions n' >= n (>= the floor, never 0)
+    return (ranked / remaining).prod(dim=-1)
 
 
 def rank_distributions(corr_w: Tensor, corr_s: Tensor, k: int = 4) -> tuple[Tensor, Tensor]:

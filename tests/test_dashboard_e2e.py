@@ -1,0 +1,167 @@
+"""The dashboard in a real headless browser: Debian's chromium driven by Playwright (both installed by .ci/run).
+
+Starts ``workbench dashboard`` on a free localhost port over a tiny UniMatch run and a damaged copy of it, then
+switches run and step, filters, reads the curves and per-class tabs, watches a new capture appear, and checks that
+a truncated capture file shows a message. Screenshots go to reports/dashboard/ (PNG files are git-ignored).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import tiny_config_dict
+from workbench.config import config_from_dict
+from workbench.engine.rundir import RunDir
+from workbench.engine.trainer import train
+
+REPO = Path(__file__).resolve().parents[1]
+SHOTS = REPO / "reports" / "dashboard"
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def browser_missing() -> str | None:
+    """Why the browser test cannot run here, or None."""
+    if not CHROMIUM.exists():
+        return f"{CHROMIUM} not found (.ci/run installs Debian's chromium: apt-get install -y chromium)"
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return "Python playwright is not installed (pip install -e '.[test]')"
+    return None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_data) -> Path:
+    """runs/uni (4 steps, every step captured) and runs/uni_b, a copy whose step-2 capture is truncated."""
+    out = tmp_path_factory.mktemp("e2e") / "runs"
+    train(config_from_dict(tiny_config_dict(out, tiny_data, name="uni", **{
+        "method.name": "unimatch", "train.capture_every": 1})))
+    shutil.copytree(out / "uni", out / "uni_b")
+    f = out / "uni_b" / "artifacts" / "step_0000002.pt"
+    f.write_bytes(f.read_bytes()[:1000])
+    return out
+
+
+def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 60.0) -> None:
+    t0 = time.time()
+    while True:
+        if proc.poll() is not None:
+            raise AssertionError(f"the dashboard server exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.time() - t0 > timeout:
+            raise AssertionError(f"no answer from {url} after {timeout} s:\n{log.read_text()[-3000:]}")
+        time.sleep(0.3)
+
+
+def test_dashboard_in_headless_chromium(runs, tiny_data, tmp_path):
+    reason = browser_missing()
+    if reason:
+        pytest.skip(reason)
+    from playwright.sync_api import sync_playwright
+
+    arts = RunDir(runs / "uni").load_artifacts(4)
+    batch = arts["x_w"].shape[0]
+    keep = arts["ignore"] == 0
+    cls = 1  # the class filter keeps samples whose GT or pseudo-label (non-padding pixels) contains it
+    with_cls = sum(bool(((arts["y_u"][i] == cls) & keep[i]).any() or ((arts["pseudo"][i] == cls) & keep[i]).any())
+                   for i in range(batch))
+    valid = keep & (arts["y_u"] != 255)
+    errors_by_hand = [float((arts["pseudo"][i] != arts["y_u"][i])[valid[i]].float().mean()) for i in range(batch)]
+    class_name = json.loads((tiny_data / "manifest.json").read_text())["class_names"][cls]
+
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/"
+    log = tmp_path / "server.log"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    with open(log, "w") as logf:
+        proc = subprocess.Popen([sys.executable, "-m", "workbench", "dashboard", str(runs), "--port", str(port)],
+                                cwd=REPO, env=env, stdout=logf, stderr=subprocess.STDOUT)
+    try:
+        wait_http(url, proc, log)
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+            try:
+                page = browser.new_page(viewport={"width": 1500, "height": 1000})
+                page.set_default_timeout(30000)
+                errors: list[str] = []
+                page.on("pageerror", lambda e: errors.append(str(e)))
+                page.goto(url)
+                samples = page.locator(".wb-sample")
+                page.get_by_text("uni · step 4 · 4 of 4 samples").wait_for()
+                assert samples.count() == batch
+
+                page.locator(".wb-step select").select_option(label="step 2 (epoch 0)")
+                page.get_by_text(f"uni · step 2 · {batch} of {batch} samples").wait_for()
+                assert samples.count() == batch
+                page.locator(".wb-step select").select_option(label="step 4 (epoch 0)")
+                page.locator(".wb-class select").select_option(label=class_name)
+                page.get_by_text(f"uni · step 4 · {with_cls} of {batch} samples containing {class_name}").wait_for()
+                assert samples.count() == with_cls
+                page.locator(".wb-class select").select_option(label="all classes")
+                page.locator(".wb-order select").select_option(label="pseudo-label error (worst first)")
+                page.get_by_text("sorted by pseudo-label error (worst first)").wait_for()
+                shown = [int(i) for i in page.locator(".wb-gallery-pane .wb-sample").evaluate_all(
+                    "els => els.map(e => e.dataset.index)")]
+                assert shown == sorted(range(batch), key=lambda i: (-errors_by_hand[i], i))
+                page.screenshot(path=str(SHOTS / "gallery.png"), full_page=True)
+
+                page.locator(".bk-tab", has_text="Curves").click()
+                page.locator(".wb-curves img").first.wait_for()
+                page.screenshot(path=str(SHOTS / "curves.png"), full_page=True)
+                page.locator(".bk-tab", has_text="Per-class quality").click()
+                page.get_by_text("4 of 4 captured steps read").wait_for()
+                page.screenshot(path=str(SHOTS / "per_class.png"), full_page=True)
+                page.locator(".bk-tab", has_text="Gallery").click()
+
+                # switch run; its step-2 file is truncated: a message, not a crash
+                page.locator(".wb-run select").select_option("uni_b")
+                page.get_by_text(f"uni_b · step 4 · {batch} of {batch} samples").wait_for()
+                page.locator(".wb-step select").select_option(label="step 2 (epoch 0)")
+                err = page.locator(".wb-gallery-pane .wb-error")
+                err.wait_for()
+                assert "could not read capture file step_0000002.pt" in err.inner_text()
+                assert samples.count() == 0
+                page.screenshot(path=str(SHOTS / "corrupt_capture.png"), full_page=True)
+                page.locator(".wb-step select").select_option(label="step 3 (epoch 0)")
+                page.get_by_text(f"uni_b · step 3 · {batch} of {batch} samples").wait_for()
+                assert samples.count() == batch
+
+                # a running training appends a capture: it appears without reloading the page
+                RunDir(runs / "uni_b").save_artifacts(5, 1, {k: v.clone() for k, v in arts.items()})
+                page.locator(".wb-step select option", has_text="step 5 (epoch 1)").wait_for(state="attached")
+                page.locator(".wb-step select").select_option(label="step 5 (epoch 1)")
+                page.get_by_text(f"uni_b · step 5 · {batch} of {batch} samples").wait_for()
+                assert samples.count() == batch
+                assert not errors, errors
+            finally:
+                browser.close()
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
