@@ -46,3 +46,45 @@ def tiny_cfg(tmp_path, tiny_data):
 def _threads():
     torch.set_num_threads(2)
     yield
+
+
+def check_no_gt_in_losses(tmp_path: Path, data_root: Path, diag_key: str = "pl_acc", **overrides: Any):
+    """Run one training step of the configured method three times from the same weights and RNG state — with the
+    true unlabeled GT, with a random one, and with none — and assert the loss and every gradient are identical while
+    the diagnostic ``diag_key`` does depend on the GT. Returns the three StepOutputs and the gradients of the first."""
+    import copy
+
+    from workbench.data.dataset import SegDataset, StepDataset, StepPlan
+    from workbench.engine.trainer import build_from_config
+    from workbench.methods import SemiBatch, StepInfo
+
+    cfg = config_from_dict(tiny_config_dict(tmp_path, data_root, **overrides))
+    lab, unl = SegDataset(data_root, "labeled_1-4"), SegDataset(data_root, "unlabeled_1-4")
+    ds = StepDataset(lab, unl, StepPlan(len(lab), len(unl), 2, 2, 1, 0, 0, True), 32)
+    ds.total_steps = 1
+    raw = ds[0]
+    torch.manual_seed(0)
+    method = build_from_config(cfg, 6, torch.device("cpu"))
+    state = copy.deepcopy(method.state_dict())
+
+    def run(y_u):
+        method.load_state_dict(state)
+        method.zero_grad(set_to_none=True)
+        batch = SemiBatch.from_loader(raw, torch.device("cpu"), cfg.data.mean, cfg.data.std)
+        batch.y_u = y_u
+        torch.manual_seed(1)
+        out = method.training_step(batch, StepInfo(0, 0, 1, 1))
+        out.loss.backward()
+        return out, {n: p.grad.clone() for n, p in method.named_parameters() if p.grad is not None}
+
+    true_gt = raw["y_u"].long()
+    out_a, grads_a = run(true_gt)
+    out_b, grads_b = run(torch.randint(0, 6, true_gt.shape, generator=torch.Generator().manual_seed(5)))
+    out_c, grads_c = run(None)
+    assert out_a.loss.item() == out_b.loss.item() == out_c.loss.item()
+    assert grads_a.keys() == grads_b.keys() == grads_c.keys() and len(grads_a) > 20
+    for k in grads_a:
+        assert torch.equal(grads_a[k], grads_b[k]) and torch.equal(grads_a[k], grads_c[k]), k
+    assert out_a.logs[diag_key].item() != out_b.logs[diag_key].item()   # the GT is really used, for diagnostics
+    assert diag_key not in out_c.logs
+    return (out_a, out_b, out_c), grads_a

@@ -314,9 +314,9 @@ def test_maskmatch_switches_change_the_step(tmp_path, tiny_data):
 
 def test_no_loss_reads_unlabeled_ground_truth_maskmatch(tmp_path, tiny_data):
     """The property of tests/test_semi.py (loss and every gradient independent of y_u) for maskmatch (MS + LCR on)."""
-    from test_semi import test_no_loss_reads_unlabeled_ground_truth as check
+    from conftest import check_no_gt_in_losses
 
-    check("maskmatch", tmp_path, tiny_data)
+    check_no_gt_in_losses(tmp_path, tiny_data, **{"method.name": "maskmatch", "method.tau": 0.0})
 
 
 def test_maskmatch_config_file_loads():
