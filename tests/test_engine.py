@@ -159,3 +159,28 @@ def test_grad_accumulation_and_lr_scaling(tiny_cfg):
     assert s["finished"] and s["steps"] == 4
     # 2 images x 1 process x 2 micro-batches = 4 labeled images per step; reference 8 -> lr x 0.5 (linear rule)
     assert s["lr"] == pytest.approx(0.005)
+
+
+def test_inconsistent_splits_rejected_before_writing(tiny_cfg, tmp_path, tiny_data):
+    root = tmp_path / "d"
+    shutil.copytree(tiny_data, root)
+    lab = (root / "splits" / "labeled_1-4.txt").read_text().splitlines()
+    unl = root / "splits" / "unlabeled_1-4.txt"
+    unl.write_text("\n".join(unl.read_text().splitlines() + lab[:1]) + "\n")   # one image labeled AND unlabeled
+    cfg = tiny_cfg(**{"data.root": str(root), "data.dataset": "prepared", "method.name": "fixmatch"})
+    with pytest.raises(ConfigError, match="both"):
+        train(cfg)
+    unl.write_text("\n".join(unl.read_text().splitlines()[:-1]) + "\n")
+    train_list = root / "splits" / "train.txt"
+    train_list.write_text("\n".join(l for l in train_list.read_text().splitlines() if l != lab[0]) + "\n")
+    with pytest.raises(ConfigError, match="not in the dataset's train list"):
+        train(cfg)
+    assert not cfg.run_dir.exists()
+
+
+def test_same_seed_same_metrics(tiny_cfg):
+    a, b = tiny_cfg(name="a", **{"method.name": "unimatch"}), tiny_cfg(name="b", **{"method.name": "unimatch"})
+    train(a)
+    train(b)
+    assert train_records(a.run_dir) == train_records(b.run_dir)
+    assert train_records(a.run_dir, "eval") == train_records(b.run_dir, "eval")

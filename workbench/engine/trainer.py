@@ -19,7 +19,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 
 from workbench.config import ConfigError, RunConfig, config_from_dict, config_to_dict, dump_config
-from workbench.data.dataset import DataError, EvalDataset, SegDataset, StepDataset, StepPlan, load_manifest
+from workbench.data.dataset import (DataError, EvalDataset, SegDataset, StepDataset, StepPlan, load_manifest,
+                                    read_split)
 from workbench.data.transforms import denormalize, normalize
 from workbench.engine import distributed as D
 from workbench.engine.checkpoint import (CheckpointError, load_checkpoint, load_state_checked, rng_state,
@@ -64,6 +65,25 @@ def split_names(cfg: RunConfig, semi: bool) -> tuple[str, str | None]:
                               "choose a label fraction such as 1-16, or method.name=supervised")
         return "train", None
     return f"labeled_{cfg.data.split}", (f"unlabeled_{cfg.data.split}" if semi else None)
+
+
+def check_splits(labeled: SegDataset, unlabeled: SegDataset | None) -> None:
+    """Reject split lists that cannot be a semi-supervised protocol: labeled images outside the dataset's ``train``
+    list (when the manifest has one), or images that are both labeled and unlabeled."""
+    m = labeled.manifest
+    lab = {img for img, _ in labeled.items}
+    if "train" in m.splits and labeled.split != "train":
+        train_imgs = {img for img, _ in read_split(m, "train", check_files=False)}
+        outside = sorted(lab - train_imgs)
+        if outside:
+            raise ConfigError(f"data.split: {len(outside)} image(s) of split {labeled.split!r} are not in the "
+                              f"dataset's train list ({m.split_path('train')}), e.g. {outside[0]}; regenerate the "
+                              "split lists (workbench data prepare / synth) or fix the list")
+    if unlabeled is not None:
+        both = sorted(lab & {img for img, _ in unlabeled.items})
+        if both:
+            raise ConfigError(f"data.split: {len(both)} image(s) are in both {labeled.split!r} and "
+                              f"{unlabeled.split!r}, e.g. {both[0]}; a labeled image must not also be unlabeled")
 
 
 def build_from_config(cfg: RunConfig, num_classes: int, device: torch.device) -> Method:
@@ -154,6 +174,7 @@ class Trainer:
         lab_split, unl_split = split_names(cfg, self.semi)
         self.labeled = SegDataset(root, lab_split)
         self.unlabeled = SegDataset(root, unl_split) if unl_split else None
+        check_splits(self.labeled, self.unlabeled)
         self.num_classes = self.labeled.num_classes
         self.val = EvalDataset(root, cfg.data.val_split)
         bl = cfg.data.batch_size
