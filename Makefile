@@ -15,8 +15,10 @@ $(STAMP): pyproject.toml constraints.txt
 
 venv: $(STAMP)
 
+# the quickstart notebook through papermill: reports/quickstart/ gets the executed notebook, its HTML export,
+# index.html, and the quickstart's summary.json, report.md and figures
 demo: $(STAMP)
-	$(PY) -m workbench quickstart
+	$(PY) -m workbench report 00_quickstart --out reports
 
 test: $(STAMP)
 	$(PY) -m pytest -q

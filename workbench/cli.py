@@ -156,6 +156,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, CheckpointError) as e:
         print(f"workbench: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # noqa: BLE001 - a failed report is summarised in one line (details in its index)
+        from workbench.report import ReportError
+
+        if isinstance(e, ReportError):
+            print(f"workbench: error: {e}", file=sys.stderr)
+            return 1
+        raise
 
 
 if __name__ == "__main__":

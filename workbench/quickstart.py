@@ -18,14 +18,14 @@ from workbench.engine.trainer import load_method, train
 QUICKSTART_ITERS = 1000
 
 
-def quickstart_config(method: str, iters: int, seed: int, runs: str = "runs", data_root: str = "data/synthetic"
-                      ) -> dict[str, Any]:
+def quickstart_config(method: str, iters: int, seed: int, runs: str = "runs", data_root: str = "data/synthetic",
+                      split: str = "1-128", synthetic: dict[str, Any] | None = None) -> dict[str, Any]:
     """The quickstart run config (a plain dict) for ``method``: embedded dataset, 1/128 labels (16 images), the tiny
     default model (quarter-width ResNet-18, output stride 8, ASPP rates 2/4/6 for the 8x8 feature maps of 64-pixel
     crops)."""
     return {
         "name": f"quickstart-{method}-s{seed}", "out_dir": runs,
-        "data": {"root": data_root, "split": "1-128"},
+        "data": {"root": data_root, "split": split, "synthetic": dict(synthetic or {})},
         "model": {"aspp_rates": [2, 4, 6]},
         "eval": {"batch_size": 50},
         "train": {"iters": iters, "eval_every": max(iters // 5, 1), "log_every": 25, "seed": seed,
@@ -44,8 +44,12 @@ def predict_images(run_dir: Path, images: torch.Tensor) -> torch.Tensor:
 
 def run_quickstart(out: Path = Path("reports/quickstart"), iters: int | None = None,
                    methods: list[str] | None = None, seed: int = 0, runs: str = "runs",
-                   data_root: str = "data/synthetic", num_figure: int = 6) -> dict[str, Any]:
-    """Train each method on the embedded dataset and write the report; returns the summary dict."""
+                   data_root: str = "data/synthetic", num_figure: int = 6, split: str = "1-128",
+                   synthetic: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train each method on the embedded dataset and write the report; returns the summary dict.
+
+    ``split`` is the label fraction; ``synthetic`` overrides fields of the embedded dataset's SyntheticSpec.
+    """
     from workbench.viz.figures import prediction_grid, training_curves
 
     methods = methods or ["supervised", "unimatch"]
@@ -54,7 +58,7 @@ def run_quickstart(out: Path = Path("reports/quickstart"), iters: int | None = N
     results: dict[str, Any] = {}
     run_dirs: dict[str, Path] = {}
     for m in methods:
-        cfg = config_from_dict(quickstart_config(m, iters, seed, runs, data_root))
+        cfg = config_from_dict(quickstart_config(m, iters, seed, runs, data_root, split, synthetic))
         t0 = time.perf_counter()
         summary = train(cfg)
         run_dirs[m] = cfg.run_dir
@@ -76,7 +80,7 @@ def run_quickstart(out: Path = Path("reports/quickstart"), iters: int | None = N
     curves = training_curves({m: RunDir(run_dirs[m]).read_metrics("eval") for m in methods},
                              ["miou", "fg_iou", "fg_class_acc"], title="validation during training")
     curves.savefig(out / "curves.png", dpi=110)
-    summary = {"dataset": data_root, "split": "1-128", "iters": iters, "seed": seed, "methods": results,
+    summary = {"dataset": data_root, "split": split, "iters": iters, "seed": seed, "methods": results,
                "class_names": names, "command": "make demo  (python -m workbench quickstart)"}
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     atomic_write_text(out / "report.md", render_report(summary))

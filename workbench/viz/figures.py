@@ -13,7 +13,9 @@ matplotlib.use("Agg", force=False)
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 IGNORE = 255
 IGNORE_COLOR = (255, 255, 255)
@@ -99,18 +101,33 @@ def prediction_grid(images: Sequence, columns: dict[str, Sequence], palette: Seq
     return fig
 
 
-def training_curves(records: dict[str, list[dict]], keys: Sequence[str], title: str | None = None) -> plt.Figure:
-    """Curves of metrics.jsonl records: one panel per key, one line per run (``records[run] = [...]``)."""
-    fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 2.8), squeeze=False)
-    for ax, key in zip(axes[0], keys):
-        for run, recs in records.items():
+def training_curves(records: dict[str, list[dict]], keys: Sequence[str], title: str | None = None,
+                    ncols: int | None = None) -> plt.Figure:
+    """Curves of metrics.jsonl records: one panel per key, one line per run (``records[run] = [...]``).
+
+    Panels fill rows of ``ncols`` (default: one row). A run keeps one colour in every panel; the legend (first
+    panel) lists every run with data in any panel.
+    """
+    if not keys:
+        raise ValueError("keys is empty")
+    ncols = len(keys) if ncols is None else max(1, min(ncols, len(keys)))
+    nrows = -(-len(keys) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols, 2.8 * nrows), squeeze=False)
+    for ax in axes.flat[len(keys):]:
+        ax.set_visible(False)
+    shown: dict[str, str] = {}
+    for ax, key in zip(axes.flat, keys):
+        for i, (run, recs) in enumerate(records.items()):
             pts = [(r["step"], r[key]) for r in recs if r.get(key) is not None]
             if pts:
-                ax.plot(*zip(*pts), label=run, marker="." if len(pts) < 30 else None)
+                shown[run] = f"C{i % 10}"
+                ax.plot(*zip(*pts), color=shown[run], label=run, marker="." if len(pts) < 30 else None)
         ax.set_title(key, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-    axes[0, 0].legend(fontsize=8)
+    if shown:
+        axes[0, 0].legend(handles=[Line2D([], [], color=c, label=r) for r, c in shown.items()], fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
