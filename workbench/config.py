@@ -104,6 +104,9 @@ class TrainConfig:
     """Evaluate every N steps (0 = at every epoch end); always at the end."""
     checkpoint_every: int = 0
     """Also checkpoint every N steps (0 = only at epoch ends and at the end)."""
+    checkpoint_min_seconds: float = 30.0
+    """Skip an epoch-end checkpoint when the last one is younger than this (tiny labeled sets make epochs of a few
+    steps); ``checkpoint_every`` and the final checkpoint are always written."""
     log_every: int = 10
     capture_every: int = 0
     """Save the step's tensors (artifacts) every N steps (0 = never)."""

@@ -239,6 +239,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ steps
     def _checkpoint(self, step: int) -> None:
+        self.last_ckpt = time.monotonic()
         states = [rng_state()]
         if self.world > 1:
             gathered: list[Any] = [None] * self.world
@@ -309,6 +310,7 @@ class Trainer:
 
             pbar = tqdm(total=self.total, initial=self.start, desc=f"{cfg.method.name}", dynamic_ncols=True)
         t_start = time.perf_counter()
+        self.last_ckpt = time.monotonic()
         data_time = 0.0
         it = iter(self._loader()) if self.start < end else iter(())
         while step < end:
@@ -373,8 +375,12 @@ class Trainer:
                                         config=config_to_dict(cfg))
             self.elapsed += time.perf_counter() - t_start
             t_start = time.perf_counter()
-            if step == self.total or epoch_end or (cfg.train.checkpoint_every and
-                                                   step % cfg.train.checkpoint_every == 0):
+            due = step == self.total or bool(cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0)
+            if not due and epoch_end:
+                due = time.monotonic() - self.last_ckpt >= cfg.train.checkpoint_min_seconds
+                if self.world > 1:
+                    due = D.broadcast_object(due)  # rank 0 decides: the checkpoint is a collective
+            if due:
                 self._checkpoint(step)
         if pbar:
             pbar.close()
