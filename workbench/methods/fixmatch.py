@@ -248,14 +248,15 @@ class UniMatch(WeakStrong):
         logits_l, logits_w = out["logits"].split([n, m])
         return logits_l, logits_w, out["logits_fp"][n:], out
 
-    def training_step(self, batch: SemiBatch, step: StepInfo) -> StepOutput:
+    def unimatch_pass(self, batch: SemiBatch, step: StepInfo, mix: Targets) -> "UniMatchPass":
+        """The UniMatch loss and logs of a step, with the intermediate tensors that extensions (RankMatch) reuse."""
         c = self.cfg
-        mix = self.mix_targets(batch)
         x_s1 = self.strong_view(batch.x_s1, batch.x_s1_mix, batch.box1)
         x_s2 = self.strong_view(batch.x_s2, batch.x_s2_mix, batch.box2)
-        logits_l, logits_w, logits_fp, _ = self.forward_weak(batch)
+        logits_l, logits_w, logits_fp, out = self.forward_weak(batch)
         weak = Targets(*pseudo_label(logits_w), batch.ignore)
-        logits_s1, logits_s2 = self.model(torch.cat([x_s1, x_s2]))["logits"].chunk(2)
+        out_s = self.model(torch.cat([x_s1, x_s2]))
+        logits_s1, logits_s2 = out_s["logits"].chunk(2)
         loss_x = supervised_loss(c, logits_l, batch.y_l)
         loss_s1 = self.unsup_loss(logits_s1, self.mixed_targets(weak, mix, batch.box1))
         loss_s2 = self.unsup_loss(logits_s2, self.mixed_targets(weak, mix, batch.box2))
@@ -264,8 +265,29 @@ class UniMatch(WeakStrong):
         loss = (loss_x + c.weight_s * (loss_s1 + loss_s2) + c.weight_fp * loss_fp) / 2 + sum(extra.values())
         logs = {"loss_x": loss_x.detach(), "loss_s": ((loss_s1 + loss_s2) / 2).detach(),
                 "loss_fp": loss_fp.detach(), **self.diagnostics(weak, batch), **{k: v.detach() for k, v in extra.items()}}
-        arts = {}
-        if step.capture:
-            arts = self.capture(batch, weak, x_s1, logits_s1, x_s2=x_s2, box2=batch.box2,
-                                pred_fp=logits_fp.argmax(1))
-        return StepOutput(loss, logs, arts)
+        return UniMatchPass(loss, logs, weak, x_s1, x_s2, logits_s1, logits_fp, out, out_s)
+
+    def capture_pass(self, batch: SemiBatch, p: "UniMatchPass", **extra: Tensor) -> dict[str, Tensor]:
+        """Artifacts of a UniMatch pass (both strong views, boxes, feature-perturbed prediction)."""
+        return self.capture(batch, p.weak, p.x_s1, p.logits_s1, x_s2=p.x_s2, box2=batch.box2,
+                            pred_fp=p.logits_fp.argmax(1), **extra)
+
+    def training_step(self, batch: SemiBatch, step: StepInfo) -> StepOutput:
+        p = self.unimatch_pass(batch, step, self.mix_targets(batch))
+        return StepOutput(p.loss, p.logs, self.capture_pass(batch, p) if step.capture else {})
+
+
+@dataclass
+class UniMatchPass:
+    """What :meth:`UniMatch.unimatch_pass` computed: loss, logs, weak targets, strong views and network outputs
+    (``out`` of cat(x_l, x_w) with perturbation, ``out_s`` of cat(x_s1, x_s2))."""
+
+    loss: Tensor
+    logs: dict[str, Tensor]
+    weak: Targets
+    x_s1: Tensor
+    x_s2: Tensor
+    logits_s1: Tensor
+    logits_fp: Tensor
+    out: dict[str, Tensor]
+    out_s: dict[str, Tensor]

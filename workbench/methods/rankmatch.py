@@ -34,7 +34,6 @@ from torch import Tensor
 from workbench.config import ConfigError
 from workbench.methods.base import SemiBatch, StepInfo, StepOutput, register_method
 from workbench.methods.fixmatch import Targets, UniMatch, UniMatchConfig
-from workbench.methods.supervised import supervised_loss
 from workbench.ops.agents import agent_correlation, orthogonal_agents, random_agents, topn_agents
 from workbench.ops.ranking import MAX_K, rank_consistency_loss, rank_distributions
 from workbench.ops.semi import pseudo_label
@@ -194,34 +193,20 @@ class RankMatch(UniMatch):
     def training_step(self, batch: SemiBatch, step: StepInfo) -> StepOutput:
         c = self.cfg
         mix, feat_mix = self.mix_outputs(batch)
-        x_s1 = self.strong_view(batch.x_s1, batch.x_s1_mix, batch.box1)
-        x_s2 = self.strong_view(batch.x_s2, batch.x_s2_mix, batch.box2)
-        logits_l, logits_w, logits_fp, out = self.forward_weak(batch)
-        weak = Targets(*pseudo_label(logits_w), batch.ignore)
-        out_s = self.model(torch.cat([x_s1, x_s2]))
-        logits_s1, logits_s2 = out_s["logits"].chunk(2)
-        loss_x = supervised_loss(c, logits_l, batch.y_l)
-        loss_s1 = self.unsup_loss(logits_s1, self.mixed_targets(weak, mix, batch.box1))
-        loss_s2 = self.unsup_loss(logits_s2, self.mixed_targets(weak, mix, batch.box2))
-        loss_fp = self.unsup_loss(logits_fp, weak)
-        extra = self.component_losses(batch, weak, step)
-        loss = (loss_x + c.weight_s * (loss_s1 + loss_s2) + c.weight_fp * loss_fp) / 2 + sum(extra.values())
-        logs = {"loss_x": loss_x.detach(), "loss_s": ((loss_s1 + loss_s2) / 2).detach(), "loss_fp": loss_fp.detach()}
+        p = self.unimatch_pass(batch, step, mix)
+        loss, logs = p.loss, dict(p.logs)
+        feat_w = p.out["aspp"][batch.x_l.shape[0]:]
         views: list[AgentView] = []
         if c.weight_rank > 0:
-            feat_w = out["aspp"][batch.x_l.shape[0]:]
-            feat_s1, feat_s2 = out_s["aspp"].chunk(2)
+            feat_s1, feat_s2 = p.out_s["aspp"].chunk(2)
             views = [self.agent_view(feat_w, feat_mix, batch.box1, feat_s1),
                      self.agent_view(feat_w, feat_mix, batch.box2, feat_s2)]
             loss_rank = (views[0].loss + views[1].loss) / 2
             loss = loss + c.weight_rank * loss_rank
             logs["loss_rank"] = loss_rank.detach()
-        logs.update(self.diagnostics(weak, batch))
-        logs.update({k: v.detach() for k, v in extra.items()})
         arts: dict[str, Tensor] = {}
         if step.capture:
-            arts = self.capture(batch, weak, x_s1, logits_s1, x_s2=x_s2, box2=batch.box2, pred_fp=logits_fp.argmax(1),
-                                features=out["aspp"][batch.x_l.shape[0]:].detach())
+            arts = self.capture_pass(batch, p, features=feat_w.detach())
             if views:
                 arts.update(self.agent_artifacts(views[0]))
         return StepOutput(loss, logs, arts)
