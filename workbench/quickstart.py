@@ -81,7 +81,7 @@ def run_quickstart(out: Path = Path("reports/quickstart"), iters: int | None = N
                              ["miou", "fg_iou", "fg_class_acc"], title="validation during training")
     curves.savefig(out / "curves.png", dpi=110)
     summary = {"dataset": data_root, "split": split, "iters": iters, "seed": seed, "methods": results,
-               "class_names": names, "command": "make demo  (python -m workbench quickstart)"}
+               "class_names": names, "command": "make demo (workbench report 00_quickstart), or python -m workbench quickstart"}
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     atomic_write_text(out / "report.md", render_report(summary))
     print(render_report(summary))
