@@ -51,13 +51,6 @@ def local_device(requested: str) -> torch.device:
     return dev
 
 
-def all_reduce_sum(t: Tensor) -> Tensor:
-    """Sum ``t`` over processes in place (no-op when not distributed)."""
-    if world_size() > 1:
-        dist.all_reduce(t)
-    return t
-
-
 def broadcast_object(obj):
     """Rank 0's ``obj`` on every process."""
     if world_size() == 1:
