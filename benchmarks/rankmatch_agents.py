@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import statistics
 import sys
 import time
@@ -23,13 +22,11 @@ from collections.abc import Callable
 
 import torch
 
+from workbench.engine.bench import peak_rss_mb
 from workbench.ops.agents import agent_correlation, orthogonal_agents
 from workbench.ops.ranking import rank_distributions
 
 
-def _peak_rss_mb() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return r / 1024 / (1024 if sys.platform == "darwin" else 1)
 
 
 def timed(fn: Callable[[], object], device: torch.device, repeats: int) -> tuple[float, list[float], float]:
@@ -38,7 +35,7 @@ def timed(fn: Callable[[], object], device: torch.device, repeats: int) -> tuple
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    rss0 = _peak_rss_mb()  # before the warm-up: on CPU its allocations set the high-water mark
+    rss0 = peak_rss_mb()  # before the warm-up: on CPU its allocations set the high-water mark
     fn()
     sync()
     if device.type == "cuda":
@@ -50,7 +47,7 @@ def timed(fn: Callable[[], object], device: torch.device, repeats: int) -> tuple
         fn()
         sync()
         times.append(time.perf_counter() - t0)
-    extra = (torch.cuda.max_memory_allocated(device) - base) / 2**20 if device.type == "cuda" else _peak_rss_mb() - rss0
+    extra = (torch.cuda.max_memory_allocated(device) - base) / 2**20 if device.type == "cuda" else peak_rss_mb() - rss0
     return statistics.median(times), times, extra
 
 

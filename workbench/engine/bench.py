@@ -24,7 +24,8 @@ from workbench.engine.trainer import amp_dtype, build_from_config, environment
 from workbench.methods import SemiBatch, StepInfo
 
 
-def _peak_rss_mb() -> float:
+def peak_rss_mb() -> float:
+    """This process's peak resident set size so far, in MiB (ru_maxrss; bytes on macOS, KiB elsewhere)."""
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return r / 1024 / (1024 if sys.platform == "darwin" else 1)
 
@@ -84,7 +85,7 @@ def run_bench(method: str, iters: int = 20, warmup: int = 3, repeats: int = 3, c
     sync()
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    rss0 = _peak_rss_mb()
+    rss0 = peak_rss_mb()
     times = []
     for r in range(repeats):
         t0 = time.perf_counter()
@@ -104,8 +105,8 @@ def run_bench(method: str, iters: int = 20, warmup: int = 3, repeats: int = 3, c
     if dev.type == "cuda":
         res["peak_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
     else:
-        res["peak_rss_mb"] = _peak_rss_mb()
-        res["rss_growth_mb"] = _peak_rss_mb() - rss0
+        res["peak_rss_mb"] = peak_rss_mb()
+        res["rss_growth_mb"] = peak_rss_mb() - rss0
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out_dir / f"{method}.json", json.dumps(res, indent=1) + "\n")
