@@ -394,8 +394,10 @@ class Trainer:
         """Check loss (and, for fp16, the scaler handles grads); apply the non-finite policy."""
         if self.amp == torch.float16:
             return True  # GradScaler skips steps with inf/NaN gradients itself
-        ok = bool(torch.isfinite(out.loss)) and all(
-            bool(torch.isfinite(p.grad).all()) for p in self.method.parameters() if p.grad is not None)
+        # one host synchronisation for the loss and all gradients (not one per parameter)
+        flags = [torch.isfinite(out.loss).all()] + [torch.isfinite(p.grad).all() for p in self.method.parameters()
+                                                    if p.grad is not None]
+        ok = bool(torch.stack(flags).all())
         if ok:
             return True
         if self.cfg.optim.nonfinite == "skip":
