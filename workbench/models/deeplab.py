@@ -73,7 +73,8 @@ class DeepLabV3PlusHead(nn.Module):
 
     Args:
         low_channels, high_channels: channels of the low-level (layer1) and high-level (layer4) features.
-        out_channels: classifier outputs (number of classes).
+        out_channels: classifier outputs (number of classes); None builds no classifier (the decoder features are the
+            output, e.g. S4MIM's pixel decoder with its per-class heads).
         rates: ASPP dilation rates.
         head_width: multiplier of the head's channel counts (ASPP/fuse 256, low-level reduction 48).
         classifier_kernel, classifier_bias: the final conv (1x1 with bias for segmentation; S4MIM's pixel decoder
@@ -84,38 +85,41 @@ class DeepLabV3PlusHead(nn.Module):
         self,
         low_channels: int,
         high_channels: int,
-        out_channels: int,
+        out_channels: int | None,
         rates: Sequence[int],
         head_width: float = 1.0,
         classifier_kernel: int = 1,
         classifier_bias: bool = True,
     ) -> None:
         super().__init__()
-        if isinstance(out_channels, bool) or not isinstance(out_channels, int) or out_channels < 1:
-            raise ValueError(f"out_channels must be a positive int, got {out_channels!r}")
+        if out_channels is not None and (isinstance(out_channels, bool) or not isinstance(out_channels, int)
+                                         or out_channels < 1):
+            raise ValueError(f"out_channels must be a positive int or None, got {out_channels!r}")
         if isinstance(head_width, bool) or not isinstance(head_width, (int, float)) or not head_width > 0:
             raise ValueError(f"head_width must be a float > 0, got {head_width!r}")
         if classifier_kernel < 1 or classifier_kernel % 2 == 0:
             raise ValueError(f"classifier_kernel must be a positive odd int, got {classifier_kernel!r}")
         mid, reduced = scale_channels(256, head_width), scale_channels(48, head_width)
-        self.channels = mid
+        self.channels, self.head_width = mid, float(head_width)
         self.aspp = ASPP(high_channels, mid, rates)
         self.reduce = conv_bn_relu(low_channels, reduced, 1)
         self.fuse = nn.Sequential(conv_bn_relu(mid + reduced, mid, 3), conv_bn_relu(mid, mid, 3))
-        self.classifier = nn.Conv2d(
+        self.classifier = None if out_channels is None else nn.Conv2d(
             mid, out_channels, classifier_kernel, padding=classifier_kernel // 2, bias=classifier_bias
         )
 
     def forward(self, low: Tensor, high: Tensor, out_size: Sequence[int] | None = None) -> dict[str, Tensor]:
         """Decode ``low`` [B, C_low, h1, w1] and ``high`` [B, C_high, h4, w4] (any sizes) into
         ``{"aspp": [B, mid, h4, w4], "decoder": [B, mid, h1, w1], "logits": [B, out_channels, *out_size]}``
-        (``logits`` at h1 x w1 when ``out_size`` is None)."""
+        (``logits`` at h1 x w1 when ``out_size`` is None; no ``logits`` without a classifier)."""
         if low.dim() != 4 or high.dim() != 4 or low.shape[0] != high.shape[0]:
             shapes = f"{tuple(low.shape)}, {tuple(high.shape)}"
             raise ValueError(f"low and high must be [B, C, h, w] with equal B, got {shapes}")
         aspp = self.aspp(high)
         fused = torch.cat([_upsample(aspp, low.shape[-2:]), self.reduce(low)], dim=1)
         decoder = self.fuse(fused)
+        if self.classifier is None:
+            return {"aspp": aspp, "decoder": decoder}
         logits = self.classifier(decoder)
         if out_size is not None:
             logits = _upsample(logits, out_size)
