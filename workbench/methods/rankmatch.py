@@ -19,9 +19,8 @@ temperature), so that is the default; ``agent_normalize`` (cosine similarities) 
 switches for studying the alternative. The number of agents defaults to the reference code's 64 (the paper states
 128; ``num_agents=128`` reproduces it). It is capped at the number of feature pixels (tiny crops).
 
-Features are the model's ``"aspp"`` output. Note: this package's ASPP ends with Dropout(0.5), so in training mode
-the weak and strong features carry that dropout (the reference ASPP has none); the mix features come from an
-eval-mode pass (no dropout).
+Features are the model's ``"aspp"`` output (no dropout after the ASPP projection, as in the reference ASPP); the
+mix features come from an eval-mode pass.
 """
 from __future__ import annotations
 
