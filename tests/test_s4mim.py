@@ -238,3 +238,13 @@ def test_no_loss_reads_unlabeled_ground_truth(tmp_path, tiny_data):
 
     _, grads = check_no_gt_in_losses(tmp_path, tiny_data, **{"method.name": "s4mim", "method.tau": 0.0})
     assert any(k.startswith("class_heads.") for k in grads) and any(k.startswith("pixel_decoder.") for k in grads)
+
+
+def test_s4mim_config_file_loads():
+    from pathlib import Path
+
+    from workbench.config import load_config
+
+    cfg = load_config(Path(__file__).parents[1] / "configs" / "s4mim_synthetic.yaml", ["method.mimfea=false"])
+    assert cfg.method.name == "s4mim" and cfg.method.mask_patch == 6 and cfg.method.mask_ratio == 0.4
+    assert cfg.method.weight_mp == pytest.approx(1 / 3) and not cfg.method.mimfea
