@@ -184,3 +184,23 @@ def test_same_seed_same_metrics(tiny_cfg):
     train(b)
     assert train_records(a.run_dir) == train_records(b.run_dir)
     assert train_records(a.run_dir, "eval") == train_records(b.run_dir, "eval")
+
+
+def test_compiled_model_trains_and_checkpoints_keep_plain_keys(tiny_cfg):
+    """model.compile compiles the network in place (eager backend here: no C++ toolchain needed); the run trains and
+    its checkpoint loads into an uncompiled model (no ``_orig_mod.`` prefixes)."""
+    from workbench.engine.checkpoint import load_checkpoint
+    from workbench.engine.rundir import RunDir
+    from workbench.engine.trainer import build_from_config
+
+    cfg = tiny_cfg(**{"method.name": "supervised", "model.compile": "default", "model.compile_backend": "eager",
+                      "train.iters": 2})
+    method = build_from_config(cfg, 6, torch.device("cpu"))
+    assert method.model._compiled_call_impl is not None
+    assert train(cfg)["finished"]
+    state = load_checkpoint(RunDir(cfg.run_dir).latest)["method"]
+    assert not any("_orig_mod" in k for k in state)
+    plain = build_from_config(tiny_cfg(**{"method.name": "supervised"}), 6, torch.device("cpu"))
+    plain.load_state_dict(state)
+    with pytest.raises(ConfigError, match="model.compile"):
+        tiny_cfg(**{"model.compile": "fast"})

@@ -69,6 +69,12 @@ class ModelConfig:
     """None, a local state-dict file, or a torchvision weights name (``ResNet50_Weights.IMAGENET1K_V1``)."""
     fp_dropout: float = 0.5
     channels_last: bool = False
+    compile: str = "off"
+    """``torch.compile`` the segmentation network's forward in place (``nn.Module.compile``, so checkpoints keep
+    their keys): ``off``, or a mode ``default`` / ``reduce-overhead`` / ``max-autotune``. Methods that call
+    ``encode``/``decode`` directly run those parts uncompiled."""
+    compile_backend: str = "inductor"
+    """``torch.compile`` backend (``inductor``; ``eager``/``aot_eager`` for debugging, which ignore the mode)."""
 
 
 @dataclass
@@ -114,6 +120,8 @@ class TrainConfig:
     device: str = "auto"
     threads: int = 0
     """torch CPU threads (0 = leave torch's default)."""
+    cudnn_benchmark: bool = True
+    """``torch.backends.cudnn.benchmark`` on CUDA (autotuned convolutions for fixed crop sizes)."""
     tensorboard: bool = False
     progress: bool = True
 
@@ -369,6 +377,8 @@ def validate(cfg: RunConfig) -> None:
         (m.stem in ("plain", "deep"), "model.stem", "must be 'plain' or 'deep'"),
         (m.output_stride in (8, 16, 32), "model.output_stride", "must be 8, 16 or 32"),
         (m.width > 0 and m.head_width > 0, "model.width", "width and head_width must be positive"),
+        (m.compile in ("off", "default", "reduce-overhead", "max-autotune"), "model.compile",
+         "must be off, default, reduce-overhead or max-autotune"),
         (o.lr > 0, "optim.lr", "must be positive"),
         (o.lr_scaling in ("linear", "sqrt", "none"), "optim.lr_scaling", "must be linear, sqrt or none"),
         (o.grad_accum >= 1, "optim.grad_accum", "must be >= 1"),

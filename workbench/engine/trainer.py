@@ -94,6 +94,9 @@ def build_from_config(cfg: RunConfig, num_classes: int, device: torch.device) ->
     method = build_method(cfg.method.name, model, cfg.method, num_classes).to(device)
     if m.channels_last:
         method = method.to(memory_format=torch.channels_last)
+    if m.compile != "off":
+        inductor = m.compile_backend == "inductor"
+        model.compile(backend=m.compile_backend, mode=m.compile if inductor else None)
     return method
 
 
@@ -145,6 +148,8 @@ class Trainer:
         self.rank, self.world = D.rank(), D.world_size()
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
         self.run = RunDir(cfg.run_dir)
         self.method_cls = METHODS[cfg.method.name]
         self.semi = self.method_cls.uses_unlabeled
