@@ -88,3 +88,31 @@ def check_no_gt_in_losses(tmp_path: Path, data_root: Path, diag_key: str = "pl_a
     assert out_a.logs[diag_key].item() != out_b.logs[diag_key].item()   # the GT is really used, for diagnostics
     assert diag_key not in out_c.logs
     return (out_a, out_b, out_c), grads_a
+
+
+class StubSegNet(torch.nn.Module):
+    """A stub segmentation model for hand-worked method tests: ``logits`` = the first two image channels x a scalar
+    parameter, perturbed logits (``perturb=True``) = 0 x the parameter, plus the named ``features`` (each a function
+    of the image, multiplied by the parameter when ``scaled``); ``channels`` sets DeepLabV3+'s channel attributes
+    (``backbone.channels["layer4"]`` and ``head.channels``) for methods that read them."""
+
+    def __init__(self, features: dict[str, Any], scaled: bool = False, channels: int | None = None) -> None:
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(()))
+        self.features, self.scaled = features, scaled
+        if channels is not None:
+            self.backbone, self.head = torch.nn.Module(), torch.nn.Module()
+            self.backbone.channels, self.head.channels = {"layer4": channels}, channels
+
+    def forward(self, x: torch.Tensor, perturb: bool = False) -> dict[str, torch.Tensor]:
+        out = {"logits": x[:, :2] * self.scale}
+        out.update({k: f(x) * self.scale if self.scaled else f(x) for k, f in self.features.items()})
+        if perturb:
+            out["logits_fp"] = torch.zeros_like(out["logits"]) * self.scale
+        return out
+
+    def backbone_parameters(self):
+        return iter([self.scale])
+
+    def head_parameters(self):
+        return iter([])

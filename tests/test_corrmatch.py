@@ -16,34 +16,17 @@ from workbench.engine.trainer import Trainer, build_from_config, train
 from workbench.methods import METHODS, SemiBatch, StepInfo
 from workbench.methods.corrmatch import CorrelationHead, CorrMatch
 
+from conftest import StubSegNet
+
 LN = math.log
 # KL((3/4, 1/4) || (1/2, 1/2)), the soft loss of a confident class-0 pixel against a uniform student
 KL_UNIFORM = 0.75 * LN(1.5) + 0.25 * LN(0.5)
 
 
-class PixelNet(nn.Module):
+def PixelNet() -> StubSegNet:
     """A stub segmentation model: logits = the first two image channels (x scale), perturbed logits 0, "high"
     features = the 2x2 average-pooled image (3 channels); exposes DeepLabV3+'s channel attributes."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.scale = nn.Parameter(torch.ones(()))
-        self.backbone = nn.Module()
-        self.backbone.channels = {"layer4": 3}
-        self.head = nn.Module()
-        self.head.channels = 3
-
-    def forward(self, x: Tensor, perturb: bool = False) -> dict[str, Tensor]:
-        out = {"logits": x[:, :2] * self.scale, "high": F.avg_pool2d(x, 2)}
-        if perturb:
-            out["logits_fp"] = torch.zeros_like(out["logits"]) * self.scale
-        return out
-
-    def backbone_parameters(self):
-        return iter([self.scale])
-
-    def head_parameters(self):
-        return iter([])
+    return StubSegNet({"high": lambda x: F.avg_pool2d(x, 2)}, channels=3)
 
 
 def image(logit0: float | Tensor, n: int = 2, size: int = 4) -> Tensor:

@@ -5,13 +5,14 @@ import math
 
 import pytest
 import torch
-from torch import Tensor, nn
 
 from workbench.config import ConfigError, config_from_dict
 from workbench.engine.rundir import RunDir
 from workbench.engine.trainer import train
 from workbench.methods import METHODS, SemiBatch, StepInfo
 from workbench.methods.rankmatch import RankMatch, correlation_consistency, cutmix_features
+
+from conftest import StubSegNet
 
 LN = math.log
 
@@ -56,25 +57,10 @@ def test_cutmix_features_pastes_at_image_resolution_and_resizes():
         cutmix_features(fw, fm, box.long(), (2, 2))
 
 
-class AgentNet(nn.Module):
+def AgentNet() -> StubSegNet:
     """A stub model on 4-channel images: logits = channels 0-1, "aspp" features = channels 2-3 (full resolution),
-    perturbed logits 0."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.scale = nn.Parameter(torch.ones(()))
-
-    def forward(self, x: Tensor, perturb: bool = False) -> dict[str, Tensor]:
-        out = {"logits": x[:, :2] * self.scale, "aspp": x[:, 2:] * self.scale}
-        if perturb:
-            out["logits_fp"] = torch.zeros_like(out["logits"]) * self.scale
-        return out
-
-    def backbone_parameters(self):
-        return iter([self.scale])
-
-    def head_parameters(self):
-        return iter([])
+    perturbed logits 0 (everything x the scale parameter)."""
+    return StubSegNet({"aspp": lambda x: x[:, 2:]}, scaled=True)
 
 
 def rankmatch(**method) -> RankMatch:
