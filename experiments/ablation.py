@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import statistics
 import sys
 from pathlib import Path
 
@@ -23,6 +22,8 @@ from workbench.config import apply_overrides, config_from_dict
 from workbench.engine.rundir import RunDir, atomic_write_text
 from workbench.engine.trainer import train
 from workbench.quickstart import quickstart_config
+
+from tables import seed_table
 
 EVAL_KEYS = ("miou", "fg_iou", "fg_class_acc")
 TRAIN_KEYS = ("mask_ratio", "pl_acc")
@@ -72,17 +73,12 @@ def main(argv: list[str] | None = None) -> int:
     cmd = "python " + " ".join(sys.argv)
     atomic_write_text(out / "results.json", json.dumps({"command": cmd, "iters": a.iters, "split": a.split,
                                                         "rows": rows}, indent=1) + "\n")
-    labels = list(dict.fromkeys(r["variant"] for r in rows))
     lines = [f"# Ablation {a.name}: embedded dataset, labels {a.split}, {a.iters} steps, seeds {a.seeds}", "",
              f"Command: `{cmd}`", "",
-             "| variant | mIoU (mean) | per seed | fg IoU | fg class acc | mask ratio (end) | pl acc (end) | train s |",
-             "|---|---|---|---|---|---|---|---|"]
-    for label in labels:
-        rs = [r for r in rows if r["variant"] == label]
-        mean = lambda k: statistics.mean(r[k] or 0.0 for r in rs)  # noqa: E731
-        lines.append(f"| {label} | {mean('miou'):.3f} | {', '.join(format(r['miou'], '.3f') for r in rs)} | "
-                     f"{mean('fg_iou'):.3f} | {mean('fg_class_acc'):.3f} | {mean('mask_ratio'):.3f} | "
-                     f"{mean('pl_acc'):.3f} | {mean('seconds'):.0f} |")
+             *seed_table(rows, ("variant",), lambda r: (r["variant"],),
+                         [("mIoU (mean)", "miou", ".3f"), ("fg IoU", "fg_iou", ".3f"),
+                          ("fg class acc", "fg_class_acc", ".3f"), ("mask ratio (end)", "mask_ratio", ".3f"),
+                          ("pl acc (end)", "pl_acc", ".3f"), ("train s", "seconds", ".0f")])]
     atomic_write_text(out / "table.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

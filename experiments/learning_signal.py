@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -17,6 +16,8 @@ from workbench.config import apply_overrides, config_from_dict
 from workbench.engine.rundir import atomic_write_text
 from workbench.engine.trainer import train
 from workbench.quickstart import quickstart_config
+
+from tables import seed_table
 
 KEYS = ("miou", "fg_iou", "fg_class_acc")
 
@@ -29,17 +30,14 @@ def write_table(out: Path, result_files: list[Path]) -> str:
         rows += d["rows"]
         cmds.append(d["command"])
         iters.add(d.get("iters"))
-    keys = sorted({(r["method"], r["split"]) for r in rows}, key=lambda k: (k[1] == "all", k[0] != "supervised"))
+    order = sorted({(r["method"], r["split"]) for r in rows}, key=lambda k: (k[1] == "all", k[0] != "supervised"))
+    rows = sorted(rows, key=lambda r: order.index((r["method"], r["split"])))
     lines = [f"# Learning signal ({'/'.join(map(str, sorted(iters)))} steps, seeds "
              f"{sorted({r['seed'] for r in rows})})", "", *[f"Command: `{c}`" for c in cmds], "",
-             "| method | labels | mIoU (final, mean) | per seed | fg IoU | fg class acc | best mIoU | train s |",
-             "|---|---|---|---|---|---|---|---|"]
-    for method, split in keys:
-        rs = [r for r in rows if r["method"] == method and r["split"] == split]
-        mean = lambda k: statistics.mean(r[k] or 0.0 for r in rs)  # noqa: E731
-        lines.append(f"| {method} | {split} | {mean('miou'):.3f} | "
-                     f"{', '.join(format(r['miou'], '.3f') for r in rs)} | {mean('fg_iou'):.3f} | "
-                     f"{mean('fg_class_acc'):.3f} | {mean('best_miou'):.3f} | {mean('seconds'):.0f} |")
+             *seed_table(rows, ("method", "labels"), lambda r: (r["method"], r["split"]),
+                         [("mIoU (final, mean)", "miou", ".3f"), ("fg IoU", "fg_iou", ".3f"),
+                          ("fg class acc", "fg_class_acc", ".3f"), ("best mIoU", "best_miou", ".3f"),
+                          ("train s", "seconds", ".0f")])]
     text = "\n".join(lines) + "\n"
     atomic_write_text(out / "table.md", text)
     return text
