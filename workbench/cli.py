@@ -55,6 +55,21 @@ def _data(args: argparse.Namespace) -> int:
     raise SystemExit(f"unknown data command {args.data_cmd}")
 
 
+def _data_prepare(args: argparse.Namespace) -> int:
+    from workbench.data.recipes import prepare
+
+    res = prepare(args.name, args.root, args.archives, seed=args.seed, splits=args.splits, verify=not args.no_verify,
+                  download=args.download, progress=not args.quiet, workers=args.workers)
+    m = res.manifest
+    if res.status == "up-to-date":
+        print(f"{args.name} dataset at {res.root} is already prepared and verified; nothing to do")
+    else:
+        print(f"{args.name} dataset prepared at {res.root}: {m['num_classes']} classes, "
+              f"{m['counts']['train']} train / {m['counts']['val']} val images, label splits "
+              f"{', '.join(m.get('label_splits', []))} ({m.get('split_source', '')})")
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     from workbench.engine.bench import run_bench
 
@@ -110,6 +125,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, type=Path)
     s.add_argument("--set", action="append", metavar="FIELD=VALUE", help="SyntheticSpec field, e.g. num_train=500")
     d.set_defaults(fn=_data)
+    pr = dsub.add_parser("prepare", help="prepare a benchmark dataset from its archives (see data_recipes/README.md)")
+    pr.add_argument("name", choices=["voc", "cityscapes", "coco", "lucchi", "folder"])
+    pr.add_argument("--root", required=True, type=Path, help="dataset root to write (manifest.json, splits/, ...)")
+    pr.add_argument("--archives", type=Path, help="folder with the archives or extracted trees (default: --root); "
+                                                  "for 'folder': your folder with dataset.yaml, images/, masks/")
+    pr.add_argument("--splits", type=Path, help="folder of published split lists to use verbatim")
+    pr.add_argument("--seed", type=int, default=0, help="seed of the generated split lists (recorded)")
+    pr.add_argument("--no-verify", action="store_true", help="skip the archive checksums")
+    pr.add_argument("--download", action="store_true", help="download missing archives that have a public URL")
+    pr.add_argument("--workers", type=int, default=1, help="processes for the label conversion")
+    pr.add_argument("--quiet", action="store_true", help="no progress bars")
+    pr.set_defaults(fn=_data_prepare)
 
     b = sub.add_parser("bench", help="steady-state speed and peak memory of a method's training step")
     b.add_argument("--method", required=True)
