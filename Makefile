@@ -24,7 +24,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
-	for m in supervised fixmatch meanteacher unimatch; do $(PY) -m workbench bench --method $$m || exit 1; done
+	for m in supervised fixmatch meanteacher unimatch maskmatch corrmatch rankmatch s4mim scalematch; do $(PY) -m workbench bench --method $$m || exit 1; done
 
 clean-runs:
 	rm -rf runs

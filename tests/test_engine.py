@@ -154,6 +154,17 @@ def test_cli_bench_writes_json(tmp_path):
     assert "fixmatch" in (tmp_path / "bench.md").read_text()
 
 
+def test_cli_bench_on_real_data_reports_loader_stall(tmp_path, tiny_data):
+    """With --data the batches come from the training loader; with 0 workers every batch is loaded in the timed
+    loop, so the stall fraction is strictly between 0 and 1."""
+    assert cli(["bench", "--method", "fixmatch", "--iters", "2", "--warmup", "1", "--repeats", "1", "--crop", "32",
+                "--batch", "2", "--out", str(tmp_path), "--data", str(tiny_data), "--workers", "0",
+                "--set", "data.split=1-4", "--set", "data.dataset=prepared", "--set", "model.width=0.25", "--set", "model.head_width=0.25"]) == 0
+    res = json.loads((tmp_path / "fixmatch.json").read_text())
+    assert 0 < res["data_stall_fraction"] < 1 and res["num_workers"] == 0 and res["data_root"] == str(tiny_data)
+    assert "(0 workers)" in (tmp_path / "bench.md").read_text()
+
+
 def test_grad_accumulation_and_lr_scaling(tiny_cfg):
     s = train(tiny_cfg(**{"optim.grad_accum": 2, "data.batch_size": 2, "optim.lr": 0.01}))
     assert s["finished"] and s["steps"] == 4

@@ -74,7 +74,8 @@ def _bench(args: argparse.Namespace) -> int:
     from workbench.engine.bench import run_bench
 
     res = run_bench(args.method, iters=args.iters, warmup=args.warmup, repeats=args.repeats,
-                    crop=args.crop, batch=args.batch, overrides=args.set or [], out_dir=Path(args.out))
+                    crop=args.crop, batch=args.batch, overrides=args.set or [], out_dir=Path(args.out),
+                    data_root=args.data, workers=args.workers)
     print(json.dumps(res, indent=1))
     return 0
 
@@ -147,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch", type=int, default=8)
     b.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override")
     b.add_argument("--out", default="reports/bench")
+    b.add_argument("--data", type=Path, default=None, help="time real batches from the training loader over this "
+                                                           "dataset root and report the loader stall fraction")
+    b.add_argument("--workers", type=int, default=2, help="loader processes with --data")
     b.set_defaults(fn=_bench)
 
     q = sub.add_parser("quickstart", help="the README's main job: embedded data, train, evaluate, report")

@@ -1,7 +1,10 @@
 """``workbench bench``: steady-state speed and peak memory of a method's training step.
 
-The step is timed on synthetic in-memory batches (no data loading: loader stalls are a separate question), after
-``warmup`` steps; ``repeats`` timed blocks of ``iters`` steps each, median reported. Peak memory is CUDA max
+By default the step is timed on synthetic in-memory batches (no data loading), after ``warmup`` steps; ``repeats``
+timed blocks of ``iters`` steps each, median reported. With ``data_root`` (``--data``) the batches come from the
+training data loader over that dataset (the trainer's own loader: ``num_workers`` processes, prefetch, pinned memory
+on CUDA), and the result adds ``data_stall_fraction``: the share of the timed wall time spent waiting for the next
+batch (0 = the loader keeps up). Peak memory is CUDA max
 allocated on GPU, and on CPU the growth of the process's peak RSS during the timed steps plus the absolute peak.
 Results: JSON in ``reports/bench/<method>.json`` (+ a markdown table of all methods benchmarked so far).
 """
@@ -52,26 +55,58 @@ def random_batch(num_classes: int, batch: int, crop: int, semi: bool, device: to
 
 def run_bench(method: str, iters: int = 20, warmup: int = 3, repeats: int = 3, crop: int = 64, batch: int = 8,
               num_classes: int = 6, overrides: list[str] | None = None, out_dir: Path | None = Path("reports/bench"),
-              device: str = "auto") -> dict[str, Any]:
-    """Benchmark ``method``'s training step (forward, backward, optimiser step, after_step); returns the result."""
+              device: str = "auto", data_root: Path | str | None = None, workers: int = 2) -> dict[str, Any]:
+    """Benchmark ``method``'s training step (forward, backward, optimiser step, after_step); returns the result.
+
+    ``data_root``: time real batches from the training loader over that dataset (``workers`` loader processes) and
+    report the loader stall fraction; otherwise random in-memory batches of ``num_classes`` classes.
+    """
     from workbench.engine.distributed import local_device
 
-    cfg = config_from_dict(apply_overrides({"method": {"name": method}}, list(overrides or [])))
+    total = warmup + iters * repeats
+    base: dict[str, Any] = {"method": {"name": method}}
+    tmp = None
+    if data_root is not None:
+        import tempfile
+
+        tmp = tempfile.TemporaryDirectory(prefix="workbench-bench-")
+        base.update(out_dir=tmp.name, name="bench",
+                    data={"root": str(data_root), "crop_size": crop, "batch_size": batch, "num_workers": workers},
+                    train={"iters": total, "progress": False})
+    cfg = config_from_dict(apply_overrides(base, list(overrides or [])))
     dev = local_device(device if device != "auto" else cfg.train.device)
     torch.manual_seed(0)
-    m = build_from_config(cfg, num_classes, dev)
+    waits: list[float] = []
+    if data_root is None:
+        m = build_from_config(cfg, num_classes, dev)
+        opt = build_sgd(m.param_groups(0.001), 0.9, 1e-4, fused=True if dev.type == "cuda" else None)
+        g = torch.Generator().manual_seed(0)
+        batches = [random_batch(num_classes, batch, crop, m.uses_unlabeled, dev, g) for _ in range(2)]
+
+        def next_batch(i: int) -> SemiBatch:
+            return batches[i % 2]
+    else:
+        from workbench.engine.trainer import Trainer
+
+        trainer = Trainer(cfg)
+        trainer.setup()
+        m, opt, dev = trainer.method, trainer.optimizer, trainer.device
+        loader = iter(trainer._loader())
+
+        def next_batch(i: int) -> SemiBatch:
+            t0 = time.perf_counter()
+            raw = next(loader)
+            waits.append(time.perf_counter() - t0)
+            return SemiBatch.from_loader(raw, dev, cfg.data.mean, cfg.data.std, cfg.model.channels_last)
     m.train()
-    opt = build_sgd(m.param_groups(0.001), 0.9, 1e-4, fused=True if dev.type == "cuda" else None)
     amp = amp_dtype(cfg.optim.amp, dev)
-    g = torch.Generator().manual_seed(0)
-    batches = [random_batch(num_classes, batch, crop, m.uses_unlabeled, dev, g) for _ in range(2)]
-    total = warmup + iters * repeats
 
     def step(i: int) -> None:
         info = StepInfo(i, 0, total, total, False)
+        b = next_batch(i)
         opt.zero_grad(set_to_none=True)
         with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
-            out = m(batches[i % 2], info)
+            out = m(b, info)
         out.loss.backward()
         opt.step()
         m.after_step(info)
@@ -86,6 +121,7 @@ def run_bench(method: str, iters: int = 20, warmup: int = 3, repeats: int = 3, c
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     rss0 = peak_rss_mb()
+    waits.clear()
     times = []
     for r in range(repeats):
         t0 = time.perf_counter()
@@ -102,6 +138,10 @@ def run_bench(method: str, iters: int = 20, warmup: int = 3, repeats: int = 3, c
            "iters_per_second": 1 / sec, "images_per_second": images / sec, "seconds_per_iter_all": times,
            "torch_threads": torch.get_num_threads(), "overrides": list(overrides or []),
            "command": "workbench " + " ".join(sys.argv[1:]) if sys.argv and "bench" in sys.argv else None}
+    if data_root is not None:
+        res.update(data_root=str(data_root), num_workers=cfg.data.num_workers,
+                   data_stall_fraction=sum(waits) / max(sum(times) * iters, 1e-12))
+        tmp.cleanup()
     if dev.type == "cuda":
         res["peak_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
     else:
@@ -112,6 +152,11 @@ def run_bench(method: str, iters: int = 20, warmup: int = 3, repeats: int = 3, c
         atomic_write_text(out_dir / f"{method}.json", json.dumps(res, indent=1) + "\n")
         write_table(out_dir)
     return res
+
+
+def _stall(r: dict[str, Any]) -> str:
+    f = r.get("data_stall_fraction")
+    return "-" if f is None else f"{100 * f:.1f}% ({r['num_workers']} workers)"
 
 
 def write_table(out_dir: Path) -> str:
@@ -125,14 +170,14 @@ def write_table(out_dir: Path) -> str:
         if "seconds_per_iter" in r:
             rows.append(r)
     ref = next((r for r in rows if r["method"] == "unimatch"), None)
-    lines = ["| method | device | crop | batch (l+u) | s/iter | images/s | peak memory MB | step time vs unimatch |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | device | crop | batch (l+u) | s/iter | images/s | peak memory MB | step time vs unimatch "
+             "| loader stall |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         mem = r.get("peak_memory_mb", r.get("peak_rss_mb", 0.0))
         rel = f"{r['seconds_per_iter'] / ref['seconds_per_iter']:.2f}x" if ref else "-"
         lines.append(f"| {r['method']} | {r['device_type']} | {r['crop']} | {r['batch_labeled']}+"
                      f"{r['batch_unlabeled']} | {r['seconds_per_iter']:.4f} | {r['images_per_second']:.1f} | "
-                     f"{mem:.0f} | {rel} |")
+                     f"{mem:.0f} | {rel} | {_stall(r)} |")
     text = "\n".join(lines) + "\n"
     atomic_write_text(out_dir / "bench.md", text)
     return text
