@@ -128,7 +128,10 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    """Evaluation mode (see :class:`workbench.engine.evaluate.EvalSettings`)."""
+    """Evaluation mode (see :class:`workbench.engine.evaluate.EvalSettings`).
+
+    ``mode``: original, center_crop, sliding, or cif_multiscale (ScaleMatch's CIF-fused multi-scale inference; then
+    ``scales`` lists the scales fused with scale 1, e.g. [0.5, 2.0], and the method must own a CIF module)."""
 
     mode: str = "original"
     crop_size: int = 321
@@ -389,8 +392,15 @@ def validate(cfg: RunConfig) -> None:
         (t.log_every > 0, "train.log_every", "must be positive"),
         (min(t.eval_every, t.checkpoint_every, t.capture_every) >= 0, "train.eval_every",
          "eval_every, checkpoint_every and capture_every must be >= 0"),
-        (e.mode in ("original", "center_crop", "sliding"), "eval.mode", "must be original, center_crop or sliding"),
+        (e.mode in ("original", "center_crop", "sliding", "cif_multiscale"), "eval.mode",
+         "must be original, center_crop, sliding or cif_multiscale"),
         (len(e.scales) > 0 and all(s > 0 for s in e.scales), "eval.scales", "must be a non-empty list of positives"),
+        (e.mode != "cif_multiscale" or getattr(cfg.method, "has_cif", False), "eval.mode",
+         f"cif_multiscale needs a method with a CIF module (method.name=scalematch with method.cif=true and "
+         f"method.fusion=cif; method.name is {cfg.method.name!r})"),
+        (e.mode != "cif_multiscale" or any(s != 1.0 for s in e.scales), "eval.scales",
+         "eval.mode=cif_multiscale fuses scale 1 with the other scales listed here: give at least one scale other "
+         "than 1.0 (the paper's dagger rows: [0.5, 2.0])"),
     ]
     for ok, key, msg in checks:
         if not ok:

@@ -4,9 +4,14 @@ Modes (``EvalSettings.mode``):
 - "original": predict each image whole, at its own size (Pascal VOC protocol).
 - "center_crop": crop image and mask to ``crop_size`` around the centre, then predict whole.
 - "sliding": predict ``window``-sized tiles on a grid with ``stride``, average overlapping logits (Cityscapes).
+- "cif_multiscale": ScaleMatch's multi-scale inference fused by its CIF module (the paper's dagger rows): each image
+  is predicted whole inside :func:`workbench.methods.scalematch.cif_multiscale_inference`, whose predictor fuses the
+  scale-1 prediction with the prediction at every other scale of ``scales`` (the paper: 0.5 and 2.0). A predictor
+  without a CIF module does not serve the request: the evaluation then stops with an error.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -30,7 +35,7 @@ __all__ = [
     "evaluate",
 ]
 
-EVAL_MODES = ("original", "center_crop", "sliding")
+EVAL_MODES = ("original", "center_crop", "sliding", "cif_multiscale")
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -139,8 +144,9 @@ def multiscale_logits(fn: LogitsFn, image: torch.Tensor, scales: Sequence[float]
         float32 probabilities [B, K, H, W] (sum to 1 over K).
     """
     _check_image(image)
-    if mode not in EVAL_MODES:
-        raise ValueError(f"mode must be one of {EVAL_MODES}, got {mode!r}")
+    if mode not in EVAL_MODES or mode == "cif_multiscale":
+        raise ValueError(f"mode must be one of {EVAL_MODES[:3]}, got {mode!r} (cif_multiscale is served by "
+                         "evaluate(), not here)")
     if mode == "sliding" and (window is None or stride is None):
         raise ValueError("mode 'sliding' needs both window and stride")
     scales = tuple(scales)
@@ -201,11 +207,13 @@ class EvalSettings:
     """How to evaluate.
 
     Attributes:
-        mode: "original" (whole image), "center_crop" (crop to ``crop_size`` first) or "sliding".
+        mode: "original" (whole image), "center_crop" (crop to ``crop_size`` first), "sliding" or "cif_multiscale"
+            (whole image, fused by the predictor's CIF module with the scales of ``scales`` other than 1.0).
         crop_size: crop side for "center_crop", and the default sliding window.
         window: sliding-window side; None = ``crop_size`` (see ``resolved_window``).
         stride: sliding-window step; None = int(2/3 of the window) (see ``resolved_stride``).
-        scales: image scales to average over (1.0 = original size).
+        scales: image scales to average over (1.0 = original size); in "cif_multiscale" mode the scales fused with
+            scale 1 by the CIF (entries equal to 1.0 are skipped; at least one other scale is required).
         flip: also average the horizontally flipped prediction.
         boundary_tolerance: when set, also report the boundary F-score ("boundary_f", see
             :class:`~workbench.engine.metrics.BoundaryFMeter`) with this matching distance, a fraction of the image
@@ -234,6 +242,10 @@ class EvalSettings:
         if not self.scales or not all(isinstance(s, (int, float)) and not isinstance(s, bool) and s > 0
                                       for s in self.scales):
             raise ValueError(f"EvalSettings.scales must be non-empty positive numbers, got {self.scales!r}")
+        if self.mode == "cif_multiscale" and not self.cif_scales:
+            raise ValueError("EvalSettings.scales: mode 'cif_multiscale' fuses scale 1 with the other scales listed "
+                             "here; give at least one scale other than 1.0 (the paper: (0.5, 2.0)), got "
+                             f"{self.scales!r}")
         if not isinstance(self.flip, bool):
             raise ValueError(f"EvalSettings.flip must be a bool, got {self.flip!r}")
         if self.boundary_tolerance is not None:
@@ -244,6 +256,11 @@ class EvalSettings:
         if self.resolved_stride > self.resolved_window:
             raise ValueError(f"EvalSettings.stride ({self.resolved_stride}) must not exceed the window "
                              f"({self.resolved_window})")
+
+    @property
+    def cif_scales(self) -> tuple[float, ...]:
+        """The scales fused with scale 1 in "cif_multiscale" mode: ``scales`` without the entries equal to 1.0."""
+        return tuple(float(s) for s in self.scales if s != 1.0)
 
     @property
     def resolved_window(self) -> int:
@@ -299,8 +316,15 @@ def evaluate(fn: LogitsFn, loader: Iterable[Any], num_classes: int, settings: Ev
     if isinstance(fn, torch.nn.Module):
         fn.eval()
     start = time.perf_counter()
+    cif = settings.mode == "cif_multiscale"
+    if cif:
+        from workbench.methods.scalematch import cif_multiscale_inference
+
+        request_ctx: Any = cif_multiscale_inference(settings.cif_scales)
+    else:
+        request_ctx = contextlib.nullcontext()
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), request_ctx as request:
             for batch in tqdm(loader, desc="eval", disable=not progress or rank != 0, leave=False):
                 image, mask = _unpack(batch)
                 image = image.to(device, non_blocking=True)
@@ -311,8 +335,15 @@ def evaluate(fn: LogitsFn, loader: Iterable[Any], num_classes: int, settings: Ev
                                      f"{tuple(image.shape)} and {tuple(mask.shape)}")
                 if settings.mode == "center_crop":
                     image, mask = center_crop(image, mask, settings.crop_size)
-                probs = multiscale_logits(fn, image, settings.scales, settings.flip, settings.mode,
-                                          settings.resolved_window, settings.resolved_stride)
+                if cif:
+                    probs = multiscale_logits(fn, image, (1.0,), settings.flip, "original")
+                    if request.served == 0:
+                        raise ValueError("eval.mode 'cif_multiscale' needs a method with a CIF module (ScaleMatch with "
+                                         "method.cif=true and method.fusion=cif): the evaluated predictor does not "
+                                         "fuse scales; use eval.mode=original")
+                else:
+                    probs = multiscale_logits(fn, image, settings.scales, settings.flip, settings.mode,
+                                              settings.resolved_window, settings.resolved_stride)
                 pred = probs.argmax(1)
                 meter.update(pred, mask)
                 if bmeter is not None:

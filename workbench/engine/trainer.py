@@ -269,7 +269,8 @@ class Trainer:
             imgs = torch.stack([i for i, _ in items])
             return normalize(imgs, mean, std), torch.stack([m for _, m in items])
 
-        bs = e.batch_size if e.mode != "original" or _same_size(self.val) else 1
+        whole = e.mode in ("original", "cif_multiscale")   # whole images: one batch needs equal sizes
+        bs = e.batch_size if not whole or _same_size(self.val) else 1
         loader = DataLoader(ds, batch_size=bs, num_workers=min(2, cfg.data.num_workers), collate_fn=collate)
         predictor = self.method.predictor()
         was_training = self.method.training
