@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from workbench.engine.metrics import BoundaryFMeter, ConfusionMeter, all_reduce_sum, boundary_radius
+from workbench.ops.ensemble import check_scales, rescale, resize_logits
 
 __all__ = [
     "EVAL_MODES",
@@ -131,7 +132,8 @@ def multiscale_logits(fn: LogitsFn, image: torch.Tensor, scales: Sequence[float]
                       stride: int | Sequence[int] | None = None) -> torch.Tensor:
     """Softmax probabilities averaged over scales (and horizontal flips).
 
-    For each scale s the image is resized to round(s * H) x round(s * W) (bilinear, align_corners=True), predicted
+    For each scale s the image is resized to round(s * H) x round(s * W) (bilinear, align_corners=True; the rule of
+    :func:`workbench.ops.ensemble.rescale`, shared with MaskMatch's multi-scale pseudo-labels), predicted
     whole ("original"/"center_crop" modes) or by sliding window ("sliding": ``window`` and ``stride`` required),
     the logits are resized back to H x W and turned into probabilities; with ``flip`` the horizontally flipped image
     is predicted too and its (un-flipped) probabilities added. The result is the mean over all predictions.
@@ -149,9 +151,7 @@ def multiscale_logits(fn: LogitsFn, image: torch.Tensor, scales: Sequence[float]
                          "evaluate(), not here)")
     if mode == "sliding" and (window is None or stride is None):
         raise ValueError("mode 'sliding' needs both window and stride")
-    scales = tuple(scales)
-    if not scales or not all(isinstance(s, (int, float)) and s > 0 for s in scales):
-        raise ValueError(f"scales must be a non-empty sequence of positive numbers, got {scales!r}")
+    scales = check_scales(scales)
     h, w = image.shape[-2:]
 
     def predict(x: torch.Tensor) -> torch.Tensor:
@@ -165,16 +165,13 @@ def multiscale_logits(fn: LogitsFn, image: torch.Tensor, scales: Sequence[float]
 
     probs: torch.Tensor | None = None
     for s in scales:
-        size = (max(1, int(h * s + 0.5)), max(1, int(w * s + 0.5)))
-        scaled = image if size == (h, w) else F.interpolate(image, size=size, mode="bilinear", align_corners=True)
+        scaled = rescale(image, s)
         views = [(scaled, False), (scaled.flip(-1), True)] if flip else [(scaled, False)]
         for x, flipped in views:
             logits = predict(x)
             if flipped:
                 logits = logits.flip(-1)
-            if logits.shape[-2:] != (h, w):
-                logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=True)
-            p = logits.softmax(1)
+            p = resize_logits(logits, (h, w)).softmax(1)
             probs = p if probs is None else probs + p
     assert probs is not None
     return probs / (len(scales) * (2 if flip else 1))

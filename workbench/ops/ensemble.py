@@ -18,14 +18,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["DEFAULT_SCALES", "scaled_size", "rescale", "resize_logits", "predict_scales", "ensemble_probs",
+__all__ = ["DEFAULT_SCALES", "check_scales", "scaled_size", "rescale", "resize_logits", "predict_scales", "ensemble_probs",
            "multiscale_ensemble", "multiscale_ce_loss"]
 
 DEFAULT_SCALES = (0.7, 1.0, 1.5)
 IGNORE = 255
 
 
-def _check_scales(scales: Sequence[float]) -> tuple[float, ...]:
+def check_scales(scales: Sequence[float]) -> tuple[float, ...]:
+    """``scales`` as a tuple; ValueError unless a non-empty sequence of positive numbers."""
     scales = tuple(scales)
     if not scales or not all(isinstance(s, (int, float)) and not isinstance(s, bool) and s > 0 for s in scales):
         raise ValueError(f"scales must be a non-empty sequence of positive numbers, got {scales!r}")
@@ -78,7 +79,7 @@ def predict_scales(fn: Callable[[Tensor], Tensor], x: Tensor, scales: Sequence[f
     _check_4d("x", x)
     size = tuple(x.shape[-2:])
     out = []
-    for s in _check_scales(scales):
+    for s in check_scales(scales):
         xs = rescale(x, s)
         logits = fn(xs)
         if logits.dim() != 4 or logits.shape[0] != x.shape[0] or logits.shape[-2:] != xs.shape[-2:]:
