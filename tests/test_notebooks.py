@@ -3,6 +3,7 @@ executed copy holds the expected figures (image/png outputs) and tables, not onl
 import ast
 import base64
 import json
+import re
 from pathlib import Path
 
 import nbformat
@@ -15,7 +16,8 @@ from workbench.engine.trainer import train
 from workbench.report import NOTEBOOKS, report_name, resolve_notebook, run_report
 from workbench.runs import flatten
 
-TESTED = {"00_quickstart", "01_train", "20_pseudo_label_quality", "21_feature_space", "30_compare_runs"}
+TESTED = {"00_quickstart", "01_train", "10_maskmatch", "13_corrmatch", "14_rankmatch", "20_pseudo_label_quality",
+          "21_feature_space", "30_compare_runs"}
 
 
 @pytest.fixture(scope="session")
@@ -136,3 +138,83 @@ def test_compare_runs_notebook(tmp_path, tiny_runs):
     assert "<th>background</th>" in table(o["html"], "per-class IoU")
     assert "config keys that differ between runs: ['method.name'" in o["stdout"]
     assert len(o["png"]) == 2
+
+
+# ------------------------------------------------------------------- step-through notebooks (10, 13, 14)
+
+
+def stepthrough_overrides(tmp: Path, data_root: Path) -> dict:
+    """Data and model keys of the tiny config (32-pixel crops, a quarter-width model), two images per batch."""
+    flat = flatten(tiny_config_dict(tmp, data_root))
+    over = {k: v for k, v in flat.items() if k.startswith(("data.", "model.")) and k not in ("data.root", "data.split")}
+    return {**over, "data.batch_size": 2}
+
+
+def cells(html: str) -> dict[str, str]:
+    """First two cells of every row of an HTML table: {first: second}."""
+    return {a: b for a, b in re.findall(r"<tr><td>(.*?)</td><td>(.*?)</td>", html)}
+
+
+def check_column_all_yes(html: str) -> int:
+    """The step-through vs training_step table: every row ends in 'yes'; returns the number of rows."""
+    rows = html.split("<tbody>")[1].split("<tr>")[1:]
+    assert rows and all("<td>yes</td></tr>" in r for r in rows), html
+    return len(rows)
+
+
+@pytest.fixture(scope="session")
+def tiny_maskmatch_run(tiny_data, tmp_path_factory) -> Path:
+    """A two-step tiny MaskMatch run directory (checkpoints to load)."""
+    runs = tmp_path_factory.mktemp("st") / "runs"
+    cfg = tiny_config_dict(runs, tiny_data, name="tiny-maskmatch", **{"method.name": "maskmatch", "train.iters": 2,
+                                                                       "method.lcr_patch": 8})
+    train(config_from_dict(cfg))
+    return runs / "tiny-maskmatch"
+
+
+def test_maskmatch_notebook(tmp_path, tiny_maskmatch_run):
+    # a run's checkpoint; tau 0 makes every pixel confident, grid masks hide exactly 3 of 4 patches
+    _, o = report(tmp_path, "10_maskmatch", run_dir=str(tiny_maskmatch_run), overrides={"data.batch_size": 2},
+                  seed=1, step=1, image=1, tau=0.0, patch=8, strategy="grid", device="cpu", interactive=False)
+    assert len(o["png"]) == 4  # patch masks, teacher scales + ensemble, student scales, LCR
+    setup = cells(table(o["html"], "step-through setup"))
+    assert setup["method"] == "maskmatch" and "tiny-maskmatch/checkpoints/best.pt (step 2)" in setup["weights"]
+    losses = cells(table(o["html"], "loss terms"))
+    assert set(losses) == {"loss_x", "loss_u", "loss_lcr", "total"}
+    # 3 loss terms, the total, and 9 captured tensors (pseudo-label, masks, views, per-scale predictions)
+    assert check_column_all_yes(table(o["html"], "step-through vs training_step")) == 3 + 1 + 9
+    ms = cells(table(o["html"], "multi-scale loss per scale"))
+    assert list(ms) == ["0.7", "1", "1.5", "mean (L_MS)"]
+    # Eq. 8: L_MS is the mean of the per-scale losses (three decimals shown)
+    assert float(ms["mean (L_MS)"]) == pytest.approx(sum(float(ms[k]) for k in ("0.7", "1", "1.5")) / 3, abs=2e-3)
+
+
+def test_corrmatch_notebook(tmp_path, tiny_data):
+    # a fresh model on the tiny dataset with the default (dynamic) threshold
+    _, o = report(tmp_path, "13_corrmatch", data_root=str(tiny_data), split="1-4",
+                  overrides=stepthrough_overrides(tmp_path, tiny_data), pixels=[[4, 4], [20, 28]], num_shapes=8,
+                  image=1, device="cpu", interactive=False)
+    assert len(o["png"]) == 4  # predictions, correlation rows + shapes, sampled shapes, propagation
+    assert cells(table(o["html"], "step-through setup"))["weights"] == "fresh initialisation (seed 0)"
+    th = cells(table(o["html"], "dynamic threshold"))
+    # Eq. 11 from the initial 0.85 with momentum 0.999: tau = 0.999 * 0.85 + 0.001 * mean of the class maxima
+    assert th["threshold before"] == "0.850000" and th["momentum"] == "0.999"
+    mean = float(th["mean over predicted classes"])
+    assert float(th["threshold after (used)"]) == pytest.approx(0.999 * 0.85 + 0.001 * mean, abs=2e-6)
+    losses = cells(table(o["html"], "loss terms"))
+    assert set(losses) == {"loss_x", "loss_s", "loss_fp", "loss_kl", "loss_x_corr", "loss_corr_u", "total"}
+    check_column_all_yes(table(o["html"], "step-through vs training_step"))
+
+
+def test_rankmatch_notebook(tmp_path, tiny_data):
+    _, o = report(tmp_path, "14_rankmatch", data_root=str(tiny_data), split="1-4",
+                  overrides=stepthrough_overrides(tmp_path, tiny_data), pixel=[16, 16], agent=2, num_agents=8,
+                  top_k=3, device="cpu", interactive=False)
+    assert len(o["png"]) == 4  # agent positions, activation maps, top-k agents, rank distributions
+    ranks = table(o["html"], "rank distributions at pixel (16, 16) of image 0")
+    rows = ranks.split("<tbody>")[1].split("<tr>")[1:]
+    assert len(rows) == 6  # 3! orderings of the top-3 agents
+    p_weak = [float(re.findall(r"<td>(.*?)</td>", r)[1]) for r in rows]
+    assert sum(p_weak) == pytest.approx(1.0, abs=6 * 5e-4)  # a distribution (three decimals per cell)
+    assert "loss_rank" in cells(table(o["html"], "loss terms"))
+    check_column_all_yes(table(o["html"], "step-through vs training_step"))

@@ -1,0 +1,377 @@
+"""workbench.viz.stepthrough: sessions load data as the trainer does, traces reproduce training_step exactly, the
+derived quantities follow the papers' equations (worked by hand), and figures / widgets render."""
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_config_dict
+from workbench.config import ConfigError, config_from_dict, dump_config
+from workbench.runs import flatten
+from workbench.viz import stepthrough as st
+from workbench.viz.figures import plt
+
+TRACES = {"maskmatch": st.maskmatch_trace, "corrmatch": st.corrmatch_trace, "rankmatch": st.rankmatch_trace}
+
+
+def tiny_overrides(tmp: Path, data_root: Path, **extra) -> dict:
+    """Dotted data/model keys of the tiny test config (2 + 2 images of 32 x 32, a quarter-width model)."""
+    flat = flatten(tiny_config_dict(tmp, data_root))
+    over = {k: v for k, v in flat.items() if k.startswith(("data.", "model.")) and k not in ("data.root",
+                                                                                             "data.split")}
+    over["data.batch_size"] = 2
+    return {**over, **extra}
+
+
+@pytest.fixture(scope="module")
+def sessions(tiny_data, tmp_path_factory):
+    """Fresh tiny sessions of the three methods (CorrMatch with a fixed threshold 0, so every pixel is
+    confident and region propagation relabels)."""
+    tmp = tmp_path_factory.mktemp("st")
+    extra = {"corrmatch": {"method.threshold": "fixed", "method.tau": 0.0, "method.num_shapes": 16}}
+    return {m: st.open_session(m, data_root=tiny_data, split="1-4", device="cpu",
+                               overrides=tiny_overrides(tmp, tiny_data, **extra.get(m, {})))
+            for m in TRACES}
+
+
+@pytest.fixture(scope="module")
+def traces(sessions):
+    """One trace per method: MaskMatch at tau 0 with grid masks; RankMatch with 6 agents and top-3."""
+    knobs = {"maskmatch": dict(tau=0.0, lcr_strategy="grid", lcr_patch=8), "corrmatch": {},
+             "rankmatch": dict(num_agents=6, top_k=3)}
+    return {m: TRACES[m](sessions[m], step=1, seed=3, **knobs[m]) for m in TRACES}
+
+
+# ------------------------------------------------------------------------------------------- positions
+
+
+def test_feature_cell_and_cell_position_by_hand():
+    # 64-pixel image, 8 cells, align_corners: cell i sits on pixel 9 i
+    assert st.feature_cell(0, 63, (64, 64), (8, 8)) == (0, 7)
+    assert st.feature_cell(32, 9, (64, 64), (8, 8)) == (4, 1)        # 32 * 7/63 = 3.56 -> 4; 9 * 7/63 = 1
+    assert st.feature_cell(4, 5, (64, 64), (8, 8)) == (0, 1)         # 0.44 -> 0, 0.56 -> 1
+    assert st.cell_position(7, 1, (64, 64), (8, 8)) == (63.0, 9.0)
+    y, x = st.cell_position(torch.tensor([0, 2]), torch.tensor([3, 4]), (32, 16), (5, 5))
+    assert y.tolist() == [0.0, 15.5] and x.tolist() == [11.25, 15.0]
+    # cells of 9 pixels centred on 0, 9, ..., 63; a single row of cells covers the whole height
+    assert st.cell_extent((64, 64), (8, 8)) == (-4.5, 67.5, 67.5, -4.5)
+    assert st.cell_extent((10, 64), (1, 8)) == (-4.5, 67.5, 9.5, -0.5)
+    with pytest.raises(ValueError, match=r"pixel \(64, 0\) lies outside the 64 x 64 image"):
+        st.feature_cell(64, 0, (64, 64), (8, 8))
+
+
+def test_upsample_map_keeps_corner_cells():
+    m = torch.tensor([[0.0, 1.0], [2.0, 3.0]])
+    up = st.upsample_map(m, (3, 3))
+    assert up[0, 0] == 0 and up[0, 2] == 1 and up[2, 0] == 2 and up[2, 2] == 3
+    assert up[1, 1] == pytest.approx(1.5)                             # the mean of the four corners
+    with pytest.raises(ValueError, match=r"\[h, w\]"):
+        st.upsample_map(torch.zeros(1, 2, 2), (3, 3))
+
+
+def test_agent_coherence_by_hand():
+    # three pixels with features (1, 0), (0, 1), (1, 1): |cos| = 0, 1/sqrt(2), 1/sqrt(2) between the pairs
+    feats = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 1.0]]).reshape(1, 2, 1, 3)
+    assert st.agent_coherence(feats, torch.tensor([[0, 1, 2]]))[0].item() == pytest.approx(2 / (3 * math.sqrt(2)))
+    assert st.agent_coherence(feats, torch.tensor([[0, 1]]))[0].item() == pytest.approx(0.0)
+    assert st.agent_coherence(feats, torch.tensor([[2, 0]]))[0].item() == pytest.approx(1 / math.sqrt(2))
+    with pytest.raises(ValueError, match="at least two agents"):
+        st.agent_coherence(feats, torch.tensor([[0]]))
+
+
+# --------------------------------------------------------------------------------------------- sessions
+
+
+def test_session_batches_are_the_trainers_batches(tmp_path, tiny_data):
+    from workbench.engine.trainer import Trainer
+
+    cfg_dict = tiny_config_dict(tmp_path / "runs", tiny_data, **{"method.name": "maskmatch", "data.batch_size": 2})
+    trainer = Trainer(config_from_dict(cfg_dict))
+    trainer.setup()
+    loader = iter(trainer._loader())
+    first, second = next(loader), next(loader)
+    session = st.open_session("maskmatch", data_root=tiny_data, split="1-4", device="cpu",
+                              overrides=tiny_overrides(tmp_path, tiny_data))
+    for step, ref in ((0, first), (1, second)):
+        mine = session.raw_batch(step)
+        assert mine["ids_u"] == ref["ids_u"] and mine["ids_l"] == ref["ids_l"]
+        for key in ("x_l", "y_l", "x_w", "x_s1", "x_s2", "ignore", "box1", "box2", "x_w_mix", "y_u"):
+            assert torch.equal(mine[key], ref[key]), (step, key)
+    batch = session.batch(1)
+    assert batch.x_w.dtype == torch.float32 and batch.y_u.dtype == torch.long and batch.ids_u == second["ids_u"]
+    assert session.step_info(1).capture and session.step_info(1).iteration == 1
+
+
+def test_open_session_errors(tmp_path, tiny_data):
+    with pytest.raises(ValueError, match="method must be one of"):
+        st.open_session("unimatch", data_root=tiny_data)
+    run = tmp_path / "uni"
+    run.mkdir()
+    (run / "config.yaml").write_text(dump_config(config_from_dict(
+        tiny_config_dict(tmp_path, tiny_data, **{"method.name": "unimatch"}))))
+    with pytest.raises(ValueError, match="is a 'unimatch' run; this step-through needs a 'corrmatch' run"):
+        st.open_session("corrmatch", run_dir=run)
+    with pytest.raises(ValueError, match="builds a fresh model"):
+        st.open_session("rankmatch", run_dir=run, config="configs/x.yaml")
+    mm = tmp_path / "mm"
+    mm.mkdir()
+    (mm / "config.yaml").write_text(dump_config(config_from_dict(
+        tiny_config_dict(tmp_path, tiny_data, **{"method.name": "maskmatch"}))))
+    with pytest.raises(ValueError, match=r"overrides \['model.width'\] would not fit the checkpoint"):
+        st.open_session("maskmatch", run_dir=mm, overrides={"model.width": 0.5})
+    with pytest.raises(ValueError, match="checkpoint must be 'best' or 'latest'"):
+        st.open_session("maskmatch", run_dir=mm, checkpoint="first")
+    with pytest.raises(ConfigError, match="data.bogus"):
+        st.open_session("maskmatch", data_root=tiny_data, overrides={"data.bogus": 1})
+
+
+def test_configured_knobs_are_checked_and_restored(sessions):
+    s = sessions["maskmatch"]
+    before = s.method.cfg
+    with s.configured(tau=0.5, lcr_patch=None) as c:
+        assert c.tau == 0.5 and c.lcr_patch == before.lcr_patch and s.method.cfg is c
+    assert s.method.cfg is before
+    with pytest.raises(ValueError, match="method.bogus: maskmatch has no such config key"):
+        with s.configured(bogus=1):
+            pass
+    with pytest.raises(ConfigError, match="method.lcr_ratio"):
+        with s.configured(lcr_ratio=1.5):
+            pass
+    with pytest.raises(ValueError, match="method.threshold: corrmatch reads it only when built"):
+        with sessions["corrmatch"].configured(threshold="dynamic"):
+            pass
+    assert s.method.cfg is before
+
+
+# ------------------------------------------------------------------------------------------------ traces
+
+
+@pytest.mark.parametrize("method", list(TRACES))
+def test_trace_is_the_training_step(method, sessions, traces):
+    table = st.training_step_check(sessions[method], traces[method])
+    trace = traces[method]
+    assert len(table.rows) == len(trace.terms) + 1 + len(trace.expected)
+    assert table.column("match") == ["yes"] * len(table.rows), table.to_markdown()
+    assert {t.name for t in trace.terms} >= {"loss_x"}
+    # the total is the sum of the weighted terms, as the losses table shows it
+    rows = st.losses_table(trace).records()
+    assert rows[-1]["term"] == "total"
+    assert rows[-1]["weight x value"] == pytest.approx(sum(r["weight"] * r["value"] for r in rows[:-1]))
+
+
+def test_cached_keeps_the_most_recent_settings(sessions, monkeypatch):
+    s = sessions["maskmatch"]
+    calls = []
+
+    def fake(session, **kw):
+        calls.append(kw)
+        return kw
+
+    monkeypatch.setattr(st, "CACHED_TRACES", 2)
+    assert s.cached(fake, tau=0.1) is s.cached(fake, tau=0.1) and len(calls) == 1
+    s.cached(fake, tau=0.2)
+    s.cached(fake, tau=0.1)                    # used again: now the most recent
+    s.cached(fake, tau=0.3)                    # evicts tau=0.2
+    s.cached(fake, tau=0.1)
+    s.cached(fake, tau=0.2)
+    assert [c["tau"] for c in calls] == [0.1, 0.2, 0.3, 0.2]
+    s._traces.clear()
+
+
+def test_tracing_restores_state_and_leaves_the_callers_rng(sessions, traces):
+    s = sessions["rankmatch"]
+    before = {k: v.clone() for k, v in s.method.state_dict().items()}
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    again = st.rankmatch_trace(s, step=1, seed=3, num_agents=6, top_k=3)
+    assert torch.equal(torch.rand(3), expected)
+    assert all(torch.equal(v, s.method.state_dict()[k]) for k, v in before.items())
+    assert again.total == traces["rankmatch"].total and torch.equal(again.agents, traces["rankmatch"].agents)
+    assert not s.method.training
+
+
+def test_maskmatch_trace_by_hand(traces):
+    t = traces["maskmatch"]
+    assert t.tau == 0.0 and t.scales == (0.7, 1.0, 1.5) and t.strategy == "grid"
+    # tau = 0: every non-padding pixel is confident
+    assert torch.equal(t.confident, t.valid)
+    # Eq. 8 divides by S x valid pixels: L_MS is the mean of the per-scale losses
+    loss_u = next(x for x in t.terms if x.name == "loss_u")
+    assert loss_u.value == pytest.approx(sum(t.ms_losses) / 3, rel=1e-5)
+    # L = L_x + 1 * L_MS + 1 * L_LCR (Eq. 9, lambda1 = lambda2 = 1)
+    assert [x.name for x in t.terms] == ["loss_x", "loss_u", "loss_lcr"]
+    assert t.total == pytest.approx(sum(x.value for x in t.terms))
+    # grid masking keeps one 8-pixel patch of every 2 x 2: exactly a quarter of a 32 x 32 image
+    assert t.lcr_visible.shape == (2, 32, 32) and t.lcr_visible.float().mean(dim=(1, 2)).tolist() == [0.25, 0.25]
+    assert t.strategy_masks["grid"].float().mean().item() == 0.25
+    patches = t.lcr_visible.reshape(2, 4, 8, 4, 8)
+    assert torch.equal(patches.amin(dim=(2, 4)), patches.amax(dim=(2, 4)))   # constant on every patch
+    # the masked input is the weak view where visible (hidden = the mean colour)
+    vis = t.lcr_visible[:, None].expand(-1, 3, -1, -1)
+    assert torch.equal(t.images["masked"][vis], t.images["weak"][vis])
+    assert t.teacher_pred.shape == (2, 3, 32, 32) and t.student_pred.shape == (2, 3, 32, 32)
+
+
+def test_corrmatch_trace_by_hand(traces, sessions):
+    t = traces["corrmatch"]
+    assert not t.dynamic and t.tau == 0.0
+    # rows of the correlation map are softmaxes: they sum to 1
+    row, cell = st.correlation_row(t, 1, 31, 0)
+    assert cell == (t.feat_size[0] - 1, 0) and row.sum().item() == pytest.approx(1.0, abs=1e-5)
+    shape = st.point_shape(t, 0, 10, 12)
+    assert shape.dtype == torch.bool and not bool((shape & ~t.keep[0]).any())   # padding and box cleared
+    # re-running the op at the step's threshold gives the step's propagation
+    q, pseudo, q_out = st.repropagate(t)
+    assert torch.equal(pseudo, t.pseudo_prop) and torch.equal(q_out, t.confident_prop)
+    assert torch.equal(q, t.valid)  # tau 0: every valid pixel confident
+    # at tau = 1 no pixel is confident (softmax < 1), so every shape has r1 = 0 and is skipped: nothing changes
+    q1, pseudo1, q1_out = st.repropagate(t, 1.0)
+    assert not bool(q1.any()) and torch.equal(pseudo1, t.pseudo) and not bool(q1_out.any())
+    with pytest.raises(ValueError, match="tau must lie in"):
+        st.repropagate(t, 1.5)
+    rows = dict(st.threshold_table(t, sessions["corrmatch"].class_names).rows)
+    assert rows["fixed threshold (used)"] == "0.000000"
+
+
+def test_corrmatch_dynamic_threshold_follows_eq_11(tmp_path, tiny_data):
+    s = st.open_session("corrmatch", data_root=tiny_data, split="1-4", device="cpu",
+                        overrides=tiny_overrides(tmp_path, tiny_data, **{"method.num_shapes": 4}))
+    t = st.corrmatch_trace(s, step=0, seed=0)
+    seen = t.class_max[t.class_max >= 0]
+    assert t.dynamic and t.threshold_before == pytest.approx(0.85) and t.momentum == 0.999
+    assert t.tau == pytest.approx(0.999 * 0.85 + 0.001 * float(seen.mean()), abs=1e-6)
+    rows = dict(st.threshold_table(t, s.class_names).rows)
+    assert rows["threshold before"] == "0.850000" and float(rows["threshold after (used)"]) == pytest.approx(t.tau,
+                                                                                                           abs=1e-6)
+    assert st.training_step_check(s, t).column("match") == ["yes"] * len(t.terms) + ["yes"] * (1 + len(t.expected))
+
+
+def test_rankmatch_trace_by_hand(traces):
+    t = traces["rankmatch"]
+    assert t.agents.shape == (2, 6) and t.random_agents.shape == (2, 6) and t.top_k == 3
+    assert all(len(set(a.tolist())) == 6 for a in t.agents)
+    assert torch.allclose(t.corr_w.sum(-1), torch.ones(2, t.corr_w.shape[1]), atol=1e-5)
+    r = st.rank_at(t, 0, 5, 20)
+    assert r["orderings"].shape == (6, 3) and r["dist_w"].sum().item() == pytest.approx(1.0, abs=1e-5)
+    # Plackett-Luce of the weak view's own order (w1 >= w2 >= w3): w1/(w1+w2+w3) * w2/(w2+w3)
+    w1, w2, w3 = r["weights_w"].tolist()
+    assert w1 >= w2 >= w3
+    assert r["dist_w"][0].item() == pytest.approx(w1 / (w1 + w2 + w3) * w2 / (w2 + w3), rel=1e-5)
+    assert r["dist_w"][0] == r["dist_w"].max()
+    s1, s2, s3 = r["weights_s"].tolist()                              # ordering (2, 0, 1) under the strong view
+    assert r["dist_s"][4].item() == pytest.approx(s3 / (s1 + s2 + s3) * s1 / (s1 + s2), rel=1e-5)
+    table = st.rank_table(t, 0, 5, 20)
+    assert len(table.rows) == 6 and table.rows[0][0] == " > ".join(f"a{a}" for a in r["agents"].tolist())
+    rank = next(x for x in t.terms if x.name == "loss_rank")
+    assert rank.weight == 0.1 and rank.value == pytest.approx(sum(t.view_losses) / 2)
+
+
+def test_traces_refuse_a_session_of_another_method(sessions, traces):
+    with pytest.raises(ValueError, match="this is the corrmatch step-through; the session holds a 'maskmatch'"):
+        st.corrmatch_trace(sessions["maskmatch"])
+    with pytest.raises(ValueError, match="does not belong"):
+        st.training_step_check(sessions["rankmatch"], traces["maskmatch"])
+    with pytest.raises(ValueError, match=r"image index must be an int in \[0, 1\]"):
+        st.lcr_figure(traces["maskmatch"], 2, [[0, 0, 0]] * 6, ["c"] * 6)
+
+
+# ----------------------------------------------------------------------------------------------- figures
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=60)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _titles(fig) -> list[str]:
+    return [ax.get_title() for ax in fig.axes if ax.get_visible() and ax.get_title()]
+
+
+def test_figures_render_with_titles(sessions, traces):
+    names, pal = sessions["maskmatch"].class_names, sessions["maskmatch"].palette
+    mm, cm, rm = traces["maskmatch"], traces["corrmatch"], traces["rankmatch"]
+    figs = {
+        "patch": st.patch_masks_figure(mm, 1), "ms": st.multiscale_figure(mm, 0, pal, names),
+        "student": st.student_scales_figure(mm, 0, pal, names), "lcr": st.lcr_figure(mm, 1, pal, names),
+        "pred": st.corr_predictions_figure(cm, 0, pal, names),
+        "rows": st.correlation_rows_figure(cm, 1, [[3, 4], [30, 30]]), "shapes": st.sampled_shapes_figure(cm, 0, 5),
+        "prop": st.propagation_figure(cm, 0, pal, names, tau=0.5),
+        "agents": st.agent_positions_figure(rm, 0), "maps": st.agent_maps_figure(rm, 1, [0, 5]),
+        "topk": st.topk_agents_figure(rm, 0), "rank": st.rank_distribution_figure(rm, 0, 16, 16),
+    }
+    titles = {k: _titles(f) for k, f in figs.items()}
+    assert titles["patch"][0].startswith("weak view ") and titles["patch"][3] == "grid: 75% hidden (used)"
+    assert "teacher @ scale 0.7" in titles["ms"] and "confident (tau 0): 100%" in titles["ms"]
+    assert "ground truth (not used)" in titles["ms"]
+    assert any(t.startswith("student @ 1.5\nL = ") for t in titles["student"])
+    assert "mask z (grid): 75% hidden" in titles["lcr"]
+    assert {"propagated weak", "propagated strong", "perturbed"} <= set(titles["pred"])
+    assert any(t.startswith("row of (30, 30) = cell") for t in titles["rows"])
+    assert sum(t.startswith("shape ") for t in titles["shapes"]) == 5
+    assert any(t.startswith("before: ") for t in titles["prop"]) and "chosen" in figs["prop"]._suptitle.get_text()
+    assert titles["agents"][0].startswith("orthogonal: 6 agents") and titles["agents"][1].startswith("random: 6")
+    assert titles["maps"][:2] == ["agent 0 on weak (CutMixed)", "agent 5 on weak (CutMixed)"]
+    assert [t for t in titles["topk"] if t.startswith("choice")] == [f"choice {k} (agent index)" for k in (1, 2, 3)]
+    assert titles["rank"][1].startswith("3! = 6 orderings")
+    for name, fig in figs.items():
+        assert len(_png(fig)) > 2000, name
+    with pytest.raises(ValueError, match=r"agents must be indices in \[0, 5\]"):
+        st.agent_maps_figure(rm, 0, [6])
+    with pytest.raises(ValueError, match="points is empty"):
+        st.correlation_rows_figure(cm, 0, [])
+
+
+def test_tables(sessions, traces):
+    setup = st.session_table(sessions["maskmatch"]).records()
+    assert setup[0] == {"setting": "method", "value": "maskmatch"}
+    assert {"setting": "method.tau", "value": 0.9} in setup
+    ms = st.ms_loss_table(traces["maskmatch"]).rows
+    assert [r[0] for r in ms] == ["0.7", "1", "1.5", "mean (L_MS)"]
+    with pytest.raises(ValueError, match="2 class names for 6 classes"):
+        st.threshold_table(traces["corrmatch"], ["a", "b"])
+
+
+# ----------------------------------------------------------------------------------------------- widgets
+
+
+def test_explore_static_shows_figures_and_tables(monkeypatch, capsys):
+    shown = []
+    monkeypatch.setattr(st, "show", lambda fig, dpi=110: shown.append((fig, dpi)))
+    fig = plt.figure()
+    from workbench.runs import Table
+
+    assert st.explore(lambda image, mode: [fig, Table(["a"], [[f"{image}-{mode}"]], "t")],
+                      {"image": st.Control(2, 0, 3), "mode": st.Control("b", options=["a", "b"])}, False) is None
+    assert shown == [(fig, 110)]
+    assert "2-b" in capsys.readouterr().out   # the table, displayed (printed outside a kernel)
+    plt.close(fig)
+
+
+def test_explore_widget_redraws_on_change():
+    import ipywidgets as W
+
+    calls = []
+    box = st.explore_widget(lambda image, tau, mode: calls.append((image, tau, mode)),
+                            {"image": st.Control(1, 0, 3), "tau": st.Control(0.5, 0.0, 1.0, 0.05),
+                             "mode": st.Control("b", options=["a", "b"])})
+    controls = box.children[0].children
+    assert [type(c) for c in controls] == [W.IntSlider, W.FloatSlider, W.Dropdown]
+    assert isinstance(box.children[1], W.Output) and calls == [(1, 0.5, "b")]
+    controls[0].value = 3
+    controls[2].value = "a"
+    assert calls[1:] == [(3, 0.5, "b"), (3, 0.5, "a")]
+    with pytest.raises(ValueError, match=r"control image: value 5 lies outside \[0, 3\]"):
+        st.Control(5, 0, 3).widget("image")
+    with pytest.raises(ValueError, match="control mode: value 'c' is not among the options"):
+        st.Control("c", options=["a"]).widget("mode")
+    with pytest.raises(ValueError, match="give low and high"):
+        st.Control(1).widget("x")
+    with pytest.raises(ValueError, match="controls is empty"):
+        st.explore_widget(lambda: None, {})
