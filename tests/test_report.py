@@ -111,6 +111,27 @@ def test_run_report_failures_reported_with_cell_and_others_still_run(tmp_path, m
         {"label": "zz", "x": 1}, {"label": "zz", "x": 3}]
 
 
+def test_interactive_notebooks_run_static_and_cells_time_out(tmp_path, monkeypatch):
+    """A notebook with an ``interactive`` parameter runs headless with interactive=False unless it is given; a cell
+    past ``timeout`` fails its point instead of hanging."""
+    monkeypatch.chdir(tmp_path)
+    src = tmp_path / "probe.ipynb"
+    cells = [nbformat.v4.new_code_cell("interactive = True\nnap = 0.0"),
+             nbformat.v4.new_code_cell("import time\ntime.sleep(nap)\nprint('interactive', interactive)")]
+    cells[0].metadata["tags"] = ["parameters"]
+    nb = nbformat.v4.new_notebook(cells=cells)
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, str(src))
+    out = tmp_path / "reports" / "probe"
+    [e] = run_report(str(src), out=tmp_path / "reports", html=False)
+    assert "interactive False" in _stdout(out / e.notebook)
+    [e] = run_report(str(src), out=tmp_path / "reports", parameters=["interactive=true"], html=False)
+    assert "interactive True" in _stdout(out / e.notebook)
+    with pytest.raises(ReportError) as ei:
+        run_report(str(src), out=tmp_path / "reports", parameters=["nap=30"], html=False, timeout=2)
+    assert not ei.value.entries[0].ok and "interactive" not in _stdout(out / ei.value.entries[0].notebook)
+
+
 def test_run_report_rejects_unknown_parameters_before_running(tmp_path):
     src = tmp_path / "probe.ipynb"
     _write_notebook(src)

@@ -91,7 +91,7 @@ def _report(args: argparse.Namespace) -> int:
     from workbench.report import run_report
 
     run_report(args.notebook, out=Path(args.out), grid=args.grid or [], parameters=args.param or [],
-               html=not args.no_html)
+               html=not args.no_html, timeout=args.timeout)
     return 0
 
 
@@ -165,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--grid", action="append", metavar="KEY=V1,V2", help="parameter grid axis, e.g. seed=0,1")
     r.add_argument("--param", action="append", metavar="KEY=VALUE", help="fixed parameter")
     r.add_argument("--no-html", action="store_true")
+    r.add_argument("--timeout", type=float, default=None, help="seconds one cell may run (default: no limit)")
     r.set_defaults(fn=_report)
 
     db = sub.add_parser("dashboard", help="serve the Panel dashboard over a runs directory")

@@ -215,9 +215,10 @@ def export_html(ipynb: Path, target: Path) -> None:
 
 
 def execute_point(src: Path, out_dir: Path, stem: str, parameters: dict[str, Any], html_export: bool = True,
-                  kernel_name: str | None = None) -> ReportEntry:
+                  kernel_name: str | None = None, timeout: float | None = None) -> ReportEntry:
     """Execute ``src`` with ``parameters`` into ``out_dir/<stem>.ipynb`` (and ``.html``); never raises for a cell
-    error: the entry records it."""
+    error: the entry records it. ``timeout``: seconds one cell may run (None = no limit); a cell past it fails the
+    point."""
     import papermill as pm
     from papermill.exceptions import PapermillExecutionError
 
@@ -227,7 +228,7 @@ def execute_point(src: Path, out_dir: Path, stem: str, parameters: dict[str, Any
     try:
         with _package_importable():
             pm.execute_notebook(str(src), str(target), parameters=parameters, kernel_name=kernel_name,
-                                progress_bar=False, cwd=os.getcwd())
+                                progress_bar=False, cwd=os.getcwd(), execution_timeout=timeout)
     except PapermillExecutionError as e:
         error = _failure(e)
     except Exception as e:  # kernel died, notebook unreadable...: still a failed point, the others go on
@@ -267,10 +268,14 @@ Generated {time.strftime('%Y-%m-%d %H:%M:%S')}.</p>
 
 
 def run_report(notebook: str | Path, out: Path = Path("reports"), grid: Sequence[str] = (),
-               parameters: Sequence[str] = (), html: bool = True, kernel_name: str | None = None
-               ) -> list[ReportEntry]:
+               parameters: Sequence[str] = (), html: bool = True, kernel_name: str | None = None,
+               timeout: float | None = None) -> list[ReportEntry]:
     """Execute ``notebook`` over the cartesian ``grid`` (``["key=v1,v2", ...]``) with the fixed ``parameters``
     (``["key=value", ...]``) into ``out/<name>/`` (see the module docstring); returns the entries.
+
+    A notebook with an ``interactive`` parameter (the step-through notebooks: ipywidgets controls) runs with
+    ``interactive=False`` (static figures) unless it is given: widget cells can stall a headless kernel. ``timeout``
+    limits each cell (seconds; None = no limit).
 
     ValueError for unknown parameter names or a key both fixed and on the grid (before anything runs);
     :class:`ReportError` after all points ran when any failed.
@@ -286,6 +291,8 @@ def run_report(notebook: str | Path, out: Path = Path("reports"), grid: Sequence
     unknown = sorted((set(axes) | set(fixed)) - set(known))
     if unknown:
         raise ValueError(f"unknown parameter(s) {unknown} for {src.name}; its parameters are {sorted(known)}")
+    if "interactive" in known and "interactive" not in axes and "interactive" not in fixed:
+        fixed["interactive"] = False
     points = grid_points(axes)
     stems = [point_stem(src.stem, p) for p in points]
     if len(set(stems)) < len(stems):
@@ -294,7 +301,7 @@ def run_report(notebook: str | Path, out: Path = Path("reports"), grid: Sequence
     out_dir.mkdir(parents=True, exist_ok=True)
     entries = []
     for point, stem in tqdm(list(zip(points, stems)), desc=f"report {src.stem}", disable=len(points) < 2):
-        entry = execute_point(src, out_dir, stem, {**fixed, **point}, html, kernel_name)
+        entry = execute_point(src, out_dir, stem, {**fixed, **point}, html, kernel_name, timeout)
         entry.grid = point
         entries.append(entry)
         status = "ok" if entry.ok else f"FAILED\n{entry.error}"
