@@ -16,15 +16,15 @@ Usage: ``PYTHONPATH=. python benchmarks/region_propagation.py [--repeats 3] [--t
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
+
+from workbench.engine.bench import write_result
 import torch.nn.functional as F
 
 from workbench.ops.correlation import (
@@ -155,11 +155,7 @@ def main() -> int:
         "torch": torch.__version__, "machine": platform.machine(), "cpus": os.cpu_count(),
         "load_average_1min": round(os.getloadavg()[0], 2),
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text + "\n")
+    write_result(result, args.out)
     return 0
 
 

@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from workbench.engine.bench import write_result
+
 # (name, ScaleMatch overrides): Table 5's rows; "no scale branch" = neither ISVC nor CIF (FixMatch + FSVC)
 CONFIGS: list[tuple[str, dict[str, Any]]] = [
     ("no scale branch", {"isvc": False, "cif": False}),
@@ -132,12 +134,7 @@ def main() -> None:
         "MALLOC_MMAP_THRESHOLD_=131072 in the subprocesses)",
         "rows": rows, "command": "python " + " ".join(sys.argv),
     }
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text + "\n")
+    write_result(result, args.out)
 
 
 if __name__ == "__main__":

@@ -13,15 +13,15 @@ Usage: ``PYTHONPATH=. python benchmarks/wkv_scaling.py [--tokens 1024] [--channe
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
+
+from workbench.engine.bench import write_result
 
 from workbench.ops.rwkv import wkv, wkv_reference
 
@@ -104,12 +104,7 @@ def main() -> None:
         "expected_ratio": {"linear": 2.0, "quadratic": 4.0},
         "command": "python " + " ".join(sys.argv),
     }
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text + "\n")
+    write_result(result, args.out)
 
 
 if __name__ == "__main__":

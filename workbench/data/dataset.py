@@ -325,3 +325,19 @@ class StepDataset(Dataset):
         batch["skipped"] = skipped
         batch["step"] = step
         return batch
+
+
+def voc_palette(n: int = 256) -> list[list[int]]:
+    """The Pascal VOC colour map, ``n`` entries: class i's bits 0/1/2 (then 3/4/5, ...) fill R/G/B from the top bit
+    down (the palette of VOC's label PNGs)."""
+    out = []
+    for i in range(n):
+        r = g = b = 0
+        c = i
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        out.append([r, g, b])
+    return out

@@ -154,6 +154,17 @@ def run_bench(method: str, iters: int = 20, warmup: int = 3, repeats: int = 3, c
     return res
 
 
+def write_result(result: dict[str, Any], out: str | Path | None) -> str:
+    """Print a benchmark's ``result`` as JSON and, when ``out`` is a path (not None or ""), write it there
+    atomically (parents created). Returns the JSON text."""
+    text = json.dumps(result, indent=1)
+    print(text)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(Path(out), text + "\n")
+    return text
+
+
 def _stall(r: dict[str, Any]) -> str:
     f = r.get("data_stall_fraction")
     return "-" if f is None else f"{100 * f:.1f}% ({r['num_workers']} workers)"

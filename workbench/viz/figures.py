@@ -17,23 +17,10 @@ from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from workbench.data.dataset import voc_palette  # noqa: E402,F401  (re-exported)
+
 IGNORE = 255
 IGNORE_COLOR = (255, 255, 255)
-
-
-def voc_palette(n: int = 256) -> list[list[int]]:
-    """The Pascal VOC colour map (bit-interleaved class index), n entries."""
-    out = []
-    for i in range(n):
-        r = g = b = 0
-        c = i
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        out.append([r, g, b])
-    return out
 
 
 def _np(x) -> np.ndarray:

@@ -54,7 +54,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from workbench.data.dataset import MANIFEST_FORMAT, DataError, load_manifest, read_split
+from workbench.data.dataset import MANIFEST_FORMAT, DataError, load_manifest, read_split, voc_palette  # noqa: F401
 
 IGNORE_INDEX = 255
 RESERVED = ("images", "masks", "splits", "manifest.json")
@@ -368,21 +368,6 @@ def encode_label_png(mask: np.ndarray, palette: list[int]) -> bytes:
     buf = io.BytesIO()
     im.save(buf, format="PNG")
     return buf.getvalue()
-
-
-def voc_palette(n: int = 256) -> list[list[int]]:
-    """The Pascal VOC colour map: class i's bits 0/1/2 (then 3/4/5, ...) fill R/G/B from the top bit down."""
-    out = []
-    for i in range(n):
-        r = g = b = 0
-        c = i
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        out.append([r, g, b])
-    return out
 
 
 def image_size(path: Path) -> tuple[int, int]:
