@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -150,6 +151,14 @@ class MethodConfig:
 
     name: str = "supervised"
     uses_unlabeled: ClassVar[bool] = False
+
+    def check(self, checks: Iterable[tuple[bool, str, str]]) -> None:
+        """Raise ConfigError ``method.<key>: <message> (got <value>)`` for the first ``(ok, key, message)`` that is
+        not ok (for ``__post_init__`` validation of a method's fields)."""
+        for ok, key, msg in checks:
+            if not ok:
+                got = f" (got {getattr(self, key)!r})" if hasattr(self, key) else ""
+                raise ConfigError(f"method.{key}: {msg}{got}")
 
 
 _METHOD_CONFIGS: dict[str, type[MethodConfig]] = {}

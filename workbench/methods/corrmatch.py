@@ -35,7 +35,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from workbench.config import ConfigError
 from workbench.methods.base import SemiBatch, StepInfo, StepOutput, register_method
 from workbench.methods.fixmatch import FixMatchConfig, Targets, WeakStrong
 from workbench.methods.supervised import supervised_loss
@@ -99,9 +98,7 @@ class CorrMatchConfig(FixMatchConfig):
             (not self.region_propagation or self.pixel_propagation, "region_propagation",
              "needs the correlation map: set method.pixel_propagation=true or method.region_propagation=false"),
         ]
-        for ok, key, msg in checks:
-            if not ok:
-                raise ConfigError(f"method.{key}: {msg} (got {getattr(self, key)!r})")
+        self.check(checks)
 
 
 class CorrelationHead(nn.Module):

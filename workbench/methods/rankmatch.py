@@ -30,7 +30,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from workbench.config import ConfigError
 from workbench.methods.base import SemiBatch, StepInfo, StepOutput, register_method
 from workbench.methods.fixmatch import Targets, UniMatch, UniMatchConfig
 from workbench.ops.agents import agent_correlation, orthogonal_agents, random_agents, topn_agents
@@ -79,9 +78,7 @@ class RankMatchConfig(UniMatchConfig):
             (self.rank_eps >= 0, "rank_eps", "must be >= 0"),
             (self.capture_agents >= 0, "capture_agents", "must be >= 0"),
         ]
-        for ok, key, msg in checks:
-            if not ok:
-                raise ConfigError(f"method.{key}: {msg} (got {getattr(self, key)!r})")
+        self.check(checks)
 
 
 def cutmix_features(feat_w: Tensor, feat_mix: Tensor, box: Tensor | None, size: tuple[int, int]) -> Tensor:

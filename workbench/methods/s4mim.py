@@ -96,8 +96,6 @@ class S4MIMConfig(FixMatchConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        from workbench.config import ConfigError
-
         checks = [
             (all(w >= 0 for w in (self.weight_u, self.weight_mp, self.weight_mf, self.weight_ms)),
              "weight_u/weight_mp/weight_mf/weight_ms", "must be >= 0"),
@@ -109,9 +107,7 @@ class S4MIMConfig(FixMatchConfig):
             (self.mimse_loss in ("ce", "mse"), "mimse_loss", "must be 'ce' or 'mse'"),
             (self.pid_lr_mult > 0, "pid_lr_mult", "must be > 0"),
         ]
-        for ok, key, msg in checks:
-            if not ok:
-                raise ConfigError(f"method.{key}: {msg}")
+        self.check(checks)
 
     @property
     def any_mim(self) -> bool:

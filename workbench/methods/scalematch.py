@@ -57,7 +57,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from workbench.config import ConfigError
 from workbench.methods.base import SemiBatch, StepInfo, StepOutput, register_method
 from workbench.methods.fixmatch import FixMatchConfig, Targets, WeakStrong
 from workbench.methods.supervised import supervised_loss
@@ -312,9 +311,7 @@ class ScaleMatchConfig(FixMatchConfig):
             (self.cif_chunk >= 2, "cif_chunk", "must be >= 2"),
             (self.cif_se_reduction >= 1, "cif_se_reduction", "must be positive"),
         ]
-        for ok, key, msg in checks:
-            if not ok:
-                raise ConfigError(f"method.{key}: {msg} (got {getattr(self, key)!r})")
+        self.check(checks)
 
     @property
     def has_cif(self) -> bool:
