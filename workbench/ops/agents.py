@@ -69,9 +69,9 @@ def orthogonal_agents(
         first = torch.randint(n, (b,), generator=generator, device=_draw_device(generator, feats.device))
     elif not isinstance(first, Tensor) or first.shape != (b,) or first.dtype != torch.long:
         raise ValueError(f"first must be an int64 tensor of shape ({b},), got {getattr(first, 'shape', first)!r}")
+    elif bool(((first < 0) | (first >= n)).any()):  # only a caller's start is checked (a host sync)
+        raise ValueError(f"first must index pixels in [0, {n}), got {first.tolist()}")
     chosen = first.to(feats.device)
-    if bool(((chosen < 0) | (chosen >= n)).any()):
-        raise ValueError(f"first must index pixels in [0, {n}), got {chosen.tolist()}")
     agents = [chosen]
     worst = torch.zeros(b, n, device=feats.device)  # max |cos| of every pixel to the chosen agents
     rows = torch.arange(b, device=feats.device)
