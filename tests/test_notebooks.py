@@ -16,8 +16,8 @@ from workbench.engine.trainer import train
 from workbench.report import NOTEBOOKS, report_name, resolve_notebook, run_report
 from workbench.runs import flatten
 
-TESTED = {"00_quickstart", "01_train", "10_maskmatch", "13_corrmatch", "14_rankmatch", "20_pseudo_label_quality",
-          "21_feature_space", "30_compare_runs"}
+TESTED = {"00_quickstart", "01_train", "10_maskmatch", "11_s4mim", "12_scalematch", "13_corrmatch", "14_rankmatch",
+          "20_pseudo_label_quality", "21_feature_space", "30_compare_runs"}
 
 
 @pytest.fixture(scope="session")
@@ -218,3 +218,72 @@ def test_rankmatch_notebook(tmp_path, tiny_data):
     assert sum(p_weak) == pytest.approx(1.0, abs=6 * 5e-4)  # a distribution (three decimals per cell)
     assert "loss_rank" in cells(table(o["html"], "loss terms"))
     check_column_all_yes(table(o["html"], "step-through vs training_step"))
+
+
+# --------------------------------------------------------------------- step-through notebooks (11, 12)
+
+
+def table_rows(html: str) -> list[list[str]]:
+    """Every body row of an HTML table as its cell texts."""
+    return [re.findall(r"<td>(.*?)</td>", r) for r in html.split("<tbody>")[1].split("<tr>")[1:]]
+
+
+def test_s4mim_notebook(tmp_path, tiny_data):
+    # a fresh model; tau 0 (every pixel confident), 8-pixel grid masks (exactly 3 of 4 patches hidden)
+    _, o = report(tmp_path, "11_s4mim", data_root=str(tiny_data), split="1-4",
+                  overrides=stepthrough_overrides(tmp_path, tiny_data), image=1, cls=2, tau=0.0, mask_patch=8,
+                  mask_strategy="grid", device="cpu", interactive=False)
+    assert len(o["png"]) == 4  # phase I, masked streams, class-wise reconstruction, prototypes
+    assert cells(table(o["html"], "step-through setup"))["method"] == "s4mim"
+    streams = {r[0]: r for r in table_rows(table(o["html"], "masked streams"))}
+    assert [streams[k][2] for k in ("labeled", "strong", "weak + fp")] == ["0.750"] * 3
+    # L_mimpi's MSE and L_mimse's CE: the sum row is the sum of the three streams (three decimals shown)
+    for col in (3, 4):
+        parts = [float(streams[k][col]) for k in ("labeled", "strong", "weak + fp")]
+        assert float(streams["sum"][col]) == pytest.approx(sum(parts), abs=2e-3)
+    agg = table_rows(table(o["html"], "prototypes and aggregation"))
+    used = [float(r[6]) for r in agg[:-1] if r[7] == "yes"]
+    assert used and float(agg[-1][6]) == pytest.approx(sum(used) / len(used), abs=2e-3)   # Eq. 12: the class mean
+    losses = cells(table(o["html"], "loss terms"))
+    assert set(losses) == {"loss_x", "loss_s", "loss_fp", "loss_mimpi", "loss_mimfea", "loss_mimse", "total"}
+    eq14 = {r[0]: r for r in table_rows(table(o["html"], "Eq. 14 normaliser"))}
+    # 1 + 2 (1/2) + 3 (1/3) + 3 (0.05) + 3 (0.1/3) = 3.25
+    assert [eq14[k][2] for k in list(eq14)[:5]] == ["1.000", "1.000", "1.000", "0.150", "0.100"]
+    assert eq14["sum"][2] == "3.250"
+    assert float(eq14["sum / normaliser"][1]) == pytest.approx(float(eq14["sum"][1]) / 3.25, abs=1e-3)
+    total = re.search(r"<td>total</td><td>.*?</td><td>-</td><td>-</td><td>(.*?)</td>", table(o["html"],
+                                                                                             "loss terms")).group(1)
+    assert float(eq14["sum / normaliser"][1]) == pytest.approx(float(total), abs=1e-3)
+    # 6 loss terms, the total, and 22 captured tensors (phase I 7, masked inputs / SeD / reconstructions 9, the
+    # weak stream's per-class terms, groups, features, mask, and the dictionary 6)
+    assert check_column_all_yes(table(o["html"], "step-through vs training_step")) == 6 + 1 + 22
+
+
+@pytest.fixture(scope="session")
+def tiny_scalematch_run(tiny_data, tmp_path_factory) -> Path:
+    """A two-step tiny ScaleMatch run directory (checkpoints to load)."""
+    runs = tmp_path_factory.mktemp("st2") / "runs"
+    cfg = tiny_config_dict(runs, tiny_data, name="tiny-scalematch", **{"method.name": "scalematch",
+                                                                        "train.iters": 2})
+    train(config_from_dict(cfg))
+    return runs / "tiny-scalematch"
+
+
+def test_scalematch_notebook(tmp_path, tiny_scalematch_run):
+    # a run's checkpoint; v = 0.5, tau 0 and no CIF warm-up: every pixel confident, fused pseudo-labels used
+    _, o = report(tmp_path, "12_scalematch", run_dir=str(tiny_scalematch_run), overrides={"data.batch_size": 2},
+                  seed=1, step=1, image=1, scale=0.5, tau=0.0, warmup=0, device="cpu", interactive=False)
+    assert len(o["png"]) == 4  # scales, gate, fused vs plain, consistency
+    assert "tiny-scalematch/checkpoints/best.pt (step 2)" in cells(table(o["html"], "step-through setup"))["weights"]
+    scales = cells(table(o["html"], "scales of the step"))
+    # 32 px x 0.5 = 16 px (= min_scaled_size); t = 1.25 for v <= 1: the 8 x 8 layer1 features become
+    # int(8 x 1.25 + 0.5) = 10 cells a side
+    assert scales["image scale v"] == "0.500" and scales["scaled weak view"] == "16 x 16"
+    assert scales["feature scale t (FSVC)"] == "1.250" and scales["low features"] == "8 x 8 -&gt; 10 x 10"
+    assert scales["pseudo-label"] == "fused (epoch 0 &gt;= warm-up 0)"
+    assert 0.0 < float(scales["mean s_w (s_v = 1 - s_w)"]) < 1.0
+    pl = {r[0]: r for r in table_rows(table(o["html"], "plain vs fused pseudo-labels"))}
+    assert pl["plain (scale 1)"][1] == pl["fused (CIF)"][1] == "1.000"   # tau 0: every valid pixel confident
+    assert set(cells(table(o["html"], "loss terms"))) == {"loss_x", "loss_s", "loss_isvc", "loss_fsvc", "total"}
+    # 4 loss terms, the total, and 12 captured tensors
+    assert check_column_all_yes(table(o["html"], "step-through vs training_step")) == 4 + 1 + 12

@@ -375,3 +375,250 @@ def test_explore_widget_redraws_on_change():
         st.Control(1).widget("x")
     with pytest.raises(ValueError, match="controls is empty"):
         st.explore_widget(lambda: None, {})
+
+
+# ------------------------------------------------------------------------- S4MIM and ScaleMatch (stepthrough_methods)
+
+
+@pytest.fixture(scope="module")
+def sessions2(tiny_data, tmp_path_factory):
+    """Fresh tiny sessions of S4MIM (default switches; all MIM losses off with LCR on; mimfea off) and ScaleMatch
+    (CIF; average fusion; no fusion)."""
+    tmp = tmp_path_factory.mktemp("st2")
+    variants = {
+        "s4mim": ("s4mim", {}),
+        "s4mim_off": ("s4mim", {"method.mimpi": False, "method.mimfea": False, "method.mimse": False,
+                                "method.lcr_weight": 1.0, "method.lcr_patch": 8}),
+        "s4mim_nofea": ("s4mim", {"method.mimfea": False}),
+        "scalematch": ("scalematch", {}),
+        "average": ("scalematch", {"method.fusion": "average"}),
+        "nocif": ("scalematch", {"method.cif": False}),
+    }
+    return {k: st.open_session(m, data_root=tiny_data, split="1-4", device="cpu",
+                               overrides=tiny_overrides(tmp, tiny_data, **extra)) for k, (m, extra) in variants.items()}
+
+
+@pytest.fixture(scope="module")
+def traces2(sessions2):
+    """S4MIM with tau 0 and 8-pixel grid masks (exactly 3 of 4 patches hidden); ScaleMatch at v = 0.25 (plain
+    pseudo-labels: warm-up) and at v = 2 with no warm-up (fused pseudo-labels)."""
+    from workbench.viz import stepthrough_methods as sm
+
+    return {"s4mim": sm.s4mim_trace(sessions2["s4mim"], step=1, seed=3, tau=0.0, mask_patch=8, mask_strategy="grid"),
+            "small": sm.scalematch_trace(sessions2["scalematch"], step=1, seed=3, scale=0.25),
+            "large": sm.scalematch_trace(sessions2["scalematch"], step=1, seed=3, scale=2.0, cif_warmup_epochs=0,
+                                         tau=0.0)}
+
+
+@pytest.mark.parametrize("name", ["s4mim", "small", "large"])
+def test_s4mim_and_scalematch_traces_are_the_training_step(name, sessions2, traces2):
+    trace = traces2[name]
+    session = sessions2["s4mim" if name == "s4mim" else "scalematch"]
+    table = st.training_step_check(session, trace)
+    assert len(table.rows) == len(trace.terms) + 1 + len(trace.expected)
+    assert table.column("match") == ["yes"] * len(table.rows), table.to_markdown()
+    rows = st.losses_table(trace).records()
+    assert rows[-1]["weight x value"] == pytest.approx(sum(r["weight"] * r["value"] for r in rows[:-1]))
+
+
+def test_s4mim_trace_by_hand(sessions2, traces2):
+    import torch.nn.functional as F
+
+    from workbench.viz import stepthrough_methods as sm
+
+    t = traces2["s4mim"]
+    n, m, m2 = t.sizes
+    assert (n, m, m2) == (2, 2, 2) and t.recon.shape == (6, 3, 32, 32) and t.feat_size == (8, 8)
+    # Eq. 14 with every loss on: 1 + 2 (1/2) + 3 (1/3) + 3 (0.05) + 3 (0.1/3) = 3.25
+    assert t.normaliser == pytest.approx(3.25)
+    v = {x.name: x for x in t.terms}
+    assert list(v) == ["loss_x", "loss_s", "loss_fp", "loss_mimpi", "loss_mimfea", "loss_mimse"]
+    assert v["loss_x"].weight == pytest.approx(1 / 3.25) and v["loss_s"].weight == pytest.approx(0.5 / 3.25)
+    by_hand = (v["loss_x"].value + 0.5 * (v["loss_s"].value + v["loss_fp"].value) + v["loss_mimpi"].value / 3
+               + 0.05 * v["loss_mimfea"].value + 0.1 / 3 * v["loss_mimse"].value) / 3.25
+    assert t.total == pytest.approx(by_hand, rel=1e-6)
+    assert v["loss_mimpi"].logged == pytest.approx(v["loss_mimpi"].value / 3)   # the step logs l_mp x L
+    # tau 0: every valid pixel is confident
+    assert torch.equal(t.confident, t.valid)
+    # grid masks: 1 of every 2 x 2 patches visible, constant on 8-pixel patches; strong and weak share the mask
+    vis = t.stream_visible
+    assert vis.float().mean(dim=(1, 2)).tolist() == [0.25] * 6
+    patches = vis.reshape(6, 4, 8, 4, 8)
+    assert torch.equal(patches.amin(dim=(2, 4)), patches.amax(dim=(2, 4)))
+    assert torch.equal(vis[n:n + m], vis[n + m:])
+    # masked inputs: the image where visible, 0 after normalisation (the mean colour) where hidden
+    for name, img, rows in (("strong", t.images["strong"], vis[n:n + m]), ("weak + fp", t.images["weak"], vis[n + m:])):
+        masked = t.images[f"{name} masked"]
+        v3 = rows[:, None].expand(-1, 3, -1, -1)
+        assert torch.equal(masked[v3], img[v3])
+        for c in range(3):
+            assert bool((masked[:, c][~rows] == round(t.mean[c] * 255)).all())
+    # Eq. 8: each stream's MSE against its unmasked images; L_mimpi sums the three
+    for k, (a, b) in enumerate(((0, n), (n, n + m), (n + m, n + 2 * m))):
+        assert t.mse[k] == pytest.approx(float(F.mse_loss(t.recon[a:b], t.stream_x[a:b])), rel=1e-5)
+    assert v["loss_mimpi"].value == pytest.approx(sum(t.mse), rel=1e-6)
+    # Eq. 7: the per-class terms sum (then upsample) to the reconstruction the heads' forward computes
+    for i in range(2):
+        assert torch.allclose(sm.reconstruction_from_terms(t, i), t.recon[t.stream("weak + fp", i)], atol=1e-5)
+    # Eqs. 10-12 by hand: each class's confidence-weighted mean pull, then the mean over the classes averaged
+    for k in torch.nonzero(t.agg_classes).flatten().tolist():
+        sel = t.fea_masked & (t.fea_groups == k)
+        w = t.fea_weights[sel]
+        assert t.class_terms[k].item() == pytest.approx(float((t.pull[sel] * w).sum() / w.sum()), rel=1e-5)
+    assert t.agg_loss == pytest.approx(float(t.class_terms[t.agg_classes].mean()), rel=1e-5)
+    assert bool(torch.isnan(t.class_terms[~t.agg_classes]).all())
+    assert bool((t.pull >= 0).all()) and bool((t.pull <= 2 / t.temperature + 1e-6).all())   # (1 - cos) / T
+    # a fresh dictionary: all zeros and never seen; after the step exactly this batch's classes are available, each
+    # entry (1 - 0.99) x its batch prototype, so no longer zero
+    assert not bool(t.seen_before.any()) and not bool(t.prototypes_before.any())
+    assert torch.equal(t.available, t.batch_present) and bool(t.available.any())
+    assert bool((t.prototypes[t.available].norm(dim=1) > 0).all()) and not bool(t.prototypes[~t.available].any())
+    sim = sm.prototype_similarity(t)
+    avail = torch.nonzero(t.available).flatten()
+    assert torch.allclose(sim[avail][:, avail], sim[avail][:, avail].T)
+    assert torch.allclose(sim[avail, avail], torch.ones(len(avail)), atol=1e-5)
+    assert bool(torch.isnan(sim[~t.available]).all())
+    assert bool(t.available[sm.main_class(t, 0)])
+    # the Eq. 14 table: the shares sum to the normaliser, and the weighted sum over it is the step's loss
+    rows = {r["loss"]: r for r in sm.eq14_table(t).records()}
+    assert [rows[k]["normaliser share"] for k in list(rows)[:5]] == pytest.approx([1.0, 1.0, 1.0, 0.15, 0.1])
+    assert rows["sum"]["normaliser share"] == pytest.approx(3.25)
+    assert rows["sum / normaliser"]["weighted value"] == pytest.approx(t.total, rel=1e-6)
+    streams = sm.mim_streams_table(t).records()
+    assert [r["stream"] for r in streams] == ["labeled", "strong", "weak + fp", "sum"]
+    assert [r["hidden"] for r in streams[:3]] == [0.75] * 3
+    assert streams[3]["masked positions"] == int(t.fea_masked.sum())
+    agg = sm.aggregation_table(t, sessions2["s4mim"].class_names).records()
+    assert agg[-1]["(1 - cos) / T"] == t.agg_loss and len(agg) == 7
+
+
+def test_s4mim_switched_off_pieces_are_shown_without_changing_the_step(sessions2):
+    from workbench.viz import stepthrough_methods as sm
+
+    # every MIM loss off: Eq. 14's normaliser is 1 + 2 l_u = 2; phase II is drawn on a forked random state, so the
+    # LCR mask drawn after it is still the step's (the check compares loss_lcr and the total)
+    off = sm.s4mim_trace(sessions2["s4mim_off"], step=1, seed=3)
+    assert off.normaliser == pytest.approx(2.0) and not off.phase2_in_loss
+    assert [x.name for x in off.terms] == ["loss_x", "loss_s", "loss_fp", "loss_lcr"]
+    check = st.training_step_check(sessions2["s4mim_off"], off)
+    assert check.column("match") == ["yes"] * len(check.rows), check.to_markdown()
+    assert off.recon.shape[0] == 6 and len(off.mse) == 3
+    # mimfea off: 1 + 1 + 1 + 0.1 = 3.1; the step leaves the dictionary at zero, the trace shows the update it would
+    # make
+    nofea = sm.s4mim_trace(sessions2["s4mim_nofea"], step=1, seed=3)
+    assert nofea.normaliser == pytest.approx(3.1) and "loss_mimfea" not in {x.name for x in nofea.terms}
+    check = st.training_step_check(sessions2["s4mim_nofea"], nofea)
+    assert check.column("match") == ["yes"] * len(check.rows), check.to_markdown()
+    assert not bool(nofea.expected["prototypes"].any()) and not bool(nofea.expected["proto_seen"].any())
+    assert bool(nofea.prototypes[nofea.available].abs().sum() > 0)
+    assert not bool(sessions2["s4mim_nofea"].method.prototypes.any())
+    rows = {r["loss"]: r for r in sm.eq14_table(nofea).records()}
+    assert rows["L_mimfea = l_mf mean over classes (off)"]["normaliser share"] == 0.0
+    assert rows["sum"]["normaliser share"] == pytest.approx(3.1)
+
+
+def test_scalematch_trace_by_hand(sessions2, traces2):
+    small, large = traces2["small"], traces2["large"]
+    # v = 0.25 of a 32-pixel crop is 8 px, raised to min_scaled_size 16: effective scale 0.5; t = 1.25 for v <= 1
+    assert small.scales == (0.25,) and small.scaled_sizes == [(16, 16)] and small.feature_scale == 1.25
+    assert small.scaled_views[0].shape == (2, 3, 16, 16)
+    # FSVC resizes the 8 x 8 layer1 features by t: int(8 x 1.25 + 0.5) = 10; by 0.75 (v = 2 > 1): int(6.5) = 6
+    assert small.feature_sizes["low"] == (8, 8) and small.feature_sizes["low @ t"] == (10, 10)
+    assert large.scales == (2.0,) and large.scaled_sizes == [(64, 64)] and large.feature_scale == 0.75
+    assert large.feature_sizes["low @ t"] == (6, 6)
+    for t in (small, large):
+        # Eq. 12: s_v = 1 - s_w, fused = s_w logits_1 + s_v logits_v, s_w in (0, 1)
+        assert torch.allclose(t.gate_w + t.gate_v, torch.ones_like(t.gate_w), atol=1e-6)
+        assert bool(((t.gate_w > 0) & (t.gate_w < 1)).all())
+        by_hand = t.gate_w[:, 0, None] * t.logits_w + t.gate_v[:, 0, None] * t.logits_v[:, 0]
+        assert torch.allclose(t.fused, by_hand, atol=1e-5)
+        # the total: (1 L_x + 0.25 L_s + 0.25 L_ISVC + 0.5 L_FSVC) / 2
+        v = {x.name: x.value for x in t.terms}
+        assert list(v) == ["loss_x", "loss_s", "loss_isvc", "loss_fsvc"]
+        assert t.total == pytest.approx((v["loss_x"] + 0.25 * v["loss_s"] + 0.25 * v["loss_isvc"]
+                                         + 0.5 * v["loss_fsvc"]) / 2, rel=1e-6)
+        assert v["loss_isvc"] == pytest.approx(t.isvc_losses[0])
+    # step 1 is in epoch 0: the default 10-epoch warm-up keeps the plain pseudo-label; no warm-up uses the fusion
+    assert small.epoch == 0 and not small.use_fused and torch.equal(small.pseudo, small.pseudo_plain)
+    assert large.use_fused and torch.equal(large.pseudo, large.pseudo_fused)
+    assert torch.equal(large.confident, large.valid)          # tau 0
+    assert torch.equal(small.pseudo_plain, small.logits_w.argmax(1))
+    from workbench.viz import stepthrough_methods as sm
+
+    rows = dict(sm.scale_table(small).rows)
+    assert rows["scaled weak view"] == "16 x 16" and rows["effective scale"] == 0.5
+    assert rows["low features"] == "8 x 8 -> 10 x 10" and rows["pseudo-label"].startswith("plain (CIF warm-up")
+    plt_rows = {r[0]: r for r in sm.pseudo_label_table(large).rows}
+    assert plt_rows["fused (CIF)"][1] == 1.0 and plt_rows["plain (scale 1)"][1] == 1.0   # tau 0: all confident
+    changed = float(((large.pseudo_fused != large.pseudo_plain) & large.valid).sum()) / float(large.valid.sum())
+    assert plt_rows["changed by the fusion"][1] == pytest.approx(changed)
+
+
+def test_scalematch_average_and_no_fusion(sessions2):
+    from workbench.viz import stepthrough_methods as sm
+
+    avg = sm.scalematch_trace(sessions2["average"], step=0, seed=1, cif_warmup_epochs=0)
+    assert avg.fusion == "average" and bool((avg.gate_w == 0.5).all()) and bool((avg.gate_v == 0.5).all())
+    assert torch.allclose(avg.fused, (avg.logits_w + avg.logits_v[:, 0]) / 2, atol=1e-6)
+    none = sm.scalematch_trace(sessions2["nocif"], step=0, seed=1)
+    assert none.fusion is None and none.gate_w is None and none.pseudo_fused is None and not none.use_fused
+    for s, t in ((sessions2["average"], avg), (sessions2["nocif"], none)):
+        check = st.training_step_check(s, t)
+        assert check.column("match") == ["yes"] * len(check.rows), check.to_markdown()
+    names, pal = sessions2["nocif"].class_names, sessions2["nocif"].palette
+    with pytest.raises(ValueError, match="fuses nothing"):
+        sm.gate_figure(none, 0)
+    with pytest.raises(ValueError, match="fuses nothing"):
+        sm.fusion_figure(none, 0, pal, names)
+    assert len(sm.pseudo_label_table(none).rows) == 1
+    fig = sm.gate_figure(avg, 1)
+    assert "average fusion (s_w = 1/2)" in fig._suptitle.get_text()
+    plt.close(fig)
+
+
+def test_stepthrough_methods_errors(sessions2, traces2):
+    from workbench.viz import stepthrough_methods as sm
+
+    with pytest.raises(ValueError, match="this is the s4mim step-through; the session holds a 'scalematch'"):
+        sm.s4mim_trace(sessions2["scalematch"])
+    with pytest.raises(ValueError, match="scale must be a positive number"):
+        sm.scalematch_trace(sessions2["scalematch"], scale=0)
+    with pytest.raises(ValueError, match="method.cif: scalematch reads it only when built"):
+        with sessions2["scalematch"].configured(cif=False):
+            pass
+    with pytest.raises(ConfigError, match="method.mask_ratio"):
+        sm.s4mim_trace(sessions2["s4mim"], mask_ratio=1.5)
+    names, pal = sessions2["s4mim"].class_names, sessions2["s4mim"].palette
+    with pytest.raises(ValueError, match=r"cls must be a class index in \[0, 5\]"):
+        sm.prototypes_figure(traces2["s4mim"], 0, 6, pal, names)
+    with pytest.raises(ValueError, match="2 class names for 6 classes"):
+        sm.aggregation_table(traces2["s4mim"], ["a", "b"])
+    with pytest.raises(ValueError, match=r"image index must be an int in \[0, 1\]"):
+        sm.mim_streams_figure(traces2["s4mim"], 2, pal, names)
+    with pytest.raises(ValueError, match="stream must be one of"):
+        traces2["s4mim"].stream("masked", 0)
+
+
+def test_stepthrough_methods_figures_render(sessions2, traces2):
+    from workbench.viz import stepthrough_methods as sm
+
+    names, pal = sessions2["s4mim"].class_names, sessions2["s4mim"].palette
+    s4, small, large = traces2["s4mim"], traces2["small"], traces2["large"]
+    cls = sm.main_class(s4, 1)
+    figs = {"phase1": sm.s4mim_phase1_figure(s4, 1, pal, names), "streams": sm.mim_streams_figure(s4, 0, pal, names),
+            "recon": sm.class_reconstruction_figure(s4, 1, pal, names),
+            "protos": sm.prototypes_figure(s4, 1, cls, pal, names),
+            "scales": sm.scales_figure(small, 0, pal, names), "gate": sm.gate_figure(small, 1),
+            "fusion": sm.fusion_figure(large, 0, pal, names), "cons": sm.consistency_figure(large, 1, pal, names)}
+    titles = {k: _titles(f) for k, f in figs.items()}
+    assert "confident (tau 0): 100%" in titles["phase1"] and "ground truth (not used)" in titles["phase1"]
+    assert titles["streams"][1] == "mask m: 75% hidden" and titles["streams"][-1] == "target: argmax p_fp"
+    assert sum(t.startswith("Head_") for t in titles["recon"]) == int(
+        (torch.bincount(s4.fea_groups[s4.stream("weak + fp", 1)].flatten(), minlength=6) > 0).sum())
+    assert any(t.startswith(f"cos to prototype of {names[cls]}") for t in titles["protos"])
+    assert "weak view, scale v = 0.25\n16 x 16" in titles["scales"]
+    assert "s_v = 1 - s_w (scale 0.25)" in titles["gate"]
+    assert "fused pseudo-label (used)" in titles["fusion"] and "plain pseudo-label" in titles["fusion"]
+    assert any(t.startswith("FSVC: features x 0.75") for t in titles["cons"])
+    for name, fig in figs.items():
+        assert len(_png(fig)) > 2000, name

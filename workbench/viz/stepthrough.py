@@ -1,5 +1,7 @@
 """Step through one training step of MaskMatch, CorrMatch or RankMatch and show every intermediate.
 
+(S4MIM and ScaleMatch: :mod:`workbench.viz.stepthrough_methods`, built on this module's sessions, check and helpers.)
+
 The notebooks ``10_maskmatch``, ``13_corrmatch`` and ``14_rankmatch`` are thin layers over this module:
 
 1. :func:`open_session` loads a method — a run directory's checkpoint, or a freshly initialised model with the
@@ -49,10 +51,11 @@ __all__ = [
     "agent_maps_figure", "topk_agents_figure", "rank_distribution_figure", "Control", "explore", "explore_widget",
 ]
 
-STEP_METHODS = ("maskmatch", "corrmatch", "rankmatch")
+STEP_METHODS = ("maskmatch", "corrmatch", "rankmatch", "s4mim", "scalematch")  # the last two: stepthrough_methods
 # config fields a method reads only when it is built: changing them on a built method would silently do nothing
 BUILT_AT_INIT = {"corrmatch": ("threshold", "thresh_init", "thresh_momentum", "pixel_propagation", "feature",
-                               "proj_channels")}
+                               "proj_channels"),
+                 "scalematch": ("cif", "fusion", "cif_dim", "cif_depth", "cif_chunk", "cif_se_reduction")}
 NOT_CONFIDENT = (200, 200, 200)  # light grey: pixels below the threshold in "confident" panels
 JOINED, RELABELLED = (255, 165, 0), (0, 190, 255)  # region propagation's changes (orange, light blue)
 FONT = 9
@@ -236,7 +239,8 @@ def open_session(method: str, run_dir: str | Path | None = "", config: str | Pat
     """Load ``method`` and its training data for a step-through.
 
     Args:
-        method: ``maskmatch``, ``corrmatch`` or ``rankmatch``.
+        method: ``maskmatch``, ``corrmatch``, ``rankmatch``, ``s4mim`` or ``scalematch`` (the traces of the last two
+            are in :mod:`workbench.viz.stepthrough_methods`).
         run_dir: a run directory of that method, whose ``checkpoint`` (``best``, falling back to ``latest``, or
             ``latest``) is loaded; empty/None = a freshly initialised model (seeded with ``seed``).
         config: YAML config of the fresh model (None = the defaults of ``workbench/config.py`` and the method's
