@@ -59,13 +59,13 @@ def runs(tmp_path_factory, tiny_data) -> Path:
     return out
 
 
-def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 60.0) -> None:
+def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 240.0) -> None:
     t0 = time.time()
     while True:
         if proc.poll() is not None:
             raise AssertionError(f"the dashboard server exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
         try:
-            with urllib.request.urlopen(url, timeout=2) as r:
+            with urllib.request.urlopen(url, timeout=60) as r:  # a first page can take long on a loaded machine
                 if r.status == 200:
                     return
         except OSError:
@@ -105,7 +105,7 @@ def test_dashboard_in_headless_chromium(runs, tiny_data, tmp_path):
             browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
             try:
                 page = browser.new_page(viewport={"width": 1500, "height": 1000})
-                page.set_default_timeout(30000)
+                page.set_default_timeout(120000)
                 errors: list[str] = []
                 page.on("pageerror", lambda e: errors.append(str(e)))
                 page.goto(url)
