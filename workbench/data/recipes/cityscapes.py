@@ -26,10 +26,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from workbench.data.recipes.common import (IGNORE_INDEX, BuildContext, BuildResult, Recipe, RecipeError, Requirement,
-                                           Sample, Source, complement, describe_sources, encode_label_png,
-                                           fraction_size, label_splits, load_user_splits, nested_prefixes,
-                                           palette_bytes, parallel_map, permuted, safe_path, split_lines)
+from workbench.data.recipes.common import (BuildContext, BuildResult, IGNORE_INDEX, Recipe, RecipeError, Requirement,
+                                           Sample, Source, describe_sources, encode_label_png, fraction_size,
+                                           generated_splits, label_splits, load_user_splits, palette_bytes,
+                                           parallel_map, safe_path, split_lines)
 
 LEFT = Requirement(
     "left", "leftImg8bit_trainvaltest.zip", "Cityscapes images, 11 GB (cityscapes-dataset.com, packageID=3)",
@@ -144,10 +144,7 @@ def build(out: Path, sources: dict[str, Source], ctx: BuildContext) -> BuildResu
         raise RecipeError(f"Cityscapes archives hold {len(train)} train and {len(val)} val images; need both")
     splits = {"train": split_lines(train), "val": split_lines(val)}
     sizes = {n: fraction_size(len(train), *f) for n, f in FRACTIONS.items()}
-    sources_of = {}
-    for name, lab in nested_prefixes(permuted(train, ctx.seed, 1), sizes).items():
-        label_splits(splits, name, lab, complement(train, lab))
-        sources_of[name] = f"generated, seed {ctx.seed}"
+    sources_of = generated_splits(splits, train, sizes, ctx.seed)
     if ctx.splits_dir is not None:
         for name, (lab, unl) in load_user_splits(ctx.splits_dir, {s.key: s for s in train}, train,
                                                  cityscapes_key).items():

@@ -26,9 +26,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from workbench.data.recipes.common import (BuildContext, BuildResult, Recipe, RecipeError, Requirement, Sample, Source,
-                                           complement, describe_sources, encode_label_png, fraction_size, label_splits,
-                                           load_user_splits, nested_prefixes, palette_bytes, parallel_map, permuted,
-                                           safe_path, split_lines, voc_palette)
+                                           describe_sources, encode_label_png, fraction_size, generated_splits,
+                                           label_splits, load_user_splits, palette_bytes, parallel_map, safe_path,
+                                           split_lines, voc_palette)
 
 _SRC = "md5 published with COCO's download links (images.cocodataset.org), e.g. in PaddleDetection's dataset list"
 TRAIN = Requirement("train", "train2017.zip", "COCO train2017 images, 18 GB", md5="cced6f7f71b7629ddf16f17bbcfab6b2",
@@ -193,10 +193,7 @@ def build(out: Path, sources: dict[str, Source], ctx: BuildContext) -> BuildResu
     train = samples["train"]
     splits = {"train": split_lines(train), "val": split_lines(samples["val"])}
     sizes = {n: fraction_size(len(train), *f) for n, f in FRACTIONS.items()}
-    sources_of = {}
-    for name, lab in nested_prefixes(permuted(train, ctx.seed, 1), sizes).items():
-        label_splits(splits, name, lab, complement(train, lab))
-        sources_of[name] = f"generated, seed {ctx.seed}"
+    sources_of = generated_splits(splits, train, sizes, ctx.seed)
     if ctx.splits_dir is not None:
         for name, (lab, unl) in load_user_splits(ctx.splits_dir, {s.key: s for s in train}, train).items():
             label_splits(splits, name, lab, unl)

@@ -572,6 +572,18 @@ def label_splits(result: dict[str, list[str]], name: str, labeled: list[Sample],
     result[f"unlabeled_{name}"] = split_lines(unlabeled)
 
 
+def generated_splits(result: dict[str, list[str]], train: list[Sample], sizes: dict[str, int], seed: int,
+                     extra_unlabeled: list[Sample] | tuple = ()) -> dict[str, str]:
+    """Seeded nested label splits of ``train``: for each ``name -> count`` of ``sizes``, the first ``count`` samples
+    of one seeded permutation are ``labeled_<name>`` and the rest (plus ``extra_unlabeled``) ``unlabeled_<name>``,
+    added to ``result``. Returns ``{name: "generated, seed <seed>"}`` (the source of each split)."""
+    sources_of = {}
+    for name, lab in nested_prefixes(permuted(train, seed, 1), sizes).items():
+        label_splits(result, name, lab, complement(train, lab) + list(extra_unlabeled))
+        sources_of[name] = f"generated, seed {seed}"
+    return sources_of
+
+
 def describe_sources(sources_of: dict[str, str], ctx: BuildContext) -> str:
     """The manifest's one-line ``split_source``: generated (with the seed), user-provided, or both."""
     kinds = sorted(set(sources_of.values()))

@@ -36,9 +36,9 @@ import yaml
 from PIL import Image
 
 from workbench.data.recipes.common import (BuildContext, BuildResult, Recipe, RecipeError, Requirement, Sample, Source,
-                                           complement, describe_sources, encode_label_png, fraction_size, label_splits,
-                                           load_user_splits, nested_prefixes, palette_bytes, parse_fraction, permuted,
-                                           safe_path, split_lines, voc_palette)
+                                           complement, describe_sources, encode_label_png, fraction_size,
+                                           generated_splits, label_splits, load_user_splits, palette_bytes,
+                                           parse_fraction, permuted, safe_path, split_lines, voc_palette)
 
 CONFIG = Requirement("folder", "dataset.yaml", "your dataset folder: dataset.yaml, images/, masks/", kind="file")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
@@ -208,10 +208,7 @@ def build(out: Path, sources: dict[str, Source], ctx: BuildContext) -> BuildResu
         raise RecipeError(f"{src}: every labeled image is in the validation set; nothing is left to train on")
     splits = {"train": split_lines(train), "val": split_lines(val)}
     sizes = {f: fraction_size(len(train), *parse_fraction(f)) for f in cfg["label_fractions"]}
-    sources_of = {}
-    for name, lab in nested_prefixes(permuted(train, ctx.seed, 1), sizes).items():
-        label_splits(splits, name, lab, complement(train, lab) + maskless)
-        sources_of[name] = f"generated, seed {ctx.seed}"
+    sources_of = generated_splits(splits, train, sizes, ctx.seed, maskless)
     if maskless:
         label_splits(splits, "full", train, maskless)
         sources_of["full"] = "all labeled training images; unlabeled = the images without masks"

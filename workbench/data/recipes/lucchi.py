@@ -21,9 +21,8 @@ import numpy as np
 from PIL import Image, ImageSequence
 
 from workbench.data.recipes.common import (BuildContext, BuildResult, Recipe, RecipeError, Requirement, Sample, Source,
-                                           complement, describe_sources, encode_label_png, fraction_size, label_splits,
-                                           load_user_splits, nested_prefixes, palette_bytes, permuted, safe_path,
-                                           split_lines)
+                                           describe_sources, encode_label_png, fraction_size, generated_splits,
+                                           label_splits, load_user_splits, palette_bytes, safe_path, split_lines)
 
 _DIRS = (".", "lucchi", "Lucchi", "EM")
 _DESC = "EPFL CVLab Electron Microscopy Dataset (Lucchi et al.)"
@@ -90,10 +89,7 @@ def build(out: Path, sources: dict[str, Source], ctx: BuildContext) -> BuildResu
     train = sets["train"]
     splits = {"train": split_lines(train), "val": split_lines(sets["test"])}
     sizes = {n: fraction_size(len(train), *f, rounding="floor") for n, f in FRACTIONS.items()}
-    sources_of = {}
-    for name, lab in nested_prefixes(permuted(train, ctx.seed, 1), sizes).items():
-        label_splits(splits, name, lab, complement(train, lab))
-        sources_of[name] = f"generated, seed {ctx.seed}"
+    sources_of = generated_splits(splits, train, sizes, ctx.seed)
     if ctx.splits_dir is not None:
         by_key = {s.key: s for s in train}
         for name, (lab, unl) in load_user_splits(ctx.splits_dir, by_key, train, lucchi_key).items():
