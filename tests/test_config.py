@@ -19,6 +19,15 @@ def test_dotted_overrides_are_typed():
     assert cfg.data.scale_range == (0.5, 1.5) and cfg.train.iters == 7 and cfg.model.pretrained is None
 
 
+def test_yaml_on_off_reach_string_fields_as_words():
+    """YAML 1.1 reads ``off`` as False: a string field takes it back as "off" (and True as "on", which the
+    choices then reject where it is not one); a boolean field keeps its booleans."""
+    cfg = load_config(overrides=["optim.amp=off", "model.compile=off", "optim.fused=false"])
+    assert cfg.optim.amp == "off" and cfg.model.compile == "off" and cfg.optim.fused is False
+    with pytest.raises(ConfigError, match="optim.amp"):
+        load_config(overrides=["optim.amp=on"])
+
+
 @pytest.mark.parametrize("override, key", [
     ("optim.lrr=0.1", "optim.lrr"),
     ("method.tau=0.9", "method.tau"),  # supervised has no tau

@@ -1,5 +1,6 @@
 """Trainer: run directory, resume reproducibility, clean failures, artifacts, CLI."""
 import json
+import re
 import shutil
 
 import pytest
@@ -101,7 +102,9 @@ def test_missing_file_fails_before_writing(tiny_cfg, tmp_path, tiny_data):
     assert not cfg.run_dir.exists()
 
 
-def test_nonfinite_policy(tiny_cfg, monkeypatch):
+@pytest.mark.parametrize("fused", [False, True], ids=["sync-check", "deferred-check"])
+def test_nonfinite_policy(tiny_cfg, monkeypatch, fused):
+    """Both checks: the per-step host read (foreach SGD) and the deferred one (fused SGD skips on the device)."""
     from workbench.engine.trainer import NonFiniteError
     from workbench.methods.supervised import Supervised
 
@@ -115,11 +118,11 @@ def test_nonfinite_policy(tiny_cfg, monkeypatch):
 
     monkeypatch.setattr(Supervised, "training_step", nan_at_2)
     with pytest.raises(NonFiniteError, match="step 1") as e:
-        train(tiny_cfg(name="stop"))
-    assert "batch ids" in str(e.value)
-    s = train(tiny_cfg(name="skip", **{"optim.nonfinite": "skip"}))
+        train(tiny_cfg(name="stop", **{"optim.fused": fused}))
+    assert re.search(r"batch ids \['", str(e.value)), str(e.value)
+    s = train(tiny_cfg(name="skip", **{"optim.nonfinite": "skip", "optim.fused": fused}))
     assert s["counters"]["nonfinite_steps"] == 1 and s["finished"]
-    m, _, _ = load_method(tiny_cfg(name="skip").run_dir, "latest")
+    m, _, _ = load_method(tiny_cfg(name="skip", **{"optim.fused": fused}).run_dir, "latest")
     assert all(torch.isfinite(p).all() for p in m.parameters())
 
 

@@ -74,7 +74,8 @@ def _bench(args: argparse.Namespace) -> int:
     from workbench.engine.bench import run_bench
 
     res = run_bench(args.method, iters=args.iters, warmup=args.warmup, repeats=args.repeats,
-                    crop=args.crop, batch=args.batch, overrides=args.set or [], out_dir=Path(args.out),
+                    crop=args.crop, batch=args.batch, num_classes=args.classes, overrides=args.set or [],
+                    out_dir=Path(args.out),
                     data_root=args.data, workers=args.workers)
     print(json.dumps(res, indent=1))
     return 0
@@ -146,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=int, default=3)
     b.add_argument("--crop", type=int, default=64)
     b.add_argument("--batch", type=int, default=8)
+    b.add_argument("--classes", type=int, default=6, help="classes of the random batches (without --data)")
     b.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override")
     b.add_argument("--out", default="reports/bench")
     b.add_argument("--data", type=Path, default=None, help="time real batches from the training loader over this "

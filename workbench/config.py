@@ -94,9 +94,15 @@ class OptimConfig:
     grad_accum: int = 1
     """Micro-batches per optimiser step (for a single GPU with less memory than the papers' 4-8)."""
     amp: str = "auto"
-    """``auto`` (bf16 on CUDA, off on CPU), ``bf16``, ``fp16`` (with a gradient scaler) or ``off``."""
+    """``auto`` (bf16 on CUDA, off on CPU), ``bf16`` (autocast on CUDA or CPU), ``fp16`` (CUDA, with a gradient
+    scaler) or ``off``."""
     nonfinite: str = "stop"
-    """Non-finite loss or gradients: ``stop`` (error naming step, loss terms and batch ids) or ``skip`` (count)."""
+    """Non-finite loss or gradients: ``stop`` (error naming step, loss terms and batch ids) or ``skip`` (count).
+    With the fused optimiser the check costs no host synchronisation: the fused SGD kernel skips the update on the
+    device (its ``found_inf`` input) and the verdict is read at the next logging point, which is where ``stop``
+    raises (naming the first bad step) and ``skip`` counts."""
+    fused: bool | None = None
+    """Fused (one-kernel) SGD: ``null`` = on CUDA only, ``true`` (any device) or ``false`` (the per-tensor loop)."""
 
 
 @dataclass
@@ -254,6 +260,8 @@ def _check_value(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)
     if tp is str:
+        if isinstance(value, bool):  # YAML 1.1 reads off/on (and no/yes) as booleans: `--set optim.amp=off`
+            value = "on" if value else "off"
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return value

@@ -6,6 +6,10 @@ training data loader over that dataset (the trainer's own loader: ``num_workers`
 on CUDA), and the result adds ``data_stall_fraction``: the share of the timed wall time spent waiting for the next
 batch (0 = the loader keeps up). Peak memory is CUDA max
 allocated on GPU, and on CPU the growth of the process's peak RSS during the timed steps plus the absolute peak.
+One more, untimed step counts the step's device-to-host reads (``host_reads_per_step``, with their code sites: see
+:mod:`workbench.engine.syncs`); on a GPU each is a synchronisation. The toggles of the GPU path are config overrides:
+``optim.amp`` (bf16/fp16/off), ``model.channels_last``, ``train.cudnn_benchmark``, ``optim.fused``,
+``model.compile``.
 Results: JSON in ``reports/bench/<method>.json`` (+ a markdown table of all methods benchmarked so far).
 """
 from __future__ import annotations
@@ -21,8 +25,9 @@ from typing import Any
 import torch
 
 from workbench.config import apply_overrides, config_from_dict
-from workbench.engine.optim import build_sgd
+from workbench.engine.optim import build_sgd, fused_choice
 from workbench.engine.rundir import atomic_write_text
+from workbench.engine.syncs import host_reads
 from workbench.engine.trainer import amp_dtype, build_from_config, environment
 from workbench.methods import SemiBatch, StepInfo
 
@@ -34,10 +39,12 @@ def peak_rss_mb() -> float:
 
 
 def random_batch(num_classes: int, batch: int, crop: int, semi: bool, device: torch.device,
-                 generator: torch.Generator) -> SemiBatch:
-    """A SemiBatch of random normalised images and labels (with CutMix boxes and some padding) on ``device``."""
+                 generator: torch.Generator, channels_last: bool = False) -> SemiBatch:
+    """A SemiBatch of random normalised images and labels (with CutMix boxes and some padding) on ``device``;
+    images in ``channels_last`` memory format when asked (as the trainer's loader delivers them)."""
     def img() -> torch.Tensor:
-        return torch.randn(batch, 3, crop, crop, generator=generator).to(device)
+        x = torch.randn(batch, 3, crop, crop, generator=generator).to(device)
+        return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
     def lab() -> torch.Tensor:
         return torch.randint(0, num_classes, (batch, crop, crop), generator=generator).to(device)
@@ -72,16 +79,19 @@ def run_bench(method: str, iters: int = 20, warmup: int = 3, repeats: int = 3, c
         tmp = tempfile.TemporaryDirectory(prefix="workbench-bench-")
         base.update(out_dir=tmp.name, name="bench",
                     data={"root": str(data_root), "crop_size": crop, "batch_size": batch, "num_workers": workers},
-                    train={"iters": total, "progress": False})
+                    train={"iters": total + 1, "progress": False})   # + the untimed host-read count step
     cfg = config_from_dict(apply_overrides(base, list(overrides or [])))
     dev = local_device(device if device != "auto" else cfg.train.device)
     torch.manual_seed(0)
     waits: list[float] = []
     if data_root is None:
+        if dev.type == "cuda":
+            torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
         m = build_from_config(cfg, num_classes, dev)
-        opt = build_sgd(m.param_groups(0.001), 0.9, 1e-4, fused=True if dev.type == "cuda" else None)
+        opt = build_sgd(m.param_groups(0.001), 0.9, 1e-4, fused=fused_choice(cfg.optim.fused, dev))
         g = torch.Generator().manual_seed(0)
-        batches = [random_batch(num_classes, batch, crop, m.uses_unlabeled, dev, g) for _ in range(2)]
+        batches = [random_batch(num_classes, batch, crop, m.uses_unlabeled, dev, g, cfg.model.channels_last)
+                   for _ in range(2)]
 
         def next_batch(i: int) -> SemiBatch:
             return batches[i % 2]
@@ -130,6 +140,9 @@ def run_bench(method: str, iters: int = 20, warmup: int = 3, repeats: int = 3, c
         sync()
         times.append((time.perf_counter() - t0) / iters)
     sec = statistics.median(times)
+    waited = sum(waits)
+    with host_reads() as reads:   # one more step, untimed: the device-to-host reads a step makes
+        step(total)
     images = batch * (2 if m.uses_unlabeled else 1)
     res = {"method": method, "device": environment()["device"], "device_type": dev.type, "crop": crop,
            "batch_labeled": batch, "batch_unlabeled": batch if m.uses_unlabeled else 0,
@@ -137,10 +150,13 @@ def run_bench(method: str, iters: int = 20, warmup: int = 3, repeats: int = 3, c
            "amp": str(amp).replace("torch.", "") if amp else "off", "seconds_per_iter": sec,
            "iters_per_second": 1 / sec, "images_per_second": images / sec, "seconds_per_iter_all": times,
            "torch_threads": torch.get_num_threads(), "overrides": list(overrides or []),
+           "host_reads_per_step": sum(reads.values()), "host_read_sites": dict(reads),
+           "channels_last": cfg.model.channels_last, "compile": cfg.model.compile,
+           "fused_optimizer": bool(opt.defaults.get("fused")),
            "command": "workbench " + " ".join(sys.argv[1:]) if sys.argv and "bench" in sys.argv else None}
     if data_root is not None:
         res.update(data_root=str(data_root), num_workers=cfg.data.num_workers,
-                   data_stall_fraction=sum(waits) / max(sum(times) * iters, 1e-12))
+                   data_stall_fraction=waited / max(sum(times) * iters, 1e-12))
         tmp.cleanup()
     if dev.type == "cuda":
         res["peak_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20

@@ -1,11 +1,11 @@
-"""Optimisation helpers: lr scaling rule, poly decay, SGD over param groups, EMA."""
+"""Optimisation helpers: lr scaling rule, poly decay, SGD over param groups, EMA, the sync-free non-finite check."""
 from __future__ import annotations
 
 import math
 from typing import Any, Iterable
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 
 def scaled_lr(lr: float, batch: int, reference: int, rule: str = "linear") -> float:
@@ -71,3 +71,85 @@ def ema_update(teacher: nn.Module, student: nn.Module, alpha: float) -> None:
 def count_parameters(params: Iterable[torch.nn.Parameter]) -> int:
     """Number of scalar parameters."""
     return sum(p.numel() for p in params)
+
+
+def fused_choice(fused: bool | None, device: torch.device) -> bool | None:
+    """``optim.fused`` -> the ``fused`` argument of SGD: True, None for False (the foreach loop), and for None
+    (automatic) True on CUDA only."""
+    if fused is None:
+        return True if device.type == "cuda" else None
+    return True if fused else None
+
+
+def all_finite(loss: Tensor, params: Iterable[torch.nn.Parameter]) -> Tensor:
+    """bool 0-d tensor on the loss's device: the loss and every existing gradient are finite (no host read).
+
+    One ``_foreach_norm(ord=inf)`` pass (the largest absolute value per gradient: finite exactly when the whole
+    gradient is, and it cannot overflow) instead of one kernel per parameter."""
+    grads = [p.grad for p in params if p.grad is not None]
+    ok = torch.isfinite(loss.detach()).all()
+    if grads:
+        ok = ok & torch.isfinite(torch.stack(torch._foreach_norm(grads, ord=float("inf")))).all().to(ok.device)
+    return ok
+
+
+def zero_momentum_buffers(optimizer: torch.optim.SGD) -> None:
+    """Give every parameter of a momentum SGD a zero momentum buffer before its first step.
+
+    The fused SGD kernel allocates the buffer on the first step and copies the gradient into it; when that first
+    step is skipped through ``found_inf`` the buffer stays uninitialised memory (measured on torch 2.14 CPU). A
+    zero buffer gives the same first step (``buf = 0.9 * 0 + grad`` = ``grad`` with no dampening) and makes a
+    skipped first step harmless. Parameters that already have a buffer (a resumed run) keep it."""
+    for group in optimizer.param_groups:
+        if group.get("momentum", 0) and not group.get("dampening", 0):
+            for p in group["params"]:
+                state = optimizer.state[p]
+                if state.get("momentum_buffer") is None:
+                    state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
+class DeferredNonFinite:
+    """Non-finite training steps detected on the device and read by the host only at logging time.
+
+    :meth:`flag` (once per step, no host read) computes :func:`all_finite`, hands the optimiser ``found_inf`` (the
+    fused SGD kernel then leaves weights and momentum untouched on a bad step) and remembers, on the device, how
+    many steps were bad and the loss terms of the first; :meth:`read` (one host read) returns ``(first step, count,
+    loss terms, batch ids of the first)`` since the previous read, or None when every step was finite.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._reset()
+
+    def _reset(self) -> None:
+        self.count = torch.zeros((), dtype=torch.long, device=self.device)
+        self.first = torch.full((), -1, dtype=torch.long, device=self.device)
+        self.terms: dict[str, Tensor] = {}
+        self.ids: dict[int, list[str]] = {}
+
+    def flag(self, optimizer: torch.optim.Optimizer, loss: Tensor, params: Iterable[torch.nn.Parameter], step: int,
+             logs: dict[str, Tensor], ids: list[str]) -> Tensor:
+        """Flag this step; returns the bool 0-d ``good`` tensor (True = finite, the update will be applied)."""
+        good = all_finite(loss, params).to(self.device)
+        bad = ~good
+        optimizer.found_inf = bad.float().reshape(1)   # read by the fused SGD kernel (torch.optim.SGD.step)
+        new_first = bad & (self.first < 0)
+        self.first = torch.where(new_first, step, self.first)
+        for k, v in logs.items():
+            v = v.detach().float().to(self.device)
+            self.terms[k] = torch.where(new_first, v, self.terms.get(k, torch.zeros_like(v)))
+        self.count = self.count + bad
+        self.ids[step] = list(ids)
+        return good
+
+    def read(self) -> tuple[int, int, dict[str, float], list[str]] | None:
+        """The verdict since the last read (see the class docstring); resets the record."""
+        if not self.ids:
+            return None
+        count = int(self.count)
+        result = None
+        if count:
+            first = int(self.first)
+            result = (first, count, {k: float(v) for k, v in self.terms.items()}, self.ids.get(first, []))
+        self._reset()
+        return result

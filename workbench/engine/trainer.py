@@ -26,7 +26,8 @@ from workbench.engine import distributed as D
 from workbench.engine.checkpoint import (CheckpointError, load_checkpoint, load_state_checked, rng_state,
                                          save_checkpoint, set_rng_state)
 from workbench.engine.evaluate import EvalSettings, evaluate
-from workbench.engine.optim import build_sgd, scaled_lr, set_poly_lr
+from workbench.engine.optim import (DeferredNonFinite, all_finite, build_sgd, fused_choice, scaled_lr, set_poly_lr,
+                                    zero_momentum_buffers)
 from workbench.engine.rundir import RunDir
 from workbench.methods import METHODS, Method, SemiBatch, StepInfo, build_method
 from workbench.models import build_model
@@ -101,14 +102,17 @@ def build_from_config(cfg: RunConfig, num_classes: int, device: torch.device) ->
 
 
 def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
-    """Autocast dtype for optim.amp on ``device`` (None = fp32). AMP runs on CUDA only."""
+    """Autocast dtype for optim.amp on ``device`` (None = fp32): ``auto`` = bf16 on CUDA only; ``bf16`` anywhere
+    (CPU autocast is slow without bf16 hardware, but it lets the numerics be checked off-GPU); fp16 on CUDA only."""
     if mode == "auto":
         return torch.bfloat16 if device.type == "cuda" else None
     if mode == "off":
         return None
+    if mode == "bf16":
+        return torch.bfloat16
     if device.type != "cuda":
-        raise ConfigError(f"optim.amp={mode!r} needs CUDA (device is {device}); use auto or off")
-    return torch.bfloat16 if mode == "bf16" else torch.float16
+        raise ConfigError(f"optim.amp={mode!r} needs CUDA (device is {device}); use bf16, auto or off")
+    return torch.float16
 
 
 def artifact_tensor(key: str, t: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:
@@ -198,10 +202,16 @@ class Trainer:
                 find_unused_parameters=getattr(self.method, "ddp_find_unused", False))
         self.lr = scaled_lr(cfg.optim.lr, bl * self.world * cfg.optim.grad_accum, cfg.optim.reference_batch,
                             cfg.optim.lr_scaling)
-        fused = True if self.device.type == "cuda" else None
+        fused = fused_choice(cfg.optim.fused, self.device)
         self.optimizer = build_sgd(self.method.param_groups(self.lr, cfg.optim.head_lr_mult), cfg.optim.momentum,
                                    cfg.optim.weight_decay, fused=fused)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == torch.float16)
+        # fused SGD skips a step on the device when given ``found_inf``: the non-finite check then needs no host
+        # read per step (fp16 leaves the check to the GradScaler, which uses the same kernel input)
+        self.deferred = bool(fused) and self.amp != torch.float16
+        if self.deferred:
+            zero_momentum_buffers(self.optimizer)
+        self.pending = DeferredNonFinite(self.device)
         self.start = 0
         self.best = {"miou": -1.0, "step": -1}
         self.counters = {"skipped_samples": 0, "nonfinite_steps": 0}
@@ -341,32 +351,37 @@ class Trainer:
                 for k, v in {"loss": out.loss, **out.logs}.items():
                     v = v.detach().float() if isinstance(v, Tensor) else torch.tensor(float(v))
                     logs_step[k] = logs_step.get(k, 0) + v / micro
-            if not self._finite_step(out, logs_step, step, ids):
-                step += 1
-                if pbar:
-                    pbar.update(1)
-                continue
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.method.after_step(info)
-            for k, v in logs_step.items():
-                sums[k] = sums.get(k, 0) + v
-            n_sum += 1
-            if capture and self.rank == 0 and out.artifacts:
+            good = None   # deferred: a device bool; the synchronous check decides on the host
+            if self.deferred:
+                good = self.pending.flag(self.optimizer, out.loss, self.method.parameters(), step, logs_step, ids)
+                applied = True   # handed to the fused kernel, which skips a bad step itself
+            else:
+                applied = self._finite_step(out, logs_step, step, ids)
+            if applied:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.method.after_step(info)
+                for k, v in logs_step.items():   # a step skipped on the device adds nothing to the logged means
+                    sums[k] = sums.get(k, 0) + (v if good is None else torch.where(good, v, 0.0))
+                n_sum = n_sum + (1 if good is None else good.float())
+            if applied and capture and self.rank == 0 and out.artifacts:
                 self.run.save_artifacts(step + 1, info.epoch, {k: artifact_tensor(k, v, cfg.data.mean, cfg.data.std)
                                                                for k, v in out.artifacts.items()})
             step += 1
             if pbar:
                 pbar.update(1)
+            epoch_end = step % self.ipe == 0
+            if step % cfg.train.log_every == 0 or step == end or epoch_end:
+                self._read_nonfinite()   # the deferred verdict, before anything is logged, evaluated or saved
             if step % cfg.train.log_every == 0 or step == end:
                 rec = {"kind": "train", "step": step, "epoch": (step - 1) // self.ipe,
                        "lr": self.optimizer.param_groups[0]["lr"]}
-                rec.update({k: float(v / n_sum) for k, v in sums.items()})
+                n_read = float(n_sum)
+                rec.update({k: float(v / n_read) if n_read else None for k, v in sums.items()})
                 self._log(rec)
                 if pbar:
                     pbar.set_postfix(loss=f"{rec.get('loss', float('nan')):.3f}")
                 sums, n_sum = {}, 0
-            epoch_end = step % self.ipe == 0
             do_eval = step == self.total or (cfg.train.eval_every and step % cfg.train.eval_every == 0) or (
                 not cfg.train.eval_every and epoch_end)
             if do_eval:
@@ -382,6 +397,8 @@ class Trainer:
             self.elapsed += time.perf_counter() - t_start
             t_start = time.perf_counter()
             due = step == self.total or bool(cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0)
+            if due:
+                self._read_nonfinite()
             if not due and epoch_end:
                 due = time.monotonic() - self.last_ckpt >= cfg.train.checkpoint_min_seconds
                 if self.world > 1:
@@ -396,14 +413,27 @@ class Trainer:
             self.tb.close()
         return summary
 
+    def _read_nonfinite(self) -> None:
+        """Read the deferred non-finite verdict (one host read): count skipped steps, or raise under ``stop``."""
+        if not self.deferred:
+            return
+        bad = self.pending.read()
+        if bad is None:
+            return
+        first, count, terms, ids = bad
+        if self.cfg.optim.nonfinite == "skip":
+            self.counters["nonfinite_steps"] += count
+            return
+        raise NonFiniteError(f"non-finite loss/gradients at step {first} ({count} step(s) since the last check, none "
+                             f"applied to the weights): loss terms {terms}; batch ids {ids}. Set optim.nonfinite=skip "
+                             "to skip such steps, or lower optim.lr.")
+
     def _finite_step(self, out, logs: dict[str, Tensor], step: int, ids: list[str]) -> bool:
         """Check loss (and, for fp16, the scaler handles grads); apply the non-finite policy."""
         if self.amp == torch.float16:
             return True  # GradScaler skips steps with inf/NaN gradients itself
         # one host synchronisation for the loss and all gradients (not one per parameter)
-        flags = [torch.isfinite(out.loss).all()] + [torch.isfinite(p.grad).all() for p in self.method.parameters()
-                                                    if p.grad is not None]
-        ok = bool(torch.stack(flags).all())
+        ok = bool(all_finite(out.loss, self.method.parameters()))
         if ok:
             return True
         if self.cfg.optim.nonfinite == "skip":

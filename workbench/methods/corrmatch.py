@@ -208,8 +208,8 @@ class CorrMatch(WeakStrong):
         keep = weak.ignore != IGNORE
         if box is not None:
             keep &= ~box
-        shapes = shapes_from_rows(corr_w, rows, feat_size, tuple(weak.pseudo.shape[-2:])) & keep[:, None]
-        pseudo, confident = region_propagation(weak.pseudo, confident, shapes, tau, self.num_classes)
+        shapes = shapes_from_rows(corr_w, rows, feat_size, tuple(weak.pseudo.shape[-2:]), check=False) & keep[:, None]
+        pseudo, confident = region_propagation(weak.pseudo, confident, shapes, tau, self.num_classes, check=False)
         return pseudo, confident, rows, shapes
 
     def training_step(self, batch: SemiBatch, step: StepInfo) -> StepOutput:

@@ -181,8 +181,8 @@ class RankMatch(UniMatch):
         size = (feat_s.shape[-2], feat_s.shape[-1])
         fw = cutmix_features(feat_w.detach(), feat_mix, box if c.cutmix else None, size)
         agents = self.select_agents(fw)
-        corr_w = agent_correlation(fw, agents, c.agent_normalize, c.agent_temperature)
-        corr_s = agent_correlation(feat_s, agents, c.agent_normalize, c.agent_temperature)
+        corr_w = agent_correlation(fw, agents, c.agent_normalize, c.agent_temperature, check=False)
+        corr_s = agent_correlation(feat_s, agents, c.agent_normalize, c.agent_temperature, check=False)
         loss = correlation_consistency(corr_w.float(), corr_s.float(), c.consistency, c.top_k, c.rank_eps)
         return AgentView(agents, corr_w, corr_s, size, loss)
 

@@ -57,6 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from workbench.engine.syncs import host_scalar
 from workbench.methods.base import SemiBatch, StepInfo, StepOutput, register_method
 from workbench.methods.fixmatch import FixMatchConfig, Targets, WeakStrong
 from workbench.methods.supervised import supervised_loss
@@ -368,14 +369,14 @@ class ScaleMatch(WeakStrong):
             return list(c.scales)
         if c.scale_sampling == "uniform":
             lo, hi = min(c.scales), max(c.scales)
-            return [lo + (hi - lo) * float(torch.rand(()))]
-        return [c.scales[int(torch.randint(len(c.scales), ()))]]
+            return [lo + (hi - lo) * host_scalar(torch.rand(()))]
+        return [c.scales[host_scalar(torch.randint(len(c.scales), ()))]]
 
     def sample_feature_scale(self, scale: float) -> float:
         """The FSVC feature scale for image scale ``scale``: drawn from ``feature_scales_down`` when ``scale > 1``,
         else from ``feature_scales_up`` (no draw when the list holds one value)."""
         options = self.cfg.feature_scales_down if scale > 1 else self.cfg.feature_scales_up
-        return options[int(torch.randint(len(options), ()))] if len(options) > 1 else options[0]
+        return options[host_scalar(torch.randint(len(options), ()))] if len(options) > 1 else options[0]
 
     def fsvc_logits(self, feats: dict[str, Tensor], scale: float, size: Sequence[int]) -> Tensor:
         """Eqs. 15-16: the low/high encoder features resized by ``scale``, decoded jointly with a

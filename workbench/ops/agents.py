@@ -146,7 +146,8 @@ def _scaled(feats: Tensor, normalize: bool, temperature: float) -> Tensor:
     return pix if temperature == 1 else pix / temperature**0.5
 
 
-def agent_correlation(feats: Tensor, agents: Tensor, normalize: bool = False, temperature: float = 1.0) -> Tensor:
+def agent_correlation(feats: Tensor, agents: Tensor, normalize: bool = False, temperature: float = 1.0,
+                      check: bool = True) -> Tensor:
     """Agent-level correlation (RankMatch Eq. 4): ``c = softmax(f . A^T)`` over the agents, for every pixel.
 
     The paper applies the softmax to raw dot products of the (ASPP, 256-channel) features with the agents' features,
@@ -158,6 +159,8 @@ def agent_correlation(feats: Tensor, agents: Tensor, normalize: bool = False, te
         agents: int64 ``[B, N]`` flat pixel indices (the same positions serve both views).
         normalize: L2-normalise pixel features (and therefore agents) first.
         temperature: positive divisor of the logits.
+        check: verify that the indices lie in range (a device-to-host read: a GPU synchronisation); callers
+            whose indices come from the selectors of this module pass False.
 
     Returns:
         float ``[B, H*W, N]``, each row a probability distribution over the agents.
@@ -166,7 +169,7 @@ def agent_correlation(feats: Tensor, agents: Tensor, normalize: bool = False, te
     b, n, c = pix.shape
     if not isinstance(agents, Tensor) or agents.dim() != 2 or agents.shape[0] != b or agents.dtype != torch.long:
         raise ValueError(f"agents must be an int64 [B={b}, N] tensor, got {getattr(agents, 'shape', agents)!r}")
-    if agents.numel() and (int(agents.min()) < 0 or int(agents.max()) >= n):
+    if check and agents.numel() and (int(agents.min()) < 0 or int(agents.max()) >= n):
         raise ValueError(f"agents must index pixels in [0, {n})")
     anchor = torch.gather(pix, 1, agents[:, :, None].expand(b, agents.shape[1], c))
     return torch.bmm(pix, anchor.transpose(1, 2)).softmax(dim=-1)

@@ -143,7 +143,7 @@ def sample_rows(
 
 
 def shapes_from_rows(
-    corr: Tensor, rows: Tensor, feat_size: tuple[int, int], out_size: tuple[int, int]
+    corr: Tensor, rows: Tensor, feat_size: tuple[int, int], out_size: tuple[int, int], check: bool = True
 ) -> Tensor:
     """Binary shapes from chosen rows of a correlation map (CorrMatch Eq. 7).
 
@@ -156,6 +156,8 @@ def shapes_from_rows(
         rows: int64 ``[B, M]`` row indices into ``corr``'s second axis (see :func:`sample_rows`).
         feat_size: ``(h, w)`` of the correlation map's pixels.
         out_size: ``(H, W)`` of the pseudo-label the shapes are matched to.
+        check: verify that ``rows`` lie in range (a device-to-host read, i.e. a GPU synchronisation; the training
+            step passes False for rows it sampled itself).
 
     Returns:
         bool ``[B, M, H, W]``. Clearing CutMix-box and ignored pixels is left to the caller.
@@ -173,7 +175,7 @@ def shapes_from_rows(
         raise ValueError(f"rows has batch {rows.shape[0]}, corr has {b}")
     if rows.dtype != torch.long:
         raise TypeError(f"rows must be int64, got {rows.dtype}")
-    if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= n):
+    if check and rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= n):
         raise ValueError(f"rows must lie in [0, {n}), got values in [{int(rows.min())}, {int(rows.max())}]")
     m = rows.shape[1]
     picked = torch.gather(corr, 1, rows.unsqueeze(-1).expand(b, m, n))
@@ -200,6 +202,7 @@ def region_propagation(
     shapes: Tensor,
     tau: float | Tensor,
     num_classes: int | None = None,
+    check: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Enlarge pseudo-labels and the confident mask with correlation shapes (CorrMatch Eqs. 8-10).
 
@@ -237,7 +240,7 @@ def region_propagation(
     Returns:
         ``(pseudo_out, confident_out)``: new int64 ``[B, H, W]`` and bool ``[B, H, W]`` tensors (inputs untouched).
     """
-    tau, num_classes = _check_region_inputs(pseudo, confident, shapes, tau, num_classes)
+    tau, num_classes = _check_region_inputs(pseudo, confident, shapes, tau, num_classes, check)
     b, m, h, w = shapes.shape
     if shapes.numel() == 0:
         return pseudo.clone(), confident.clone()
@@ -337,9 +340,12 @@ def region_propagation_reference(
 
 
 def _check_region_inputs(
-    pseudo: Tensor, confident: Tensor, shapes: Tensor, tau: float | Tensor, num_classes: int | None
+    pseudo: Tensor, confident: Tensor, shapes: Tensor, tau: float | Tensor, num_classes: int | None,
+    check: bool = True,
 ) -> tuple[float | Tensor, int]:
-    """Validate :func:`region_propagation`'s arguments; return ``tau`` (on pseudo's device) and the class count."""
+    """Validate :func:`region_propagation`'s arguments; return ``tau`` (on pseudo's device) and the class count.
+
+    ``check=False`` skips the checks of the label values (device-to-host reads); ``num_classes`` is then required."""
     for name, value in (("pseudo", pseudo), ("confident", confident), ("shapes", shapes)):
         _require_tensor(name, value)
     _require_dims("pseudo", pseudo, 3, "[B, H, W]")
@@ -361,6 +367,10 @@ def _check_region_inputs(
         tau = tau.reshape(()).to(pseudo.device)
     elif not isinstance(tau, (int, float)) or isinstance(tau, bool):
         raise TypeError(f"tau must be a float or a 0-d tensor, got {type(tau).__name__}")
+    if not check:
+        if not isinstance(num_classes, int) or isinstance(num_classes, bool) or not 0 < num_classes <= 32767:
+            raise ValueError(f"num_classes must be an int in [1, 32767] when check=False, got {num_classes!r}")
+        return tau, num_classes
     counted = pseudo * confident  # labels under Q, 0 elsewhere
     low, high = int(counted.min()), int(counted.max())
     if low < 0:

@@ -13,11 +13,12 @@ IGNORE = 255
 
 
 def ce_loss(logits: Tensor, target: Tensor, ignore_index: int = IGNORE) -> Tensor:
-    """Mean cross-entropy over non-ignored pixels. logits [B,K,H,W], target long [B,H,W]; 0 if all ignored."""
-    valid = target != ignore_index
-    if not bool(valid.any()):
-        return logits.sum() * 0.0
-    return F.cross_entropy(logits, target, ignore_index=ignore_index)
+    """Mean cross-entropy over non-ignored pixels. logits [B,K,H,W], target long [B,H,W]; 0 if all ignored.
+
+    Computed as sum / max(count, 1) so that no branch reads the device (``F.cross_entropy``'s mean is NaN when every
+    pixel is ignored)."""
+    count = (target != ignore_index).sum().clamp(min=1)
+    return F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="sum") / count
 
 
 def ohem_ce_loss(logits: Tensor, target: Tensor, thresh: float = 0.7, min_kept: int = 200000,

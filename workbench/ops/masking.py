@@ -20,6 +20,8 @@ import math
 import torch
 from torch import Tensor
 
+from workbench.engine.syncs import host_scalar
+
 __all__ = ["patch_mask", "MASK_STRATEGIES"]
 
 MASK_STRATEGIES = ("random", "block", "grid")
@@ -64,8 +66,9 @@ def patch_mask(
     draw = generator.device if generator is not None else torch.device(device or "cpu")
     if strategy == "random":
         hidden = torch.rand(batch, rows, cols, generator=generator, device=draw) < ratio
-    elif strategy == "block":
-        hidden = torch.stack([_blocks(rows, cols, ratio, generator, draw) for _ in range(batch)])
+    elif strategy == "block":  # a Python loop of small draws: on the host unless the generator lives elsewhere
+        host = generator.device if generator is not None else torch.device("cpu")
+        hidden = torch.stack([_blocks(rows, cols, ratio, generator, host) for _ in range(batch)]).to(draw)
     else:
         offset = torch.randint(4, (batch, 1, 1), generator=generator, device=draw)
         r = torch.arange(rows, device=draw)[:, None] % 2
@@ -82,8 +85,11 @@ def _blocks(rows: int, cols: int, ratio: float, generator: torch.Generator | Non
     target = round(ratio * rows * cols)
     done = 0
 
+    def read(t: Tensor) -> float:  # CPU reads are not GPU synchronisations
+        return host_scalar(t) if t.device.type == "cpu" else t.item()
+
     def uniform(low: float, high: float) -> float:
-        return low + (high - low) * float(torch.rand((), generator=generator, device=device))
+        return low + (high - low) * read(torch.rand((), generator=generator, device=device))
 
     while done < target:
         left = target - done
@@ -93,9 +99,9 @@ def _blocks(rows: int, cols: int, ratio: float, generator: torch.Generator | Non
             h, w = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
             if not (1 <= h <= rows and 1 <= w <= cols):
                 continue
-            top = int(torch.randint(rows - h + 1, (), generator=generator, device=device))
-            lft = int(torch.randint(cols - w + 1, (), generator=generator, device=device))
-            new = h * w - int(hidden[top : top + h, lft : lft + w].sum())
+            top = int(read(torch.randint(rows - h + 1, (), generator=generator, device=device)))
+            lft = int(read(torch.randint(cols - w + 1, (), generator=generator, device=device)))
+            new = h * w - int(read(hidden[top : top + h, lft : lft + w].sum()))
             if 0 < new <= left:
                 hidden[top : top + h, lft : lft + w] = True
                 done += new

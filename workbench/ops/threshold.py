@@ -80,9 +80,10 @@ class DynamicThreshold(nn.Module):
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(maxima, op=dist.ReduceOp.MAX)
         predicted = maxima >= 0
-        if bool(predicted.any()):
-            target = maxima[predicted].mean()
-            self.value.mul_(self.momentum).add_((1.0 - self.momentum) * target)
+        count = predicted.sum()
+        target = (maxima * predicted).sum() / count.clamp(min=1)   # mean over the predicted classes, no host read
+        updated = self.value * self.momentum + (1.0 - self.momentum) * target
+        self.value.copy_(torch.where(count > 0, updated, self.value))
         return self.value.clone()
 
     def extra_repr(self) -> str:
