@@ -116,7 +116,8 @@ def main() -> None:
     if toggle_rows:
         lines += ["", f"UniMatch, one switch changed from the full path ({FULL}, fused SGD, cudnn benchmark); "
                   "speed-up < 1 means the switch helped:", "",
-                  "| change | s/iter | speed-up vs full path | peak MB | memory vs full path |", "|---|---|---|---|---|"]
+                  "| change | s/iter | speed-up vs full path | peak MB | memory vs full path |",
+                  "|---|---|---|---|---|"]
         for r in toggle_rows:
             lines.append(f"| {r['variant']} | {r['seconds_per_iter_median']:.4f} | {r['speedup_vs_reference']:.2f}x "
                          f"| {r['peak_mb_median']:.0f} | {r['peak_vs_reference']:.2f}x |")

@@ -218,3 +218,15 @@ def test_compiled_model_trains_and_checkpoints_keep_plain_keys(tiny_cfg):
     plain.load_state_dict(state)
     with pytest.raises(ConfigError, match="model.compile"):
         tiny_cfg(**{"model.compile": "fast"})
+
+
+def test_loader_workers_persist_across_evaluations(tiny_cfg):
+    """With loader workers, the training loader and the (built once, persistent) validation loader serve several
+    evaluations, and the run matches the one without workers (the data pipeline is seeded per sample)."""
+    runs = {}
+    for nw in (0, 1):
+        cfg = tiny_cfg(name=f"w{nw}", **{"data.num_workers": nw, "train.eval_every": 2})
+        s = train(cfg)
+        assert s["finished"]
+        runs[nw] = [r["miou"] for r in RunDir(cfg.run_dir).read_metrics("eval")]
+    assert len(runs[1]) == 2 and runs[1] == pytest.approx(runs[0])

@@ -91,7 +91,8 @@ def build_from_config(cfg: RunConfig, num_classes: int, device: torch.device) ->
     """The method (with its freshly built model) on ``device``."""
     m = cfg.model
     model = build_model(num_classes, backbone=m.backbone, stem=m.stem, output_stride=m.output_stride,
-                        width=m.width, head_width=m.head_width, aspp_rates=m.aspp_rates, pretrained=m.pretrained, fp_dropout=m.fp_dropout)
+                        width=m.width, head_width=m.head_width, aspp_rates=m.aspp_rates, pretrained=m.pretrained,
+                        fp_dropout=m.fp_dropout)
     method = build_method(cfg.method.name, model, cfg.method, num_classes).to(device)
     if m.channels_last:
         method = method.to(memory_format=torch.channels_last)
@@ -266,29 +267,37 @@ class Trainer:
                             counters=self.counters, rng=states, elapsed=self.elapsed,
                             config=config_to_dict(self.cfg))
 
+    def _val_loader(self) -> DataLoader:
+        """The validation loader, built once: its worker processes persist from one evaluation to the next."""
+        if getattr(self, "_val", None) is None:
+            cfg = self.cfg
+            ds = self.val if self.world == 1 else Subset(self.val, range(self.rank, len(self.val), self.world))
+            mean, std = cfg.data.mean, cfg.data.std
+
+            def collate(items):
+                imgs = torch.stack([i for i, _ in items])
+                return normalize(imgs, mean, std), torch.stack([m for _, m in items])
+
+            whole = cfg.eval.mode in ("original", "cif_multiscale")   # whole images: one batch needs equal sizes
+            bs = cfg.eval.batch_size if not whole or _same_size(self.val) else 1
+            nw = min(2, cfg.data.num_workers)
+            self._val = DataLoader(ds, batch_size=bs, num_workers=nw, collate_fn=collate, persistent_workers=nw > 0,
+                                   pin_memory=cfg.data.pin_memory and self.device.type == "cuda")
+        return self._val
+
     def evaluate(self) -> dict[str, Any]:
         """Validation metrics of the method's predictor (all processes take part; the result is all-reduced)."""
         cfg = self.cfg
         e = cfg.eval
         settings = EvalSettings(mode=e.mode, crop_size=e.crop_size, window=e.window, stride=e.stride,
                                 scales=tuple(e.scales), flip=e.flip, boundary_tolerance=e.boundary_tolerance)
-        ds = self.val if self.world == 1 else Subset(self.val, range(self.rank, len(self.val), self.world))
-        mean, std = cfg.data.mean, cfg.data.std
-
-        def collate(items):
-            imgs = torch.stack([i for i, _ in items])
-            return normalize(imgs, mean, std), torch.stack([m for _, m in items])
-
-        whole = e.mode in ("original", "cif_multiscale")   # whole images: one batch needs equal sizes
-        bs = e.batch_size if not whole or _same_size(self.val) else 1
-        loader = DataLoader(ds, batch_size=bs, num_workers=min(2, cfg.data.num_workers), collate_fn=collate)
         predictor = self.method.predictor()
         was_training = self.method.training
         self.method.eval()
         try:
             with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
-                res = evaluate(lambda x: predictor(x)["logits"].float(), loader, self.num_classes, settings,
-                               self.device, progress=cfg.train.progress and self.rank == 0)
+                res = evaluate(lambda x: predictor(x)["logits"].float(), self._val_loader(), self.num_classes,
+                               settings, self.device, progress=cfg.train.progress and self.rank == 0)
         finally:
             self.method.train(was_training)
         return res
