@@ -155,6 +155,18 @@ def test_cli_bench_writes_json(tmp_path):
     res = json.loads((tmp_path / "fixmatch.json").read_text())
     assert res["seconds_per_iter"] > 0 and res["images_per_second"] > 0 and res["peak_rss_mb"] > 0
     assert "fixmatch" in (tmp_path / "bench.md").read_text()
+    assert res["host_reads_per_step"] == 0 and res["host_read_sites"] == {}
+    assert res["amp"] == "off" and not res["channels_last"] and not res["fused_optimizer"]
+
+
+def test_cli_bench_gpu_path_switches_run_on_cpu(tmp_path):
+    """bf16 autocast, channels_last and the fused SGD are reachable from the CLI on the CPU too."""
+    assert cli(["bench", "--method", "unimatch", "--iters", "1", "--warmup", "1", "--repeats", "1", "--crop", "32",
+                "--batch", "2", "--out", str(tmp_path), "--set", "model.width=0.25", "--set", "model.head_width=0.25",
+                "--set", "optim.amp=bf16", "--set", "model.channels_last=true", "--set", "optim.fused=true"]) == 0
+    res = json.loads((tmp_path / "unimatch.json").read_text())
+    assert res["amp"] == "bfloat16" and res["channels_last"] and res["fused_optimizer"]
+    assert res["host_reads_per_step"] == 0
 
 
 def test_cli_bench_on_real_data_reports_loader_stall(tmp_path, tiny_data):
