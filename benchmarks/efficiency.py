@@ -4,10 +4,11 @@ For every method, each precision variant runs ``workbench bench`` in a fresh pro
 alone), the variants and methods interleaved round by round so they share the background load; per round the
 ratio to the same method's fp32 step is taken, and the median over rounds reported. For UniMatch the other switches
 are also turned off one at a time from the full GPU path (bf16 + channels_last + cudnn benchmark + fused SGD), and
-``torch.compile`` turned on with ``--compile``.
+``torch.compile`` turned on with ``--compile ROUNDS`` (in the first ROUNDS rounds: compiling takes minutes; the
+timed steps come after the warm-up, so compilation is not in them).
 
     # the setting on a GPU: DeepLabV3+ ResNet-101 (deep stem, output stride 16), 321x321, batch 8+8, 21 classes
-    python benchmarks/efficiency.py --preset paper --rounds 3
+    python benchmarks/efficiency.py --preset paper --rounds 3 --compile 1
     # the CPU sanity run: the quickstart model at 64x64
     python benchmarks/efficiency.py --preset small --rounds 2 --threads 1
 
@@ -56,7 +57,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=0, help="OMP threads per process (0 = all cores)")
-    p.add_argument("--compile", action="store_true", help="also time UniMatch with torch.compile")
+    p.add_argument("--compile", type=int, default=0, metavar="ROUNDS",
+                   help="also time UniMatch with torch.compile in the first ROUNDS rounds (compiling takes minutes)")
     p.add_argument("--set", action="append", default=[], help="extra override for every run")
     p.add_argument("--out", default="reports/bench")
     args = p.parse_args()
@@ -68,11 +70,13 @@ def main() -> None:
 
     toggles = {**TOGGLES, **(CUDA_TOGGLES if torch.cuda.is_available() else {}), **(COMPILE if args.compile else {})}
     toggles = toggles if "unimatch" in args.methods else {}
+    compile_rounds = min(args.compile, args.rounds)
     runs: dict[tuple[str, str], list[dict]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
             jobs = [(m, v, VARIANTS[v]) for m in args.methods for v in VARIANTS]
-            jobs += [("unimatch", t, VARIANTS[FULL] + sets) for t, sets in toggles.items()]
+            jobs += [("unimatch", t, VARIANTS[FULL] + sets) for t, sets in toggles.items()
+                     if t not in COMPILE or r < compile_rounds]
             for m, v, sets in jobs:
                 res = bench_once(m, args, Path(tmp) / f"r{r}-{v.replace('+', '_').replace(' ', '_')}",
                                  preset["sets"] + COMMON + sets + args.set)

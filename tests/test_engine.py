@@ -74,6 +74,23 @@ def test_changed_config_on_existing_run_is_rejected(tiny_cfg):
         train(tiny_cfg(**{"optim.lr": 0.5}))
 
 
+def test_run_from_an_older_schema_resumes(tiny_cfg):
+    """A run directory written before a config key existed (here optim.fused) and with an amp value that means the
+    same on this device ("auto" = fp32 on the CPU) resumes; a key that does change the run still stops it."""
+    import yaml
+
+    cfg = tiny_cfg(name="old", **{"train.iters": 2})
+    train(cfg)
+    saved = yaml.safe_load((cfg.run_dir / "config.yaml").read_text())
+    del saved["optim"]["fused"]
+    saved["optim"]["amp"] = "auto"
+    (cfg.run_dir / "config.yaml").write_text(yaml.safe_dump(saved))
+    s = train(tiny_cfg(name="old", **{"train.iters": 2}))
+    assert s["finished"] and s["steps"] == 2
+    with pytest.raises(ConfigError, match="optim.momentum"):
+        train(tiny_cfg(name="old", **{"train.iters": 2, "optim.momentum": 0.5}))
+
+
 def test_checkpoint_from_other_model_is_named(tiny_cfg, tmp_path):
     a = tiny_cfg(name="a")
     train(a)

@@ -166,9 +166,16 @@ class Trainer:
             import yaml
 
             old = yaml.safe_load(self.run.config.read_text())
+            try:   # through today's schema: keys added since the run was made take their defaults
+                old = config_to_dict(config_from_dict(old))
+            except ConfigError:
+                pass   # an unknown or renamed key: the comparison below names it
             new = config_to_dict(self.cfg)
             for d in (old, new):
                 d.get("train", {}).pop("progress", None)
+            o_opt, n_opt = old.get("optim", {}), new.get("optim", {})
+            if "amp" in o_opt and "amp" in n_opt and _same_amp(o_opt["amp"], n_opt["amp"], self.device):
+                o_opt["amp"] = n_opt["amp"]   # e.g. "auto" and "off" are both fp32 on the CPU
             if old != new:
                 diff = sorted(_diff_keys(old, new))
                 raise ConfigError(f"{self.run.path} holds a run with a different config (keys {diff[:5]}); resume "
@@ -471,6 +478,14 @@ class Trainer:
         if self.rank == 0:
             self.run.write_summary(summary)
         return summary
+
+
+def _same_amp(a: str, b: str, device: torch.device) -> bool:
+    """Whether two ``optim.amp`` values give the same autocast dtype on ``device``."""
+    try:
+        return amp_dtype(a, device) == amp_dtype(b, device)
+    except ConfigError:
+        return False
 
 
 def _same_size(ds: EvalDataset) -> bool:
