@@ -79,7 +79,9 @@ def test_two_processes_match_one(tmp_path, tiny_data):
 
 
 def test_nproc_launcher_end_to_end(tmp_path, tiny_data):
-    cfgd = tiny_config_dict(tmp_path / "runs", tiny_data, **{"train.iters": 2, "data.batch_size": 2})
+    # the fused SGD as on CUDA: the deferred, sync-free non-finite check under DDP
+    cfgd = tiny_config_dict(tmp_path / "runs", tiny_data, **{"train.iters": 2, "data.batch_size": 2,
+                                                             "optim.fused": True})
     (tmp_path / "c.json").write_text(json.dumps(cfgd))  # JSON is YAML
     env = dict(os.environ, OMP_NUM_THREADS="1")
     r = subprocess.run([sys.executable, "-m", "workbench", "train", "--config", str(tmp_path / "c.json"),
