@@ -50,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split", default="1-128")
     p.add_argument("--data-root", default="data/synthetic")
     p.add_argument("--set", action="append", default=[], help="override for every variant")
+    p.add_argument("--baseline", default=None, help="LABEL of a variant: add the mIoU difference to it, paired by "
+                                                      "seed (same seed = same labeled split, data order and init)")
     a = p.parse_args(argv)
     rows = []
     for spec in a.reuse:
@@ -68,6 +70,14 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"variant": label, "seed": seed, "run": str(cfg.run_dir), "overrides": overrides,
                          **run_row(cfg.run_dir)})
             print(json.dumps(rows[-1]), flush=True)
+    columns = [("mIoU (mean)", "miou", ".3f")]
+    if a.baseline is not None:
+        base = {r["seed"]: r["miou"] for r in rows if r["variant"] == a.baseline}
+        if set(base) != set(a.seeds):
+            raise SystemExit(f"--baseline {a.baseline!r}: no finished run for every seed")
+        for r in rows:
+            r["d_miou"] = r["miou"] - base[r["seed"]]
+        columns.append((f"vs {a.baseline} (paired)", "d_miou", "+.3f"))
     out = Path("reports/ablation") / a.name
     out.mkdir(parents=True, exist_ok=True)
     cmd = "python " + " ".join(sys.argv)
@@ -76,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = [f"# Ablation {a.name}: embedded dataset, labels {a.split}, {a.iters} steps, seeds {a.seeds}", "",
              f"Command: `{cmd}`", "",
              *seed_table(rows, ("variant",), lambda r: (r["variant"],),
-                         [("mIoU (mean)", "miou", ".3f"), ("fg IoU", "fg_iou", ".3f"),
+                         [*columns, ("fg IoU", "fg_iou", ".3f"),
                           ("fg class acc", "fg_class_acc", ".3f"), ("mask ratio (end)", "mask_ratio", ".3f"),
                           ("pl acc (end)", "pl_acc", ".3f"), ("train s", "seconds", ".0f")])]
     atomic_write_text(out / "table.md", "\n".join(lines) + "\n")
