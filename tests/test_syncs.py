@@ -45,25 +45,29 @@ def test_host_scalar_only_reads_one_cpu_element():
         host_scalar(torch.tensor([1, 2]))
 
 
+def two_steps(name: str, out_dir, data_root, **overrides):
+    """Two training steps of method ``name`` on the tiny data; the host reads of the second (lazy set-up is done in
+    the first) and the trainer."""
+    cfg = config_from_dict(tiny_config_dict(out_dir, data_root, **{"method.name": name, "train.iters": 2,
+                                                                  **overrides}))
+    t = Trainer(cfg)
+    t.setup()
+    it = iter(t._loader())
+    for i in range(2):
+        batch = SemiBatch.from_loader(next(it), t.device, cfg.data.mean, cfg.data.std, cfg.model.channels_last)
+        info = StepInfo(i, 0, 2, 2, False)
+        with host_reads() as reads:
+            res = t.method.training_step(batch, info)
+            res.loss.backward()
+            t.method.after_step(info)
+        assert torch.isfinite(res.loss)
+    return reads, t
+
+
 @pytest.fixture(scope="module")
 def step_reads(tiny_data, tmp_path_factory):
-    """Host reads of the second training step (lazy set-up done in the first) of every registered method."""
-    out = {}
-    for name in sorted(METHODS):
-        cfg = config_from_dict(tiny_config_dict(tmp_path_factory.mktemp(name), tiny_data,
-                                                **{"method.name": name, "train.iters": 2}))
-        t = Trainer(cfg)
-        t.setup()
-        it = iter(t._loader())
-        for i in range(2):
-            batch = SemiBatch.from_loader(next(it), t.device, cfg.data.mean, cfg.data.std)
-            info = StepInfo(i, 0, 2, 2, False)
-            with host_reads() as reads:
-                res = t.method.training_step(batch, info)
-                res.loss.backward()
-                t.method.after_step(info)
-        out[name] = reads
-    return out
+    """Host reads of the second training step of every registered method."""
+    return {name: two_steps(name, tmp_path_factory.mktemp(name), tiny_data)[0] for name in sorted(METHODS)}
 
 
 def test_steady_state_steps_read_nothing_back(step_reads):
@@ -75,6 +79,15 @@ def test_steady_state_steps_read_nothing_back(step_reads):
             assert reads and all("workbench/ops/correlation.py" in site for site in reads), dict(reads)
         else:
             assert not reads, f"{name}: {dict(reads)}"
+
+
+def test_every_method_trains_in_channels_last(tiny_data, tmp_path):
+    """model.channels_last converts every 4-d weight (S4MIM's 5-d class heads stay as they are) and each method's
+    step runs on channels_last images."""
+    for name in sorted(METHODS):
+        _, t = two_steps(name, tmp_path / name, tiny_data, **{"model.channels_last": True})
+        convs = [p for p in t.method.parameters() if p.dim() == 4]
+        assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs), name
 
 
 def test_ce_loss_without_valid_pixels_is_zero_and_otherwise_the_mean():

@@ -95,11 +95,22 @@ def build_from_config(cfg: RunConfig, num_classes: int, device: torch.device) ->
                         fp_dropout=m.fp_dropout)
     method = build_method(cfg.method.name, model, cfg.method, num_classes).to(device)
     if m.channels_last:
-        method = method.to(memory_format=torch.channels_last)
+        to_channels_last(method)
     if m.compile != "off":
         inductor = m.compile_backend == "inductor"
         model.compile(backend=m.compile_backend, mode=m.compile if inductor else None)
     return method
+
+
+@torch.no_grad()
+def to_channels_last(module: torch.nn.Module) -> torch.nn.Module:
+    """Every 4-d parameter and buffer of ``module`` in ``channels_last`` memory format, in place; other ranks are
+    left alone (``Module.to(memory_format=...)`` refuses a module holding a 5-d tensor, such as S4MIM's per-class
+    heads). Returns ``module``."""
+    for t in [*module.parameters(), *module.buffers()]:
+        if t.dim() == 4:
+            t.data = t.data.contiguous(memory_format=torch.channels_last)
+    return module
 
 
 def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
