@@ -119,7 +119,8 @@ def main() -> None:
                      f"{r['host_reads_per_step']} |")
     if toggle_rows:
         lines += ["", f"UniMatch, one switch changed from the full path ({FULL}, fused SGD, cudnn benchmark); "
-                  "speed-up < 1 means the switch helped:", "",
+                  "speed-up = full-path s/iter / s/iter with the change (below 1: the change is slower):",
+                  "",
                   "| change | s/iter | speed-up vs full path | peak MB | memory vs full path |",
                   "|---|---|---|---|---|"]
         for r in toggle_rows:
