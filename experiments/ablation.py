@@ -9,6 +9,13 @@ A variant is ``label=override;override;...`` (config overrides). Runs go to runs
 (resumable); results to reports/ablation/<name>/results.json and table.md (mean and per-seed final mIoU, fg IoU, fg
 class accuracy, mask ratio and pseudo-label accuracy at the end of training). ``--reuse LABEL=RUNDIR_PATTERN`` takes
 finished runs instead of training (e.g. the learning-signal runs: "unimatch=runs/learning_signal/unimatch-1-128-s{seed}").
+``--include REPORT_DIR`` takes the rows of an earlier ablation's results.json (those of the seeds asked for), so
+variants and seeds trained in separate processes (one per core) form one table:
+
+    python experiments/ablation.py --name rankmatch --seeds 0 1 --baseline "unimatch (baseline)" \
+        --include reports/ablation/rankmatch-s0-unimatch --include reports/ablation/rankmatch-unimatch ...
+
+Rows are grouped by variant in first-seen order, seeds ascending within a variant.
 """
 from __future__ import annotations
 
@@ -40,11 +47,33 @@ def run_row(run_dir: Path) -> dict:
             "seconds": summary["timing"]["seconds_total"]}
 
 
+def included_rows(folders: list[Path], seeds: list[int]) -> list[dict]:
+    """Rows of earlier ablations' ``results.json`` in ``folders`` whose seed is in ``seeds``; a (variant, seed) pair
+    given twice is an error, and so is a folder without results."""
+    rows: list[dict] = []
+    seen: dict[tuple[str, int], Path] = {}
+    for folder in folders:
+        path = folder / "results.json"
+        if not path.is_file():
+            raise SystemExit(f"--include {folder}: no results.json there (run that ablation first)")
+        for r in json.loads(path.read_text())["rows"]:
+            if r["seed"] not in seeds:
+                continue
+            key = (r["variant"], r["seed"])
+            if key in seen:
+                raise SystemExit(f"--include: variant {key[0]!r} seed {key[1]} is in both {seen[key]} and {folder}")
+            seen[key] = folder
+            rows.append(r)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--name", required=True)
     p.add_argument("--variant", action="append", default=[], help="LABEL=override;override")
     p.add_argument("--reuse", action="append", default=[], help="LABEL=run dir pattern with {seed}")
+    p.add_argument("--include", action="append", default=[], type=Path,
+                   help="an earlier ablation's report folder (its results.json): its rows of --seeds")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--iters", type=int, default=1000)
     p.add_argument("--split", default="1-128")
@@ -58,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         label, pattern = spec.split("=", 1)
         rows += [{"variant": label, "seed": s, "run": pattern.format(seed=s), **run_row(Path(pattern.format(seed=s)))}
                  for s in a.seeds]
+    rows += included_rows(a.include, a.seeds)
     for spec in a.variant:
         label, _, ovs = spec.partition("=")
         overrides = [o for o in ovs.split(";") if o] + a.set
@@ -70,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"variant": label, "seed": seed, "run": str(cfg.run_dir), "overrides": overrides,
                          **run_row(cfg.run_dir)})
             print(json.dumps(rows[-1]), flush=True)
+    order = {v: i for i, v in enumerate(dict.fromkeys(r["variant"] for r in rows))}
+    rows.sort(key=lambda r: (order[r["variant"]], r["seed"]))
     columns = [("mIoU (mean)", "miou", ".3f")]
     if a.baseline is not None:
         base = {r["seed"]: r["miou"] for r in rows if r["variant"] == a.baseline}

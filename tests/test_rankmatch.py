@@ -39,6 +39,22 @@ def test_consistency_losses_by_hand():
         correlation_consistency(cw, cs, "cosine")
 
 
+def test_ce_and_kl_consistency_train_identically():
+    """Table 6's CE and KL rows differ by the weak view's entropy, a constant when the weak side is a target: their
+    gradients are equal. One pixel, c_w = (1/2, 3/10, 1/5), c_s = (1/5, 1/5, 3/5): d/dc_s = -c_w / c_s =
+    (-5/2, -3/2, -1/3) for both, and KL - CE = sum c_w log c_w."""
+    cw = torch.tensor([[[0.5, 0.3, 0.2]]])
+    grads, values = {}, {}
+    for kind in ("kl", "ce"):
+        cs = torch.tensor([[[0.2, 0.2, 0.6]]], requires_grad=True)
+        loss = correlation_consistency(cw, cs, kind, eps=0.0)
+        loss.backward()
+        grads[kind], values[kind] = cs.grad[0, 0].tolist(), loss.item()
+    for kind in ("kl", "ce"):
+        assert grads[kind] == pytest.approx([-5 / 2, -3 / 2, -1 / 3], rel=1e-6), kind
+    assert values["kl"] - values["ce"] == pytest.approx(0.5 * LN(0.5) + 0.3 * LN(0.3) + 0.2 * LN(0.2), rel=1e-5)
+
+
 def test_cutmix_features_pastes_at_image_resolution_and_resizes():
     """2x2 features (0, 2 / 4, 6) upsampled to a 3x3 image (align_corners: 0 1 2 / 2 3 4 / 4 5 6); the mix batch's
     constant 10 pasted at the centre pixel; resized to 3x3 it shows, resized to 2x2 (the corners) it does not."""

@@ -1,0 +1,41 @@
+"""experiments/ablation.py: tables merged from earlier ablations' results (no training)."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+import ablation  # noqa: E402
+
+
+def write_results(folder: Path, rows: list[dict]) -> Path:
+    folder.mkdir(parents=True)
+    full = [{"run": "x", "fg_iou": 0.5, "fg_class_acc": 0.5, "mask_ratio": 0.5, "pl_acc": 0.9, "seconds": 10.0, **r}
+            for r in rows]
+    (folder / "results.json").write_text(json.dumps({"rows": full}))
+    return folder
+
+
+def test_include_merges_seeds_pairs_with_baseline_and_rejects_duplicates(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    a = write_results(tmp_path / "a", [{"variant": "rank", "seed": 1, "miou": 0.40},
+                                       {"variant": "base", "seed": 1, "miou": 0.50}])
+    b = write_results(tmp_path / "b", [{"variant": "base", "seed": 0, "miou": 0.30},
+                                       {"variant": "rank", "seed": 0, "miou": 0.45},
+                                       {"variant": "rank", "seed": 7, "miou": 0.99}])
+    assert ablation.main(["--name", "merged", "--seeds", "0", "1", "--include", str(a), "--include", str(b),
+                          "--baseline", "base"]) == 0
+    out = json.loads((tmp_path / "reports/ablation/merged/results.json").read_text())
+    # first-seen variant order (rank, base), seeds ascending within a variant; seed 7 was not asked for
+    assert [(r["variant"], r["seed"]) for r in out["rows"]] == [("rank", 0), ("rank", 1), ("base", 0), ("base", 1)]
+    # paired by seed: rank - base = +0.15 (seed 0), -0.10 (seed 1), mean +0.025
+    assert [round(r["d_miou"], 6) for r in out["rows"]] == [0.15, -0.1, 0.0, 0.0]
+    table = (tmp_path / "reports/ablation/merged/table.md").read_text()
+    assert "| rank | 0.425 | 0.450, 0.400 | +0.025 |" in table
+    with pytest.raises(SystemExit, match="both"):
+        ablation.main(["--name", "dup", "--seeds", "1", "--include", str(a), "--include", str(a)])
+    with pytest.raises(SystemExit, match="no results.json"):
+        ablation.main(["--name", "none", "--seeds", "0", "--include", str(tmp_path / "missing")])
