@@ -48,6 +48,16 @@ CUDA_TOGGLES = {"cudnn benchmark off": ["train.cudnn_benchmark=false"]}   # a no
 COMPILE = {"torch.compile (default mode)": ["model.compile=default"]}
 
 
+def relative_to_unimatch(runs: dict[tuple[str, str], list[dict]], method: str, variant: str) -> dict:
+    """``method``'s step time and peak memory over UniMatch's at the same ``variant``: the median over rounds of the
+    per-round ratios (round ``i`` of both ran back to back, under the same background load)."""
+    mine, base = runs[(method, variant)], runs[("unimatch", variant)]
+    return {"method": method, "variant": variant,
+            "time_vs_unimatch": statistics.median(a["seconds_per_iter"] / b["seconds_per_iter"]
+                                                  for a, b in zip(mine, base)),
+            "memory_vs_unimatch": statistics.median(a["peak_mb"] / b["peak_mb"] for a, b in zip(mine, base))}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", choices=sorted(PRESETS), default="paper")
@@ -96,13 +106,15 @@ def main() -> None:
 
     rows = [row(m, v, "fp32") for m in args.methods for v in VARIANTS]
     toggle_rows = [row("unimatch", t, FULL) for t in toggles]
+    relative_rows = [relative_to_unimatch(runs, m, v) for v in ("fp32", FULL) for m in args.methods
+                     if "unimatch" in args.methods]
     first = runs[(args.methods[0], "fp32")][0]
     result = {"benchmark": "efficiency", "command": "python " + " ".join(sys.argv), "device": first["device"],
               "device_type": first["device_type"], "preset": args.preset,
               "overrides": preset["sets"] + COMMON + args.set,
               "crop": args.crop, "batch": f"{args.batch}+{args.batch}", "classes": args.classes,
               "threads": args.threads, "rounds": args.rounds, "iters": args.iters, "repeats": args.repeats,
-              "rows": rows, "toggles": toggle_rows}
+              "rows": rows, "toggles": toggle_rows, "relative_to_unimatch": relative_rows}
     stem = Path(args.out) / f"efficiency_{args.preset}_{first['device_type']}"
     write_result(result, stem.with_suffix(".json"))
     mem = "CUDA max allocated" if first["device_type"] == "cuda" else "peak RSS"
@@ -126,6 +138,13 @@ def main() -> None:
         for r in toggle_rows:
             lines.append(f"| {r['variant']} | {r['seconds_per_iter_median']:.4f} | {r['speedup_vs_reference']:.2f}x "
                          f"| {r['peak_mb_median']:.0f} | {r['peak_vs_reference']:.2f}x |")
+    if relative_rows:
+        lines += ["", "Every method relative to UniMatch at the same precision (median over rounds of the per-round "
+                  "ratio):", "", "| precision | method | step time vs unimatch | peak memory vs unimatch |",
+                  "|---|---|---|---|"]
+        for r in relative_rows:
+            lines.append(f"| {r['variant']} | {r['method']} | {r['time_vs_unimatch']:.2f}x | "
+                         f"{r['memory_vs_unimatch']:.2f}x |")
     atomic_write_text(stem.with_suffix(".md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
 
