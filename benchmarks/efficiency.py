@@ -48,14 +48,18 @@ CUDA_TOGGLES = {"cudnn benchmark off": ["train.cudnn_benchmark=false"]}   # a no
 COMPILE = {"torch.compile (default mode)": ["model.compile=default"]}
 
 
+def round_median(num: list[dict], den: list[dict], key: str) -> float:
+    """Median over rounds of ``num[i][key] / den[i][key]``: round ``i`` of both ran back to back, under the same
+    background load, so each ratio is taken within a round."""
+    return statistics.median(a[key] / b[key] for a, b in zip(num, den))
+
+
 def relative_to_unimatch(runs: dict[tuple[str, str], list[dict]], method: str, variant: str) -> dict:
-    """``method``'s step time and peak memory over UniMatch's at the same ``variant``: the median over rounds of the
-    per-round ratios (round ``i`` of both ran back to back, under the same background load)."""
+    """``method``'s step time and peak memory over UniMatch's at the same ``variant`` (per-round ratios, median)."""
     mine, base = runs[(method, variant)], runs[("unimatch", variant)]
     return {"method": method, "variant": variant,
-            "time_vs_unimatch": statistics.median(a["seconds_per_iter"] / b["seconds_per_iter"]
-                                                  for a, b in zip(mine, base)),
-            "memory_vs_unimatch": statistics.median(a["peak_mb"] / b["peak_mb"] for a, b in zip(mine, base))}
+            "time_vs_unimatch": round_median(mine, base, "seconds_per_iter"),
+            "memory_vs_unimatch": round_median(mine, base, "peak_mb")}
 
 
 def main() -> None:
@@ -98,16 +102,15 @@ def main() -> None:
         mine, base = runs[(m, v)], runs[(m, ref)]
         return {"method": m, "variant": v, "reference": ref,
                 "seconds_per_iter_median": statistics.median(a["seconds_per_iter"] for a in mine),
-                "speedup_vs_reference": statistics.median(b["seconds_per_iter"] / a["seconds_per_iter"]
-                                                          for a, b in zip(mine, base)),
+                "speedup_vs_reference": round_median(base, mine, "seconds_per_iter"),
                 "peak_mb_median": statistics.median(a["peak_mb"] for a in mine),
-                "peak_vs_reference": statistics.median(a["peak_mb"] / b["peak_mb"] for a, b in zip(mine, base)),
+                "peak_vs_reference": round_median(mine, base, "peak_mb"),
                 "host_reads_per_step": mine[0]["host_reads_per_step"]}
 
     rows = [row(m, v, "fp32") for m in args.methods for v in VARIANTS]
     toggle_rows = [row("unimatch", t, FULL) for t in toggles]
-    relative_rows = [relative_to_unimatch(runs, m, v) for v in ("fp32", FULL) for m in args.methods
-                     if "unimatch" in args.methods]
+    relative_rows = ([relative_to_unimatch(runs, m, v) for v in ("fp32", FULL) for m in args.methods]
+                     if "unimatch" in args.methods else [])
     first = runs[(args.methods[0], "fp32")][0]
     result = {"benchmark": "efficiency", "command": "python " + " ".join(sys.argv), "device": first["device"],
               "device_type": first["device_type"], "preset": args.preset,
