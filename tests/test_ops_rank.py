@@ -87,16 +87,43 @@ def test_rank_loss_gradient_reaches_strong_view_only_through_dist_s() -> None:
     assert logits_s.grad is not None and float(logits_s.grad.abs().sum()) > 0
 
 
+def test_plackett_luce_reference_guard_on_peaked_weights_by_hand() -> None:
+    """The authors' guard adds 1e-10 to every denominator. Peaked top-4 weights v = (1, 3e-11, 2e-11, 1e-11), as a
+    softmax of raw 256-channel dot products gives them. In units of 1e-11 the tail is (3, 2, 1) and eps = 10:
+    orderings that put agent 0 first have first factor 1 / (1 + 1.6e-10) and the tail factors
+    a/(a+b+c+10) * b/(b+c+10) * c/(c+10); orderings that do not are below 1e-11 * 1e11 ... * 1e-11, i.e. ~0.
+      (3,2,1): 3/16 * 2/13 * 1/11 = 6/2288     (3,1,2): 3/16 * 1/13 * 2/12 = 6/2496
+      (2,3,1): 2/16 * 3/14 * 1/11 = 6/2464     (2,1,3): 2/16 * 1/14 * 3/13 = 6/2912
+      (1,3,2): 1/16 * 3/15 * 2/12 = 6/2880     (1,2,3): 1/16 * 2/15 * 3/13 = 6/3120
+    so the distribution sums to ~0.0135, not 1. The floor guard adds nothing: identity = 3/6 * 2/3 * 1 = 1/3, sum 1."""
+    v = torch.tensor([1.0, 3e-11, 2e-11, 1e-11], dtype=torch.float64)
+    ref = plackett_luce(v)  # default guard = the reference's
+    identity = 6 / 2288 / (1 + 1.6e-10)
+    assert float(ref[0]) == pytest.approx(identity, rel=1e-9)  # ordering (0, 1, 2, 3)
+    total = sum(6 / d for d in (2288, 2496, 2464, 2912, 2880, 3120))
+    assert float(ref.sum()) == pytest.approx(total, rel=1e-6)
+    assert float(ref.sum()) < 0.014
+    floor = plackett_luce(v, guard="floor")
+    assert float(floor[0]) == pytest.approx(1 / 3, rel=1e-9) and float(floor.sum()) == pytest.approx(1.0, rel=1e-12)
+    # the same in float32 (what training uses): 1e-11 is far above float32's smallest normal number
+    assert float(plackett_luce(v.float())[0]) == pytest.approx(identity, rel=1e-5)
+    # a weight that underflowed to 0 zeroes every ordering under the reference guard (its factor is 0 wherever it
+    # stands): (1, 0) -> (0, 0), where the floor gives (1, 0)
+    assert plackett_luce(torch.tensor([1.0, 0.0])).tolist() == [0.0, 0.0]
+    with pytest.raises(ValueError, match="guard"):
+        plackett_luce(v, guard="clamp")
+
+
 def test_plackett_luce_underflowed_weights_stay_normalised_with_finite_gradients() -> None:
-    # a zero weight (an underflowed softmax entry) acts as a vanishing positive one: (1, 0) -> orderings (1, 0)
-    assert plackett_luce(torch.tensor([1.0, 0.0])).tolist() == pytest.approx([1.0, 0.0], abs=1e-18)
-    assert torch.allclose(plackett_luce(torch.zeros(3)), torch.full((6,), 1 / 6))  # all underflowed: uniform
+    # floor guard: a zero weight (an underflowed softmax entry) acts as a vanishing positive one: (1, 0) -> (1, 0)
+    assert plackett_luce(torch.tensor([1.0, 0.0]), guard="floor").tolist() == pytest.approx([1.0, 0.0], abs=1e-18)
+    assert torch.allclose(plackett_luce(torch.zeros(3), guard="floor"), torch.full((6,), 1 / 6))  # uniform
     # near one-hot strong correlations (raw dot products of large features): many exact zeros in float32
     logits_s = torch.tensor([[0.0, -30.0, -60.0, -200.0, -900.0, 5.0]], requires_grad=True)
     corr_s = logits_s.softmax(-1)
     assert int((corr_s == 0).sum()) >= 1
     corr_w = torch.tensor([[0.4, 0.3, 0.2, 0.1, 0.0, 0.0]])
-    dist_w, dist_s = rank_distributions(corr_w, corr_s, k=4)
+    dist_w, dist_s = rank_distributions(corr_w, corr_s, k=4, guard="floor")
     assert torch.allclose(dist_s.sum(-1), torch.ones(1), atol=1e-6)
     rank_consistency_loss(dist_w, dist_s, eps=1e-10).backward()
     assert bool(torch.isfinite(logits_s.grad).all()) and float(logits_s.grad.abs().sum()) > 0

@@ -166,9 +166,10 @@ def test_config_defaults_and_checks():
     cfg = config_from_dict({"method": {"name": "rankmatch"}}).method
     assert (cfg.num_agents, cfg.top_k, cfg.weight_rank, cfg.agents, cfg.consistency) == (64, 4, 0.1, "orthogonal",
                                                                                           "rank")
+    assert (cfg.rank_guard, cfg.rank_eps) == ("reference", 1e-10)  # the authors' +1e-10 in every denominator
     assert config_from_dict({"method": {"name": "rankmatch", "num_agents": 128}}).method.num_agents == 128
     for key, value in (("agents", "kmeans"), ("consistency", "js"), ("top_k", 9), ("weight_rank", -1.0),
-                       ("agent_temperature", 0.0)):
+                       ("agent_temperature", 0.0), ("rank_guard", "clamp")):
         with pytest.raises(ConfigError, match=f"method.{key}"):
             config_from_dict({"method": {"name": "rankmatch", key: value}})
 
@@ -191,3 +192,39 @@ def test_no_loss_reads_unlabeled_ground_truth(tmp_path, tiny_data):
 
     (out_a, _, _), _ = check_no_gt_in_losses(tmp_path, tiny_data, **{"method.name": "rankmatch", "method.tau": 0.0})
     assert out_a.logs["loss_rank"].item() > 0
+
+
+def _reference_rank_loss(corr_w: torch.Tensor, corr_s: torch.Tensor, k: int = 4, eps: float = 1e-10) -> float:
+    """The rank loss written from its definition, pixel by pixel in float64: the weak view's top-k agents, every
+    ordering's Plackett-Luce probability with ``eps`` added to each denominator (weak and strong alike), then
+    ``KLDivLoss(mean)(log(rank_s + eps), rank_w)`` = mean over pixels and orderings of w (log w - log(s + eps))."""
+    import itertools
+
+    terms = []
+    for cw, cs in zip(corr_w.double().reshape(-1, corr_w.shape[-1]), corr_s.double().reshape(-1, corr_s.shape[-1])):
+        top = sorted(range(len(cw)), key=lambda a: -float(cw[a]))[:k]
+        for order in itertools.permutations(range(k)):
+            pw = ps = 1.0
+            for n in range(k):
+                rest = [top[o] for o in order[n:]]
+                pw *= float(cw[rest[0]]) / (sum(float(cw[a]) for a in rest) + eps)
+                ps *= float(cs[rest[0]]) / (sum(float(cs[a]) for a in rest) + eps)
+            terms.append(0.0 if pw == 0 else pw * (math.log(pw) - math.log(ps + eps)))
+    return sum(terms) / len(terms)
+
+
+def test_default_rank_loss_is_the_reference_at_realistic_magnitudes():
+    """Raw 256-channel ReLU-like features (the ASPP output) make Eq. 4's softmax peaked: a large share of the top-4
+    values is below 1e-10. The default loss equals the reference definition there, and the floor switch differs."""
+    g = torch.Generator().manual_seed(0)
+    feat_w = torch.relu(torch.randn(1, 256, 4, 4, generator=g)) * 0.6  # |f|^2 ~ 46: dot products differ by ~30
+    feat_s = torch.relu(feat_w + 0.1 * torch.randn(1, 256, 4, 4, generator=g))
+    m = rankmatch(num_agents=8)
+    torch.manual_seed(0)
+    view = m.agent_view(feat_w, feat_w, torch.zeros(1, 4, 4, dtype=torch.bool), feat_s)
+    top4 = view.corr_w.topk(4, dim=-1).values
+    assert float((top4 < 1e-10).float().mean()) > 0.2  # realistic: many top-4 weights below the epsilon
+    expected = _reference_rank_loss(view.corr_w, view.corr_s)
+    assert view.loss.item() == pytest.approx(expected, rel=1e-3)
+    floor = correlation_consistency(view.corr_w, view.corr_s, "rank", k=4, eps=1e-10, guard="floor").item()
+    assert abs(floor - expected) > 0.05 * abs(expected)

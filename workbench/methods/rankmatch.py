@@ -33,7 +33,7 @@ from torch import Tensor
 from workbench.methods.base import SemiBatch, StepInfo, StepOutput, register_method
 from workbench.methods.fixmatch import Targets, UniMatch, UniMatchConfig
 from workbench.ops.agents import agent_correlation, orthogonal_agents, random_agents, topn_agents
-from workbench.ops.ranking import MAX_K, rank_consistency_loss, rank_distributions
+from workbench.ops.ranking import GUARDS, MAX_K, rank_consistency_loss, rank_distributions
 from workbench.ops.semi import pseudo_label
 
 AGENT_CHOICES = ("orthogonal", "random", "topn", "all")
@@ -51,7 +51,10 @@ class RankMatchConfig(UniMatchConfig):
     summed over agents, averaged over pixels), ``ce`` (-sum c_w log c_s, same averaging) and ``l2`` (sum of squared
     differences, same averaging); whichever is chosen is logged as ``loss_rank``. ``agent_normalize`` /
     ``agent_temperature``: cosine similarities and a temperature in Eq. 4 (off / 1 = the paper). ``rank_eps``: added
-    inside the logs (1e-10 as the reference). ``capture_agents``: agent activation maps kept in captured artifacts.
+    inside the logs and, with ``rank_guard: reference``, to every Plackett-Luce denominator (1e-10, as the authors'
+    code). ``rank_guard``: ``reference`` (default, the authors' ``+eps`` in every denominator) or ``floor`` (our
+    scale-free switch: weights floored at ``sqrt(finfo.tiny)``, distributions always sum to 1; see
+    ``docs/fidelity.md``). ``capture_agents``: agent activation maps kept in captured artifacts.
     """
 
     name: str = "rankmatch"
@@ -63,6 +66,7 @@ class RankMatchConfig(UniMatchConfig):
     agent_normalize: bool = False
     agent_temperature: float = 1.0
     rank_eps: float = 1e-10
+    rank_guard: str = "reference"
     capture_agents: int = 16
 
     def __post_init__(self) -> None:
@@ -76,6 +80,7 @@ class RankMatchConfig(UniMatchConfig):
              f"must be one of {', '.join(CONSISTENCY_CHOICES)}"),
             (self.agent_temperature > 0, "agent_temperature", "must be positive"),
             (self.rank_eps >= 0, "rank_eps", "must be >= 0"),
+            (self.rank_guard in GUARDS, "rank_guard", f"must be one of {', '.join(GUARDS)}"),
             (self.capture_agents >= 0, "capture_agents", "must be >= 0"),
         ]
         self.check(checks)
@@ -108,19 +113,20 @@ def cutmix_features(feat_w: Tensor, feat_mix: Tensor, box: Tensor | None, size: 
     return torch.cat(out)
 
 
-def correlation_consistency(corr_w: Tensor, corr_s: Tensor, kind: str = "rank", k: int = 4, eps: float = 1e-10
-                            ) -> Tensor:
+def correlation_consistency(corr_w: Tensor, corr_s: Tensor, kind: str = "rank", k: int = 4, eps: float = 1e-10,
+                            guard: str = "reference") -> Tensor:
     """Consistency loss between weak and strong agent-level correlations [B, HW, N] (the weak side is the target).
 
     ``rank``: :func:`~workbench.ops.ranking.rank_consistency_loss` of the top-``k`` Plackett-Luce distributions
-    (mean over pixels and the k! orderings). Agent-independent (Table 6), summed over agents and averaged over
+    (mean over pixels and the k! orderings; ``guard`` and ``eps`` as in
+    :func:`~workbench.ops.ranking.plackett_luce`). Agent-independent (Table 6), summed over agents and averaged over
     pixels: ``kl`` = sum c_w (log c_w - log(c_s + eps)) (Eq. 5), ``ce`` = -sum c_w log(c_s + eps),
     ``l2`` = sum (c_w - c_s)^2. Returns a 0-d tensor.
     """
     if corr_w.shape != corr_s.shape:
         raise ValueError(f"corr_w {tuple(corr_w.shape)} and corr_s {tuple(corr_s.shape)} must match")
     if kind == "rank":
-        return rank_consistency_loss(*rank_distributions(corr_w, corr_s, k), eps=eps)
+        return rank_consistency_loss(*rank_distributions(corr_w, corr_s, k, guard, eps), eps=eps)
     if kind == "kl":
         per_pixel = (torch.xlogy(corr_w, corr_w) - corr_w * torch.log(corr_s + eps)).sum(-1)
     elif kind == "ce":
@@ -183,7 +189,8 @@ class RankMatch(UniMatch):
         agents = self.select_agents(fw)
         corr_w = agent_correlation(fw, agents, c.agent_normalize, c.agent_temperature, check=False)
         corr_s = agent_correlation(feat_s, agents, c.agent_normalize, c.agent_temperature, check=False)
-        loss = correlation_consistency(corr_w.float(), corr_s.float(), c.consistency, c.top_k, c.rank_eps)
+        loss = correlation_consistency(corr_w.float(), corr_s.float(), c.consistency, c.top_k, c.rank_eps,
+                                       c.rank_guard)
         return AgentView(agents, corr_w, corr_s, size, loss)
 
     def training_step(self, batch: SemiBatch, step: StepInfo) -> StepOutput:
@@ -218,7 +225,8 @@ class RankMatch(UniMatch):
         b, n_agents = view.agents.shape
         k = min(self.cfg.top_k, n_agents)
         n = min(self.cfg.capture_agents, n_agents)
-        dist_w, dist_s = rank_distributions(view.corr_w.float(), view.corr_s.float(), k)
+        dist_w, dist_s = rank_distributions(view.corr_w.float(), view.corr_s.float(), k, self.cfg.rank_guard,
+                                            self.cfg.rank_eps)
 
         def spatial(x: Tensor) -> Tensor:  # [B, HW, D] -> [B, D, h, w]
             return x.transpose(1, 2).reshape(b, -1, h, w)

@@ -663,6 +663,9 @@ class RankMatchTrace(Trace):
     box: Tensor
     pseudo: Tensor
     confident: Tensor
+    rank_guard: str = "reference"
+    rank_eps: float = 1e-10
+    """the method's Plackett-Luce guard and epsilon (:func:`~workbench.ops.ranking.plackett_luce`)"""
 
 
 def rankmatch_trace(session: StepSession, step: int = 0, seed: int = 0, num_agents: int | None = None,
@@ -691,7 +694,8 @@ def rankmatch_trace(session: StepSession, step: int = 0, seed: int = 0, num_agen
             chosen = m.select_agents(fw)
             corr_w = agent_correlation(fw, chosen, c.agent_normalize, c.agent_temperature)
             corr_s = agent_correlation(feat_s, chosen, c.agent_normalize, c.agent_temperature)
-            loss = correlation_consistency(corr_w.float(), corr_s.float(), c.consistency, c.top_k, c.rank_eps)
+            loss = correlation_consistency(corr_w.float(), corr_s.float(), c.consistency, c.top_k, c.rank_eps,
+                                           c.rank_guard)
             views.append((fw, chosen, corr_w, corr_s, float(loss), size))
         fw, chosen, corr_w, corr_s, _, size = views[0]
         rand = random_agents(fw, chosen.shape[1], generator=torch.Generator().manual_seed(seed))
@@ -722,7 +726,7 @@ def rankmatch_trace(session: StepSession, step: int = 0, seed: int = 0, num_agen
             random_agents=_cpu(rand), features=_cpu(fw.float()), corr_w=_cpu(corr_w.float()),
             corr_s=_cpu(corr_s.float()), view_losses=[views[0][4], views[1][4]],
             box=_cpu(batch.box1 if c.cutmix else torch.zeros_like(batch.box1)), pseudo=_cpu(p.weak.pseudo),
-            confident=_cpu(p.weak.confident(c.tau)))
+            confident=_cpu(p.weak.confident(c.tau)), rank_guard=c.rank_guard, rank_eps=c.rank_eps)
 
 
 def _need(session: StepSession, name: str) -> None:
@@ -895,9 +899,9 @@ def rank_at(trace: RankMatchTrace, i: int, y: int, x: int) -> dict[str, Any]:
     ci, cj = feature_cell(y, x, trace.valid.shape[-2:], trace.feat_size)
     p = ci * trace.feat_size[1] + cj
     cw, cs = trace.corr_w[i, p], trace.corr_s[i, p]
-    dist_w, dist_s = rank_distributions(cw, cs, trace.top_k)
+    dist_w, dist_s = rank_distributions(cw, cs, trace.top_k, trace.rank_guard, trace.rank_eps)
     top = cw.topk(trace.top_k).indices
-    kl = float((torch.xlogy(dist_w, dist_w) - dist_w * torch.log(dist_s + 1e-10)).sum())
+    kl = float((torch.xlogy(dist_w, dist_w) - dist_w * torch.log(dist_s + trace.rank_eps)).sum())
     return {"cell": (ci, cj), "agents": top, "weights_w": cw[top], "weights_s": cs[top],
             "orderings": permutations(trace.top_k), "dist_w": dist_w, "dist_s": dist_s, "kl": kl}
 
