@@ -303,13 +303,118 @@ def test_maskmatch_switches_change_the_step(tmp_path, tiny_data):
         torch.manual_seed(1)
         return method.training_step(semi_batch(tiny_data, cfg), StepInfo(0, 0, 1, 1, capture=True))
 
-    base = step("maskmatch", **{"method.ms": False, "method.lcr_weight": 0.0})
+    # the plain mean teacher once MaskMatch's paper conventions are switched to the mean teacher's (UniMatch-style
+    # normalisation, conf >= tau); the EMA warm-up acts only after the step
+    base = step("maskmatch", **{"method.ms": False, "method.lcr_weight": 0.0, "method.loss_norm": "batch_valid",
+                                "method.tau_strict": False})
     mt = step("meanteacher")
     assert base.loss.item() == pytest.approx(mt.loss.item(), rel=1e-6)
     assert "loss_lcr" not in base.logs and "ms_pred" not in base.artifacts
-    ms = step("maskmatch", **{"method.lcr_weight": 0.0})
+    ms = step("maskmatch", **{"method.lcr_weight": 0.0, "method.loss_norm": "batch_valid",
+                              "method.tau_strict": False})
     assert "ms_pred" in ms.artifacts and "x_masked" not in ms.artifacts
     assert ms.loss.item() != pytest.approx(base.loss.item(), rel=1e-6)
+    # the paper's per-image normalisation (the default) changes the loss of the same step
+    paper = step("maskmatch", **{"method.ms": False, "method.lcr_weight": 0.0})
+    assert paper.loss.item() != pytest.approx(base.loss.item(), rel=1e-4)
+
+
+# ---------------------------------------------------------------- the paper's normalisation (Eqs. 3, 6, 8)
+
+def test_per_image_confident_normalisation_by_hand():
+    """Two images of 1 x 3 pixels, two classes. Logits (ln 3, 0) everywhere: CE = ln(4/3) for target 0 and ln 4 for
+    target 1. Image 0: targets (0, 1, 0), all confident -> its mean = (2 ln(4/3) + ln 4) / 3. Image 1: targets
+    (1, 1, 1), only pixel 0 confident, pixel 2 padding -> its mean = ln 4 / 1.
+    image_confident (MaskMatch's Eq. 3) = mean of the two image means; batch_valid (UniMatch) = the confident CE
+    sum / the 5 valid pixels = (2 ln(4/3) + 2 ln 4) / 5."""
+    from workbench.ops.losses import masked_ce_loss
+
+    logits = torch.zeros(2, 2, 1, 3)
+    logits[:, 0] = LN(3)
+    pseudo = torch.tensor([[[0, 1, 0]], [[1, 1, 1]]])
+    confident = torch.tensor([[[True, True, True]], [[True, False, True]]])
+    ignore = torch.tensor([[[0, 0, 0]], [[0, 0, 255]]])
+    image0, image1 = (2 * LN(4 / 3) + LN(4)) / 3, LN(4)
+    got = masked_ce_loss(logits, pseudo, confident, ignore, norm="image_confident").item()
+    assert got == pytest.approx((image0 + image1) / 2, rel=1e-6)
+    assert masked_ce_loss(logits, pseudo, confident, ignore).item() == pytest.approx(
+        (2 * LN(4 / 3) + 2 * LN(4)) / 5, rel=1e-6)
+    # an image without a confident pixel contributes 0 (not NaN) and still counts in the batch mean
+    none = torch.tensor([[[True, True, True]], [[False, False, False]]])
+    assert masked_ce_loss(logits, pseudo, none, ignore, norm="image_confident").item() == pytest.approx(
+        image0 / 2, rel=1e-6)
+    with pytest.raises(ValueError, match="norm"):
+        masked_ce_loss(logits, pseudo, confident, ignore, norm="pixels")
+
+
+def test_per_image_normalisation_at_half_confident_pixels():
+    """At a realistic 50% of confident pixels with equal CE, the paper's normalisation is twice the UniMatch one
+    (the per-image denominator counts half the pixels); with peaked softmaxes (logit gap 30) the CE of a wrong target
+    is ~30 and of a right one ~1e-13, and the ratio stays 2."""
+    from workbench.ops.losses import masked_ce_loss
+
+    logits = torch.zeros(4, 3, 8, 8)
+    logits[:, 1] = 30.0
+    pseudo = torch.ones(4, 8, 8, dtype=torch.long)
+    pseudo[:, :, :4] = 0                                 # half the pixels get the wrong class: CE ~ 30
+    confident = torch.zeros(4, 8, 8, dtype=torch.bool)
+    confident[:, ::2] = True                             # every other row: 50% confident, half of them wrong
+    valid_norm = masked_ce_loss(logits, pseudo, confident).item()
+    image_norm = masked_ce_loss(logits, pseudo, confident, norm="image_confident").item()
+    ce_wrong = 30 + LN(1 + 2 * math.exp(-30))           # -log softmax of a logit 0 against (30, 0, 0)
+    ce_right = LN(1 + 2 * math.exp(-30))
+    assert image_norm == pytest.approx((ce_wrong + ce_right) / 2, rel=1e-5)
+    assert valid_norm == pytest.approx((ce_wrong + ce_right) / 4, rel=1e-5)
+    assert image_norm / valid_norm == pytest.approx(2.0, rel=1e-5)
+
+
+def test_multiscale_loss_per_image_by_hand():
+    """Eq. 8: 1/N sum_i 1/(3 sum_j w_ij) sum_j sum_k w_ij CE_k; two scales here. One image of 1 x 2 pixels, both
+    confident, targets (0, 0); scale A logits (0, 0) -> CE ln 2 at both pixels; scale B (ln 3, 0) -> ln(4/3).
+    Per image: (2 ln 2 + 2 ln(4/3)) / (2 scales x 2 pixels). A second image with no confident pixel adds 0."""
+    a = torch.zeros(2, 2, 1, 2)
+    b = torch.zeros(2, 2, 1, 2)
+    b[:, 0] = LN(3)
+    pseudo = torch.zeros(2, 1, 2, dtype=torch.long)
+    confident = torch.tensor([[[True, True]], [[False, False]]])
+    image0 = (2 * LN(2) + 2 * LN(4 / 3)) / 4
+    got = multiscale_ce_loss([a, b], pseudo, confident, norm="image_confident").item()
+    assert got == pytest.approx(image0 / 2, rel=1e-6)
+    # the UniMatch convention divides by all 4 valid pixels of the batch and the 2 scales
+    assert multiscale_ce_loss([a, b], pseudo, confident).item() == pytest.approx(
+        (2 * LN(2) + 2 * LN(4 / 3)) / (2 * 4), rel=1e-6)
+
+
+def test_lcr_loss_per_image_confident_by_hand():
+    """Eq. 6 with the paper's normalisation on the LCR case below: region "both", one image, confident valid pixels
+    (0,0) -> ln 2 and (0,1) -> ln 4: their mean (ln 2 + ln 4) / 2 (the UniMatch convention divides by 3)."""
+    got = lcr_loss(*lcr_case(), region="both", norm="image_confident").item()
+    assert got == pytest.approx((LN(2) + LN(4)) / 2, rel=1e-6)
+
+
+def test_strict_threshold_and_maskmatch_defaults():
+    """The paper keeps conf > tau (strict); the UniMatch-family code keeps conf >= tau. MaskMatch's defaults are the
+    paper's: per-image confident normalisation, strict tau, constant EMA 0.999 from the first step."""
+    from workbench.ops.semi import confident_mask
+
+    conf = torch.tensor([[[0.9, 0.95, 0.5]]])
+    assert confident_mask(conf, 0.9).tolist() == [[[True, True, False]]]
+    assert confident_mask(conf, 0.9, strict=True).tolist() == [[[False, True, False]]]
+    cfg = config_from_dict({"method": {"name": "maskmatch"}}).method
+    assert (cfg.loss_norm, cfg.tau_strict, cfg.ema_warmup, cfg.alpha) == ("image_confident", True, False, 0.999)
+    from workbench.methods import METHODS
+    from conftest import StubSegNet
+
+    method = METHODS["maskmatch"](StubSegNet({}), cfg, 2)
+    assert method.ema_alpha(0) == 0.999 and method.ema_alpha(5) == 0.999     # no warm-up
+    warm = config_from_dict({"method": {"name": "maskmatch", "ema_warmup": True}}).method
+    assert METHODS["maskmatch"](StubSegNet({}), warm, 2).ema_alpha(0) == 0.0  # min(0.999, 1 - 1/1)
+    # the baselines keep the authors' conventions
+    for name in ("fixmatch", "unimatch", "meanteacher", "corrmatch", "rankmatch"):
+        other = config_from_dict({"method": {"name": name}}).method
+        assert (other.loss_norm, other.tau_strict) == ("batch_valid", False), name
+    with pytest.raises(ConfigError, match="method.loss_norm"):
+        config_from_dict({"method": {"name": "maskmatch", "loss_norm": "pixels"}})
 
 
 def test_no_loss_reads_unlabeled_ground_truth_maskmatch(tmp_path, tiny_data):

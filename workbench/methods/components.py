@@ -10,10 +10,11 @@ view on the confident pixels. ``region`` picks the pixels the loss covers (MaskM
 - ``unmasked``: visible pixels only ("LP /");
 - ``masked``: hidden pixels only (not a row of Table 8; the complement, for ablations).
 
-Normalisation follows the workbench's unlabeled losses (METHODS.md): the CE summed over confident, non-ignored pixels
-of the region is divided by the number of non-ignored pixels *of the region* (so the three options are each a mean
-over their own region; the paper's Eq. 6 divides by the confident pixels instead). Table 8's image-reconstruction
-rows ("IR") need a reconstruction head and are not part of this component.
+Normalisation (``norm``) is the host method's (``method.loss_norm``, :mod:`workbench.ops.losses`): under the UniMatch
+convention (``batch_valid``, what the other weak-to-strong methods use) the CE summed over confident, non-ignored
+pixels of the region is divided by the number of non-ignored pixels *of the region*; under MaskMatch's own
+``image_confident`` (its Eq. 6) each image's CE is averaged over its confident pixels of the region, then over the
+images. Table 8's image-reconstruction rows ("IR") need a reconstruction head and are not part of this component.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from workbench.ops.losses import masked_ce_loss
+from workbench.ops.losses import NORMS, masked_ce_loss
 from workbench.ops.masking import MASK_STRATEGIES, patch_mask
 
 __all__ = ["LCR_REGIONS", "lcr_region", "lcr_loss", "LCROutput", "LocalConsistency", "check_lcr_config"]
@@ -43,8 +44,8 @@ def lcr_region(visible: Tensor, region: str) -> Tensor:
 
 
 def lcr_loss(logits: Tensor, pseudo: Tensor, confident: Tensor, ignore: Tensor | None, visible: Tensor,
-             region: str = "both") -> Tensor:
-    """The LCR loss (Eq. 6, workbench normalisation) restricted to a region.
+             region: str = "both", norm: str = "batch_valid") -> Tensor:
+    """The LCR loss (Eq. 6) restricted to a region.
 
     Args:
         logits: student logits [B, K, H, W] of the masked weak view.
@@ -53,21 +54,24 @@ def lcr_loss(logits: Tensor, pseudo: Tensor, confident: Tensor, ignore: Tensor |
         ignore: long [B, H, W] (255 on padding) or None.
         visible: float [B, 1, H, W] patch mask (1 = visible) that made the masked view.
         region: ``both``, ``unmasked`` or ``masked``.
+        norm: ``batch_valid`` or ``image_confident`` (:func:`workbench.ops.losses.normalise_masked`).
 
     Returns:
-        scalar: sum of CE over confident, non-ignored pixels of the region / number of non-ignored region pixels
-        (0 when the region is empty).
+        scalar: ``batch_valid``: sum of CE over confident, non-ignored pixels of the region / number of non-ignored
+        region pixels; ``image_confident``: per image, the mean CE over its confident region pixels, averaged over
+        images (0 when the region is empty).
     """
     covered = lcr_region(visible, region)
     if covered.shape != pseudo.shape:
         raise ValueError(f"visible {tuple(visible.shape)} does not match pseudo {tuple(pseudo.shape)}")
     outside = torch.full_like(pseudo, IGNORE)
     base = torch.zeros_like(pseudo) if ignore is None else ignore
-    return masked_ce_loss(logits, pseudo, confident, torch.where(covered, base, outside))
+    return masked_ce_loss(logits, pseudo, confident, torch.where(covered, base, outside), norm=norm)
 
 
-def check_lcr_config(weight: float, patch: int, ratio: float, strategy: str, region: str) -> None:
-    """Raise ConfigError (naming the ``method.lcr_*`` key) for invalid LCR settings."""
+def check_lcr_config(weight: float, patch: int, ratio: float, strategy: str, region: str,
+                     norm: str = "batch_valid") -> None:
+    """Raise ConfigError (naming the ``method.lcr_*`` / ``method.loss_norm`` key) for invalid LCR settings."""
     from workbench.config import ConfigError
 
     checks = [
@@ -76,6 +80,7 @@ def check_lcr_config(weight: float, patch: int, ratio: float, strategy: str, reg
         (0 <= ratio <= 1, "method.lcr_ratio", "must be in [0, 1]", ratio),
         (strategy in MASK_STRATEGIES, "method.lcr_strategy", f"must be one of {MASK_STRATEGIES}", strategy),
         (region in LCR_REGIONS, "method.lcr_region", f"must be one of {LCR_REGIONS}", region),
+        (norm in NORMS, "method.loss_norm", f"must be one of {NORMS}", norm),
     ]
     for ok, key, msg, value in checks:
         if not ok:
@@ -110,6 +115,7 @@ class LocalConsistency:
         ratio: hidden fraction gamma (paper: 0.7).
         strategy: ``random`` (paper), ``block`` or ``grid`` (Table 9).
         region: ``both`` (paper), ``unmasked`` or ``masked`` (Table 8).
+        norm: the loss normalisation, the host method's ``loss_norm`` (``image_confident`` in MaskMatch, Eq. 6).
     """
 
     weight: float = 1.0
@@ -117,15 +123,16 @@ class LocalConsistency:
     ratio: float = 0.7
     strategy: str = "random"
     region: str = "both"
+    norm: str = "batch_valid"
 
     def __post_init__(self) -> None:
-        check_lcr_config(self.weight, self.patch, self.ratio, self.strategy, self.region)
+        check_lcr_config(self.weight, self.patch, self.ratio, self.strategy, self.region, self.norm)
 
     @classmethod
     def from_config(cls, cfg: Any) -> "LocalConsistency":
         """Build from a method config with ``lcr_weight``, ``lcr_patch``, ``lcr_ratio``, ``lcr_strategy``,
-        ``lcr_region`` fields (every FixMatchConfig has them)."""
-        return cls(cfg.lcr_weight, cfg.lcr_patch, cfg.lcr_ratio, cfg.lcr_strategy, cfg.lcr_region)
+        ``lcr_region`` and ``loss_norm`` fields (every FixMatchConfig has them)."""
+        return cls(cfg.lcr_weight, cfg.lcr_patch, cfg.lcr_ratio, cfg.lcr_strategy, cfg.lcr_region, cfg.loss_norm)
 
     @property
     def enabled(self) -> bool:
@@ -155,5 +162,5 @@ class LocalConsistency:
         """
         x_masked, visible = self.mask(x_w)
         logits = student(x_masked)["logits"]
-        loss = lcr_loss(logits, pseudo, confident, ignore, visible, self.region)
+        loss = lcr_loss(logits, pseudo, confident, ignore, visible, self.region, self.norm)
         return LCROutput(loss, x_masked, visible, lcr_region(visible, self.region), logits)

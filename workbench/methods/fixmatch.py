@@ -30,6 +30,12 @@ class FixMatchConfig(SupervisedConfig):
     :mod:`workbench.methods.components`): ``lcr_weight`` > 0 adds ``lcr_weight x L_LCR`` to the loss (logged as
     ``loss_lcr``, weighted); ``lcr_patch`` (pixels), ``lcr_ratio`` (hidden fraction), ``lcr_strategy``
     (random/block/grid) and ``lcr_region`` (both/unmasked/masked) shape it.
+
+    ``loss_norm``: how the confidence-masked CE losses (the weak-to-strong loss, LCR, MaskMatch's multi-scale loss)
+    are normalised, ``batch_valid`` (the UniMatch convention of the authors' code bases: by the non-ignored pixels of
+    the batch) or ``image_confident`` (MaskMatch's Eqs. 3/6/8: per image over its confident pixels, then over
+    images); see :mod:`workbench.ops.losses`. ``tau_strict``: keep pixels with conf > tau (MaskMatch's equations)
+    instead of conf >= tau (the authors' UniMatch-family code).
     """
 
     name: str = "fixmatch"
@@ -40,10 +46,13 @@ class FixMatchConfig(SupervisedConfig):
     lcr_ratio: float = 0.7
     lcr_strategy: str = "random"
     lcr_region: str = "both"
+    loss_norm: str = "batch_valid"
+    tau_strict: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_lcr_config(self.lcr_weight, self.lcr_patch, self.lcr_ratio, self.lcr_strategy, self.lcr_region)
+        check_lcr_config(self.lcr_weight, self.lcr_patch, self.lcr_ratio, self.lcr_strategy, self.lcr_region,
+                         self.loss_norm)
 
 
 @dataclass
@@ -54,9 +63,9 @@ class Targets:
     conf: Tensor
     ignore: Tensor
 
-    def confident(self, tau: float) -> Tensor:
-        """bool mask conf >= tau on non-ignored pixels."""
-        return confident_mask(self.conf, tau, self.ignore)
+    def confident(self, tau: float, strict: bool = False) -> Tensor:
+        """bool mask conf >= tau (conf > tau when ``strict``) on non-ignored pixels."""
+        return confident_mask(self.conf, tau, self.ignore, strict)
 
 
 class WeakStrong(Method):
@@ -96,14 +105,17 @@ class WeakStrong(Method):
         p, c, i = paste_in_box(box, (weak.pseudo, mix.pseudo), (weak.conf, mix.conf), (weak.ignore, mix.ignore))
         return Targets(p, c, i)
 
+    def keep(self, t: Targets) -> Tensor:
+        """bool [B,H,W]: the pixels of ``t`` whose pseudo-label is used (``cfg.tau``, ``cfg.tau_strict``)."""
+        return t.confident(self.cfg.tau, self.cfg.tau_strict)
+
     def unsup_loss(self, logits: Tensor, t: Targets) -> Tensor:
-        """Confidence-masked CE of ``logits`` against targets ``t`` (normalised by non-ignored pixels)."""
-        return masked_ce_loss(logits, t.pseudo, t.confident(self.cfg.tau), t.ignore)
+        """Confidence-masked CE of ``logits`` against targets ``t``, normalised as ``cfg.loss_norm`` says."""
+        return masked_ce_loss(logits, t.pseudo, self.keep(t), t.ignore, norm=self.cfg.loss_norm)
 
     def diagnostics(self, weak: Targets, batch: SemiBatch) -> dict[str, Tensor]:
         """Pseudo-label quality of the weak view (GT read for diagnostics only)."""
-        return pseudo_label_diagnostics(weak.pseudo, weak.confident(self.cfg.tau), weak.ignore, batch.y_u,
-                                        self.num_classes)
+        return pseudo_label_diagnostics(weak.pseudo, self.keep(weak), weak.ignore, batch.y_u, self.num_classes)
 
     def component_losses(self, batch: SemiBatch, weak: Targets, step: StepInfo) -> dict[str, Tensor]:
         """Weighted losses of opt-in components shared across methods (e.g. MaskMatch's LCR), keyed by log name.
@@ -123,14 +135,14 @@ class WeakStrong(Method):
         lcr = LocalConsistency.from_config(self.cfg)
         if not lcr.enabled:
             return {}, {}
-        out = lcr(self.model, batch.x_w, weak.pseudo, weak.confident(self.cfg.tau), weak.ignore)
+        out = lcr(self.model, batch.x_w, weak.pseudo, self.keep(weak), weak.ignore)
         return {"loss_lcr": lcr.weight * out.loss}, (out.artifacts() if step.capture else {})
 
     def capture(self, batch: SemiBatch, weak: Targets, x_s: Tensor, logits_s: Tensor, **extra: Tensor
                 ) -> dict[str, Tensor]:
         """Artifacts of a weak-to-strong step (see the run-directory docs for the format)."""
         arts = {"x_w": batch.x_w, "x_s1": x_s, "pseudo": weak.pseudo, "conf": weak.conf,
-                "confident": weak.confident(self.cfg.tau), "ignore": weak.ignore, "box1": batch.box1,
+                "confident": self.keep(weak), "ignore": weak.ignore, "box1": batch.box1,
                 "pred_s1": logits_s.argmax(1), "x_l": batch.x_l, "y_l": batch.y_l}
         if batch.y_u is not None:
             arts["y_u"] = batch.y_u
@@ -166,7 +178,8 @@ class FixMatch(WeakStrong):
 @dataclass
 class MeanTeacherConfig(FixMatchConfig):
     """Mean teacher: EMA ``alpha``; ``ema_warmup`` uses min(alpha, 1 - 1/(step+1)) as in Tarvainen & Valpola and
-    U2PL (the teacher follows the student closely at first); ``unsup_weight`` multiplies L_u."""
+    U2PL (the teacher follows the student closely at first; MaskMatch turns it off: its paper uses a constant
+    alpha); ``unsup_weight`` multiplies L_u."""
 
     name: str = "meanteacher"
     alpha: float = 0.999

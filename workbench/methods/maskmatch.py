@@ -1,7 +1,13 @@
-"""MaskMatch (seed 000): mean teacher + weak-to-strong consistency + LCR + multi-scale ensembled pseudo-labels.
+"""MaskMatch (fine-grained locality learning for semi-supervised segmentation; a preprint without public code): mean
+teacher + weak-to-strong consistency + LCR + multi-scale ensembled pseudo-labels.
 
 ``L = L_x + lambda1 L_MSWS + lambda2 L_LCR`` (Eq. 9) with lambda1 = ``unsup_weight`` = 1 and lambda2 = ``lcr_weight``
-= 1, tau = 0.90, EMA alpha 0.999 (inherited from the mean teacher).
+= 1, tau = 0.90, EMA alpha a constant 0.999 from the first step (``ema_warmup: false``; the mean teacher's warm-up is
+a switch). No public code exists, so the defaults follow the paper's equations (``docs/fidelity.md``):
+
+- the unlabeled losses (Eqs. 3, 6, 8) average each image's loss over *its* confident pixels and then average the
+  images (``loss_norm: image_confident``; ``batch_valid`` is the UniMatch convention, a switch);
+- a pixel is confident when its probability is strictly above tau (``tau_strict: true``).
 
 - **MS** (``ms``, Eq. 7): the teacher predicts the weak view (and the mix batch) at ``scales`` (0.7, 1.0, 1.5); each
   prediction is resized back and the softmaxes are averaged; pseudo-label and confidence come from the average.
@@ -46,6 +52,9 @@ class MaskMatchConfig(MeanTeacherConfig):
 
     name: str = "maskmatch"
     tau: float = 0.90
+    ema_warmup: bool = False
+    loss_norm: str = "image_confident"
+    tau_strict: bool = True
     lcr_weight: float = 1.0
     ms: bool = True
     scales: tuple[float, ...] = DEFAULT_SCALES
@@ -92,8 +101,8 @@ class MaskMatch(MeanTeacher):
             size = x_s.shape[-2:]
             student_scales = [logits_s if s == 1.0 else resize_logits(self.model(rescale(x_s, s))["logits"], size)
                               for s in c.scales]
-            loss_u = multiscale_ce_loss(student_scales, targets_s.pseudo, targets_s.confident(c.tau),
-                                        targets_s.ignore)
+            loss_u = multiscale_ce_loss(student_scales, targets_s.pseudo, self.keep(targets_s), targets_s.ignore,
+                                        norm=c.loss_norm)
         else:
             student_scales = [logits_s]
             loss_u = self.unsup_loss(logits_s, targets_s)

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from workbench.ops.losses import normalise_masked
+
 __all__ = ["DEFAULT_SCALES", "check_scales", "scaled_size", "rescale", "resize_logits", "predict_scales", "ensemble_probs",
            "multiscale_ensemble", "multiscale_ce_loss"]
 
@@ -120,7 +122,7 @@ def multiscale_ensemble(fn: Callable[[Tensor], Tensor], x: Tensor, scales: Seque
 
 
 def multiscale_ce_loss(logits: Sequence[Tensor], pseudo: Tensor, confident: Tensor, ignore: Tensor | None = None,
-                       ignore_index: int = IGNORE) -> Tensor:
+                       ignore_index: int = IGNORE, norm: str = "batch_valid") -> Tensor:
     """Eq. 8: confidence-masked CE of every scale's prediction against one (ensembled) pseudo-label.
 
     Args:
@@ -128,9 +130,13 @@ def multiscale_ce_loss(logits: Sequence[Tensor], pseudo: Tensor, confident: Tens
         pseudo: long [B, H, W] pseudo-label.
         confident: bool/float [B, H, W], 1 where the pseudo-label is used (conf > tau).
         ignore: long [B, H, W] (``ignore_index`` on padding) or None.
+        norm: ``"batch_valid"`` (UniMatch convention) or ``"image_confident"`` (the paper's Eq. 8: per image, over
+            its confident pixels, then averaged over images); see :func:`workbench.ops.losses.normalise_masked`.
 
     Returns:
-        scalar: ``sum_k sum_pixels CE_k * confident * valid / (S * sum_pixels valid)`` (S = number of scales).
+        scalar: ``"batch_valid"``: ``sum_k sum_pixels CE_k * confident * valid / (S * sum_pixels valid)``;
+        ``"image_confident"``: ``mean_i sum_k sum_j CE_k * w_ij / (S * sum_j w_ij)`` with w = confident * valid
+        (S = number of scales).
     """
     if not logits:
         raise ValueError("logits must hold at least one prediction")
@@ -138,7 +144,5 @@ def multiscale_ce_loss(logits: Sequence[Tensor], pseudo: Tensor, confident: Tens
         raise ValueError(f"pseudo, confident and ignore must be [B, H, W] of one shape, got {tuple(pseudo.shape)}, "
                          f"{tuple(confident.shape)}, {None if ignore is None else tuple(ignore.shape)}")
     valid = torch.ones_like(pseudo, dtype=torch.bool) if ignore is None else ignore != ignore_index
-    weight = confident.float() * valid
-    total = sum((F.cross_entropy(resize_logits(t, pseudo.shape[-2:]), pseudo, reduction="none") * weight).sum()
-                for t in logits)
-    return total / (len(logits) * valid.sum().clamp(min=1))
+    per_pixel = sum(F.cross_entropy(resize_logits(t, pseudo.shape[-2:]), pseudo, reduction="none") for t in logits)
+    return normalise_masked(per_pixel, confident.float() * valid, valid, norm, repeats=len(logits))

@@ -1,7 +1,13 @@
 """Loss functions shared by the methods (pure tensor functions).
 
-Unlabeled losses follow the UniMatch convention of METHODS.md: per-pixel losses are masked by the confidence mask
-and the ignore mask, summed, and divided by the number of *non-ignored* pixels (not by the confident ones).
+Unlabeled losses are masked by the confidence mask and the ignore mask and then normalised in one of two ways
+(``norm`` argument, :data:`NORMS`):
+
+- ``"batch_valid"``, the UniMatch convention ("Revisiting Weak-to-Strong Consistency in Semi-Supervised Semantic
+  Segmentation", CVPR 2023, and the code bases built on it): the masked per-pixel losses of the whole batch are summed
+  and divided by the number of *non-ignored* pixels (not by the confident ones);
+- ``"image_confident"``, MaskMatch's Eqs. 3, 6 and 8: each image's masked losses are averaged over *its* confident
+  pixels, then the images are averaged (an image without a confident pixel contributes 0).
 """
 from __future__ import annotations
 
@@ -10,6 +16,34 @@ import torch.nn.functional as F
 from torch import Tensor
 
 IGNORE = 255
+NORMS = ("batch_valid", "image_confident")
+
+
+def normalise_masked(per_pixel: Tensor, weight: Tensor, valid: Tensor, norm: str = "batch_valid",
+                     repeats: int = 1) -> Tensor:
+    """Reduce masked per-pixel losses to a scalar under one of :data:`NORMS`.
+
+    Args:
+        per_pixel: float [B, H, W] losses, already summed over ``repeats`` predictions of the same pixels (e.g. the
+            scales of MaskMatch's Eq. 8).
+        weight: float/bool [B, H, W] 1 where a pixel counts (confident and not ignored).
+        valid: bool [B, H, W] non-ignored pixels.
+        norm: ``"batch_valid"``: sum(per_pixel * weight) / (repeats * sum(valid)); ``"image_confident"``: per image
+            sum(per_pixel * weight) / (repeats * sum(weight)), averaged over the images (0 for an image whose
+            weights are all 0).
+        repeats: the number of predictions summed into ``per_pixel``.
+
+    Returns:
+        float 0-d tensor (nothing is read on the host).
+    """
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+    w = weight.to(per_pixel.dtype)
+    if norm == "batch_valid":
+        return (per_pixel * w).sum() / (repeats * valid.sum().clamp(min=1))
+    num = (per_pixel * w).flatten(1).sum(1)
+    den = w.flatten(1).sum(1)
+    return (num / (repeats * den.clamp(min=1))).mean()
 
 
 def ce_loss(logits: Tensor, target: Tensor, ignore_index: int = IGNORE) -> Tensor:
@@ -46,16 +80,17 @@ def ohem_ce_loss(logits: Tensor, target: Tensor, thresh: float = 0.7, min_kept: 
 
 
 def masked_ce_loss(logits: Tensor, pseudo: Tensor, confident: Tensor, ignore: Tensor | None = None,
-                   ignore_index: int = IGNORE) -> Tensor:
-    """Confidence-masked CE against pseudo-labels, normalised by the number of non-ignored pixels.
+                   ignore_index: int = IGNORE, norm: str = "batch_valid") -> Tensor:
+    """Confidence-masked CE against pseudo-labels.
 
     logits [B,K,H,W]; pseudo long [B,H,W]; confident bool/float [B,H,W]; ignore long [B,H,W] (== ignore_index on
-    padding) or None. Returns sum(CE * confident * valid) / sum(valid).
+    padding) or None. With ``norm="batch_valid"`` returns sum(CE * confident * valid) / sum(valid); with
+    ``"image_confident"`` the per-image mean over confident valid pixels, averaged over images
+    (:func:`normalise_masked`).
     """
     valid = torch.ones_like(pseudo, dtype=torch.bool) if ignore is None else ignore != ignore_index
     per_pixel = F.cross_entropy(logits, pseudo, reduction="none")
-    w = confident.to(per_pixel.dtype) * valid
-    return (per_pixel * w).sum() / valid.sum().clamp(min=1)
+    return normalise_masked(per_pixel, confident.to(per_pixel.dtype) * valid, valid, norm)
 
 
 def masked_kl_loss(student_logits: Tensor, teacher_probs: Tensor, confident: Tensor, ignore: Tensor | None = None,

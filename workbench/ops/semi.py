@@ -36,9 +36,9 @@ def paste_in_box(box: Tensor, *pairs: tuple[Tensor, Tensor]) -> list[Tensor]:
     return out
 
 
-def confident_mask(conf: Tensor, tau: float, ignore: Tensor | None = None) -> Tensor:
-    """bool [B,H,W]: conf >= tau and not ignored (ignore == 255 marks padding)."""
-    mask = conf >= tau
+def confident_mask(conf: Tensor, tau: float, ignore: Tensor | None = None, strict: bool = False) -> Tensor:
+    """bool [B,H,W]: conf >= tau (conf > tau when ``strict``) and not ignored (ignore == 255 marks padding)."""
+    mask = conf > tau if strict else conf >= tau
     if ignore is not None:
         mask &= ignore != IGNORE
     return mask

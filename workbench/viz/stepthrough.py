@@ -457,7 +457,7 @@ def maskmatch_trace(session: StepSession, step: int = 0, seed: int = 0, tau: flo
         # 2. the CutMixed strong view and its targets
         x_s = m.strong_view(batch.x_s1, batch.x_s1_mix, batch.box1)
         targets_s = m.mixed_targets(weak, mix, batch.box1)
-        conf_s = targets_s.confident(c.tau)
+        conf_s = m.keep(targets_s)
         # 3. the student on labeled + strong, then the strong view at the other scales (Eq. 8)
         logits_l, logits_s = m.model(torch.cat([batch.x_l, x_s]))["logits"].split([n, x_s.shape[0]])
         loss_x = supervised_loss(c, logits_l, batch.y_l)
@@ -465,8 +465,9 @@ def maskmatch_trace(session: StepSession, step: int = 0, seed: int = 0, tau: flo
             size = x_s.shape[-2:]
             student = [logits_s if s == 1.0 else resize_logits(m.model(rescale(x_s, s))["logits"], size)
                        for s in c.scales]
-            loss_u = multiscale_ce_loss(student, targets_s.pseudo, conf_s, targets_s.ignore)
-            per_scale = [float(multiscale_ce_loss([t], targets_s.pseudo, conf_s, targets_s.ignore)) for t in student]
+            loss_u = multiscale_ce_loss(student, targets_s.pseudo, conf_s, targets_s.ignore, norm=c.loss_norm)
+            per_scale = [float(multiscale_ce_loss([t], targets_s.pseudo, conf_s, targets_s.ignore, norm=c.loss_norm))
+                         for t in student]
         else:
             student = [logits_s]
             loss_u = m.unsup_loss(logits_s, targets_s)
@@ -474,7 +475,7 @@ def maskmatch_trace(session: StepSession, step: int = 0, seed: int = 0, tau: flo
         # 4. LCR: the component masks the weak view and the student predicts it (Eqs. 5-6)
         lcr = LocalConsistency.from_config(c)
         shown = lcr if lcr.enabled else dataclasses.replace(lcr, weight=1.0)  # off: drawn for display only
-        out = shown(m.model, batch.x_w, weak.pseudo, weak.confident(c.tau), weak.ignore)
+        out = shown(m.model, batch.x_w, weak.pseudo, m.keep(weak), weak.ignore)
         probs = torch.stack([t.float().softmax(1) for t in teacher_scales], 1)
         t_conf, t_pred = probs.max(2)
         b, _, h, w = batch.x_w.shape
@@ -487,7 +488,7 @@ def maskmatch_trace(session: StepSession, step: int = 0, seed: int = 0, tau: flo
         if lcr.enabled:
             terms.append(LossTerm("loss_lcr", float(out.loss), lcr.weight, lcr.weight * float(out.loss),
                                   "L_LCR: masked weak view vs the pseudo-label (Eq. 6)"))
-        expected = {"pseudo": weak.pseudo, "confident": weak.confident(c.tau), "x_s1": x_s,
+        expected = {"pseudo": weak.pseudo, "confident": m.keep(weak), "x_s1": x_s,
                     "pred_s1": logits_s.argmax(1)}
         if lcr.enabled:
             expected.update(x_masked=out.x_masked, lcr_visible=out.visible[:, 0] > 0.5)
@@ -501,7 +502,7 @@ def maskmatch_trace(session: StepSession, step: int = 0, seed: int = 0, tau: flo
             terms=terms, total=sum(t.weight * t.value for t in terms),
             expected={k: _cpu(v) for k, v in expected.items()},
             tau=float(c.tau), scales=scales, teacher_pred=_cpu(t_pred), teacher_conf=_cpu(t_conf),
-            pseudo=_cpu(weak.pseudo), conf=_cpu(weak.conf), confident=_cpu(weak.confident(c.tau)),
+            pseudo=_cpu(weak.pseudo), conf=_cpu(weak.conf), confident=_cpu(m.keep(weak)),
             box=_cpu(batch.box1 if c.cutmix else torch.zeros_like(batch.box1)), target_s=_cpu(targets_s.pseudo),
             confident_s=_cpu(conf_s), valid_s=_cpu(targets_s.ignore != IGNORE),
             student_pred=_cpu(torch.stack([t.argmax(1) for t in student], 1)), ms_losses=per_scale,
