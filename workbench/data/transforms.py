@@ -5,7 +5,7 @@ this keeps augmentation cheap in loader workers and the host-to-device copy 4x s
 
 - weak: random rescale by a factor in ``scale_range``, random crop padded with 0 (image) and 255 (mask), h-flip;
 - strong (on top of a weak view, image only): colour jitter (0.5, 0.5, 0.5, 0.25) with p = 0.8, grayscale p = 0.2,
-  Gaussian blur sigma in [0.1, 2.0] with p = 0.5 (METHODS.md, FixMatch/UniMatch);
+  Gaussian blur sigma in [0.1, 2.0] with p = 0.5 (FixMatch/UniMatch);
 - CutMix boxes: area 2%-40% of the crop, aspect 0.3-3.3, drawn with probability 0.5.
 """
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Everything here works on any device; the matrix is int64 so that counts over a whole validation set never overflow.
 The foreground diagnostics (``foreground_stats``) separate "finds objects" from "tells the classes apart", which a
-single mIoU number hides (see NOTES.md in the shared folder).
+single mIoU number hides (a model can find objects yet barely tell their classes apart).
 """
 from __future__ import annotations
 

@@ -87,7 +87,7 @@ class StepOutput:
 
 
 class Method(nn.Module):
-    """Base class of every semi-supervised recipe (see DESIGN.md, "The method interface")."""
+    """Base class of every semi-supervised recipe (the interface every method implements)."""
 
     name: ClassVar[str] = ""
     config_class: ClassVar[type[MethodConfig]] = MethodConfig

@@ -1,4 +1,4 @@
-"""Reusable pieces that a method switches on from its config (DESIGN.md: components, not copy-pasted code).
+"""Reusable pieces that a method switches on from its config (components, not copy-pasted code).
 
 **LCR, local consistency regularisation** (MaskMatch, Eqs. 5-6): a patch mask ``z`` is drawn for the weak view
 (``patch x patch`` patches, strategy ``random``/``block``/``grid`` of :func:`workbench.ops.masking.patch_mask`, hidden

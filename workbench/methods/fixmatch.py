@@ -2,7 +2,8 @@
 
 All three share :class:`WeakStrong`: teacher prediction of the mix batch in eval mode, CutMix of the strong views
 and of their targets (UniMatch convention), confidence-masked CE normalised by the non-ignored pixels, and the
-pseudo-label diagnostics. Loss weights follow METHODS.md ("Shared baselines").
+pseudo-label diagnostics. Loss weights follow the authors' UniMatch code base ("Revisiting Weak-to-Strong
+Consistency in Semi-Supervised Semantic Segmentation", CVPR 2023).
 """
 from __future__ import annotations
 

@@ -22,7 +22,7 @@ Ablation switches (paper's Tables 7-9): Table 7 rows = ``ms`` true/false x ``lcr
 (``both`` = "LP LP", ``unmasked`` = "LP /", ``lcr_weight: 0`` = "/ /"; the image-reconstruction rows are not built);
 Table 9 = ``lcr_strategy`` random/block/grid.
 
-The paper trains with SGD weight decay 5e-4 (METHODS.md): an optimiser setting, so MaskMatch configs set
+The paper trains with SGD weight decay 5e-4: an optimiser setting, so MaskMatch configs set
 ``optim.weight_decay: 5.0e-4`` (see ``configs/maskmatch_synthetic.yaml``); the method cannot change it.
 
 Artifacts (when capturing), besides the weak-to-strong ones (pseudo/conf are the ensemble's when ``ms`` is on):

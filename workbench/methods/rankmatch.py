@@ -1,6 +1,6 @@
 """RankMatch (CVPR 2024): UniMatch + rank-aware agent-level correlation consistency.
 
-One training step (METHODS.md, "RankMatch"; the authors' ``rankmatch.py``):
+One training step (the paper's Sec. 3 and the authors' public ``rankmatch.py``; ``docs/fidelity.md``):
 
 1. the mix batch is predicted in eval mode without gradients; the same pass gives its ASPP features;
 2. UniMatch's passes: ``cat(x_l, x_w)`` with feature perturbation, ``cat(x_s1, x_s2)`` (both CutMixed);

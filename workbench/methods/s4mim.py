@@ -1,4 +1,5 @@
-"""S4MIM (seed 001): semi-supervised segmentation with class-wise masked image modelling.
+"""S4MIM ("Masked Image Modeling Boosting Semi-Supervised Semantic Segmentation", arXiv 2411.08756): class-wise
+masked image modelling.
 
 Every step has the two phases of the paper's Fig. 2, summed into one loss (Eq. 14) and one backward pass:
 

@@ -6,9 +6,9 @@ resized back to ``H x W`` the same way (logits are resized, then turned into pro
 
 - Eq. 7 (pseudo-labels): ``p = 1/S sum_k softmax(resize(f(resize(x, s_k)), H x W))``; pseudo = argmax p, conf = max p.
 - Eq. 8 (student): every scale's prediction of the strong view, resized back, is supervised by the ensembled
-  pseudo-label on the confident pixels. Normalisation follows the workbench's unlabeled-loss convention (METHODS.md):
-  the sum over scales and confident, non-ignored pixels is divided by ``S x`` (number of non-ignored pixels), i.e. the
-  mean over scales of the usual confidence-masked CE (the paper divides by ``S x`` confident pixels instead).
+  pseudo-label on the confident pixels. Normalisation (``norm``): the paper's per-image ``S x`` (confident pixels),
+  averaged over images (``image_confident``, MaskMatch's default), or the UniMatch convention (``batch_valid``): the
+  sum over scales and confident, non-ignored pixels divided by ``S x`` (non-ignored pixels of the batch).
 """
 from __future__ import annotations
 

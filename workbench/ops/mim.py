@@ -1,4 +1,5 @@
-"""S4MIM's mask-induced learning as tensor ops (seed 001, Sec. III): class-wise grouping and reconstruction, class
+"""S4MIM's mask-induced learning as tensor ops ("Masked Image Modeling Boosting Semi-Supervised Semantic
+Segmentation", arXiv 2411.08756, Sec. III): class-wise grouping and reconstruction, class
 prototypes with their EMA dictionary, the feature-aggregation loss and the Eq. 14 normaliser.
 
 Shapes: ``fea`` [B, D, h, w] are pixel-decoder features (before the heads); ``labels`` long [B, h, w] are one-hot
