@@ -9,6 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
 import ablation  # noqa: E402
+import fidelity  # noqa: E402,F401
 
 
 def write_results(folder: Path, rows: list[dict]) -> Path:
@@ -39,3 +40,27 @@ def test_include_merges_seeds_pairs_with_baseline_and_rejects_duplicates(tmp_pat
         ablation.main(["--name", "dup", "--seeds", "1", "--include", str(a), "--include", str(a)])
     with pytest.raises(SystemExit, match="no results.json"):
         ablation.main(["--name", "none", "--seeds", "0", "--include", str(tmp_path / "missing")])
+
+
+def test_fidelity_compares_one_step_on_identical_inputs(tmp_path, tiny_cfg):
+    """experiments/fidelity.py: the same config twice gives identical losses and gradients (difference 0, cosine 1);
+    a switch that changes the loss (RankMatch's floor guard at tau 0 on the tiny model) gives a non-zero difference
+    and keeps every parameter shared (the switch adds none)."""
+    import fidelity
+
+    cfg = tiny_cfg(**{"method.name": "rankmatch", "method.tau": 0.0, "method.num_agents": 4})
+    from workbench.config import apply_overrides, config_from_dict, config_to_dict
+
+    steps = fidelity.batches(cfg, 0, 2)
+    same = fidelity.compare(cfg, cfg, None, steps, 0, 6)
+    for r in same["rows"]:
+        assert r["loss_default"] == r["loss_switch"] and r["grad_rel_diff"] == 0.0
+        assert r["grad_cosine"] == pytest.approx(1.0)
+    weight = config_from_dict(apply_overrides(config_to_dict(cfg), ["method.weight_rank=0.0"]))
+    diff = fidelity.compare(cfg, weight, None, steps, 0, 6)
+    assert (diff["missing_keys"], diff["unexpected_keys"]) == (0, 0)
+    for r in diff["rows"]:
+        # lambda = 0 removes exactly 0.1 x loss_rank from the default's loss
+        expected = r["loss_default"] - 0.1 * r["logs_default"]["loss_rank"]
+        assert r["loss_switch"] == pytest.approx(expected, rel=1e-5)
+        assert r["grad_rel_diff"] > 0
