@@ -5,7 +5,9 @@
         --name maskmatch_norm
 
 Both methods are built from the same config, the second with the ``--switch`` overrides; the second gets the first's
-weights (a trained run's ``latest`` checkpoint with ``--run``, a fresh initialisation otherwise), and each step sees
+weights (a trained run's ``latest`` checkpoint with ``--run``; with ``--weights RUN`` the student weights of another
+method's trained run with the same model, any EMA teacher set equal to them; a fresh initialisation otherwise), and
+each step sees
 the same batch (the run's own data order: ``--steps`` batches starting at ``--first-step``) and the same RNG state.
 Per batch: both losses, the relative loss difference ``|L_switch - L_default| / |L_default|``, the relative gradient
 difference ``||g_switch - g_default|| / ||g_default||`` over the parameters both methods share, and their cosine.
@@ -55,12 +57,23 @@ def one_step(method, batch: SemiBatch, seed: int, info: StepInfo) -> tuple[float
     return float(out.loss.detach()), grads, logs
 
 
-def compare(cfg_a, cfg_b, state: dict | None, steps: list[SemiBatch], first: int, num_classes: int) -> dict:
-    """Per-batch loss and gradient differences between the methods of ``cfg_a`` and ``cfg_b``."""
+def student_state(run: Path) -> dict:
+    """The ``model.*`` entries of a run's latest checkpoint (the student of any method)."""
+    state = load_checkpoint(RunDir(run).latest)["method"]
+    return {k: v for k, v in state.items() if k.startswith("model.")}
+
+
+def compare(cfg_a, cfg_b, state: dict | None, steps: list[SemiBatch], first: int, num_classes: int,
+            student_only: bool = False) -> dict:
+    """Per-batch loss and gradient differences between the methods of ``cfg_a`` and ``cfg_b``. ``state``: the first
+    method's weights; with ``student_only`` only its ``model.*`` entries, and an EMA teacher (``ema``) gets the
+    student's weights."""
     torch.manual_seed(cfg_a.train.seed)
     a = build_from_config(cfg_a, num_classes, torch.device("cpu"))
     if state is not None:
-        a.load_state_dict(state)
+        a.load_state_dict(state, strict=not student_only)
+        if student_only and hasattr(a, "ema"):
+            a.ema.load_state_dict(a.model.state_dict())
     b = build_from_config(cfg_b, num_classes, torch.device("cpu"))
     missing, unexpected = b.load_state_dict(a.state_dict(), strict=False)
     rows = []
@@ -90,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", type=Path, help="a trained run directory: its config and latest checkpoint")
-    src.add_argument("--config", type=Path, help="a config file (fresh initialisation)")
+    src.add_argument("--config", type=Path, help="a config file (fresh initialisation unless --weights)")
+    p.add_argument("--weights", type=Path, help="with --config: a trained run whose student weights both methods get")
     p.add_argument("--set", action="append", default=[], help="override for both (key=value)")
     p.add_argument("--switch", action="append", required=True, help="the deviation switch (key=value)")
     p.add_argument("--name", required=True, help="report name under reports/fidelity/")
@@ -107,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         state = load_checkpoint(RunDir(args.run).latest)["method"]
     else:
         cfg = load_config(args.config)
+        if args.weights is not None:
+            state = student_state(args.weights)
     base = apply_overrides(config_to_dict(cfg), args.set)
     cfg_a = config_from_dict(base)
     cfg_b = config_from_dict(apply_overrides(base, args.switch))
@@ -114,15 +130,17 @@ def main(argv: list[str] | None = None) -> int:
     from workbench.data.dataset import load_manifest
 
     num_classes = load_manifest(prepare_dataset(cfg_a)).num_classes
-    result = compare(cfg_a, cfg_b, state, steps, args.first_step, num_classes)
+    result = compare(cfg_a, cfg_b, state, steps, args.first_step, num_classes, student_only=args.weights is not None)
     command = "python experiments/fidelity.py " + " ".join(sys.argv[1:] if argv is None else argv)
     result.update(command=command, method=cfg_a.method.name, switch=args.switch, source=str(args.run or args.config),
                   loss_rel_diff=summarise(result["rows"], "loss_rel_diff"),
                   grad_rel_diff=summarise(result["rows"], "grad_rel_diff"))
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out / f"{args.name}.json", json.dumps(result, indent=1) + "\n")
+    weights = (f"trained run {args.run}" if args.run else f"student of trained run {args.weights} (teacher = student)"
+               if args.weights else "fresh initialisation")
     lines = [f"# Fidelity: {cfg_a.method.name}, {', '.join(args.switch)}", "", f"Command: `{command}`", "",
-             f"Weights: {'trained run ' + str(args.run) if args.run else 'fresh initialisation'}; "
+             f"Weights: {weights}; "
              f"{args.steps} batches from step {args.first_step}; parameters not shared by both methods: "
              f"{result['missing_keys']} missing, {result['unexpected_keys']} unexpected.", "",
              "| step | loss (default) | loss (switch) | loss rel. diff | grad rel. diff | grad cosine |",
