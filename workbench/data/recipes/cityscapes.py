@@ -168,7 +168,8 @@ def build(out: Path, sources: dict[str, Source], ctx: BuildContext) -> BuildResu
         "name": "cityscapes", "num_classes": 19, "class_names": names, "palette": colours,
         "label_splits": list(sources_of), "split_source": describe_sources(sources_of, ctx),
         "split_sources": sources_of, "recommended_eval": SLIDING_EVAL,
-        "recommended_loss": {"method.loss": "ohem", "method.ohem_thresh": 0.7, "method.ohem_min_kept": 200000},
+        "recommended_loss": {"method.loss": "ohem", "method.ohem_thresh": 0.7, "method.ohem_min_kept": 200000,
+                             "method.ohem_min_kept_images": 2},
         "unlabeled_gt": "diagnostics-only",
         "labels": "gtFine labelIds -> trainIds with cityscapesscripts.helpers.labels; ignored ids -> 255",
     }
