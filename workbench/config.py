@@ -145,7 +145,16 @@ class EvalConfig:
     mode: str = "original"
     crop_size: int = 321
     window: int | None = None
+    """Sliding-window side (``mode: sliding``); None = ``crop_size`` (the reference: the training crop)."""
     stride: int | None = None
+    """Sliding-window step; None = int(2/3 of the window) (UniMatch: 534 for 801)."""
+    sliding_tiles: str = "clipped_sum"
+    """How ``mode: sliding`` tiles and merges. ``clipped_sum`` (default, UniMatch's evaluation code): tiles start at
+    0, stride, 2 x stride, ... while the start lies inside the image (width 2048, window 801: 0, 534, 1068, 1602),
+    border tiles are clipped to the image and predicted at their smaller size, and the tiles' softmax
+    probabilities are summed. ``shifted_mean`` (switch, this workbench's earlier tiling): the last tile is shifted
+    back to end at the border (every tile full-sized, images smaller than the window zero-padded) and overlapping
+    logits are averaged; it changes the predictions near the right and bottom borders."""
     scales: tuple[float, ...] = (1.0,)
     flip: bool = False
     batch_size: int = 1
@@ -414,6 +423,10 @@ def validate(cfg: RunConfig) -> None:
         (e.mode in ("original", "center_crop", "sliding", "cif_multiscale"), "eval.mode",
          "must be original, center_crop, sliding or cif_multiscale"),
         (len(e.scales) > 0 and all(s > 0 for s in e.scales), "eval.scales", "must be a non-empty list of positives"),
+        (e.sliding_tiles in ("clipped_sum", "shifted_mean"), "eval.sliding_tiles",
+         "must be 'clipped_sum' (UniMatch's tiling) or 'shifted_mean'"),
+        (e.window is None or e.window > 0, "eval.window", "must be a positive integer or null"),
+        (e.stride is None or e.stride > 0, "eval.stride", "must be a positive integer or null"),
         (e.mode != "cif_multiscale" or getattr(cfg.method, "has_cif", False), "eval.mode",
          f"cif_multiscale needs a method with a CIF module (method.name=scalematch with method.cif=true and "
          f"method.fusion=cif; method.name is {cfg.method.name!r})"),

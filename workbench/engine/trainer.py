@@ -308,7 +308,8 @@ class Trainer:
         cfg = self.cfg
         e = cfg.eval
         settings = EvalSettings(mode=e.mode, crop_size=e.crop_size, window=e.window, stride=e.stride,
-                                scales=tuple(e.scales), flip=e.flip, boundary_tolerance=e.boundary_tolerance)
+                                scales=tuple(e.scales), flip=e.flip, boundary_tolerance=e.boundary_tolerance,
+                                sliding_tiles=e.sliding_tiles)
         predictor = self.method.predictor()
         was_training = self.method.training
         self.method.eval()

@@ -50,7 +50,9 @@ FRACTIONS = {"1-30": (1, 30), "1-16": (1, 16), "1-8": (1, 8), "1-4": (1, 4), "1-
 PUBLISHED = "cityscapes"
 """Folder of the shipped published lists (:data:`~.common.PUBLISHED_SPLITS`)."""
 SLIDING_EVAL = {"mode": "sliding", "window": 801, "stride": 534,
-                "note": "UniMatch/CorrMatch: sliding window of the 801 training crop, stride int(2/3 x 801)"}
+                "note": "UniMatch/CorrMatch: sliding window of the 801 training crop, stride int(2/3 x 801); tiles "
+                        "at 0, 534, 1068, 1602, border tiles clipped, tile softmaxes summed "
+                        "(eval.sliding_tiles=clipped_sum)"}
 GT_PATTERN = r"(?:^|/)gtFine/(?P<split>train|val)/(?P<city>[^/]+)/(?P<stem>[^/]+)_gtFine_labelIds\.png$"
 IMG_PATTERN = r"(?:^|/)leftImg8bit/(?P<split>train|val)/(?P<city>[^/]+)/(?P<stem>[^/]+)_leftImg8bit\.png$"
 
