@@ -52,6 +52,13 @@ class DataConfig:
     """Overrides of :class:`workbench.data.synthetic.SyntheticSpec` fields (synthetic dataset only)."""
     bad_data: str = "fail"
     """What to do with an unreadable/corrupt sample: ``fail`` (default, error names the file) or ``skip``."""
+    mix_source: str = "same_images"
+    """Where the CutMix mix batch (``x_w_mix``, ``x_s*_mix``) comes from. ``same_images`` (default, the reference
+    code: UniMatch and the methods built on its code zip the unlabeled loader with itself, so the mix batch is the
+    main batch's images, in the same positions, with a different augmentation; the authors confirm it in UniMatch
+    issue #51 and CorrMatch issue #29 on GitHub): a CutMix box pastes another view of the same image.
+    ``independent`` (switch): a second, independent draw of unlabeled images, so a box pastes a different image
+    (how the papers describe CutMix)."""
 
 
 @dataclass
@@ -403,6 +410,8 @@ def validate(cfg: RunConfig) -> None:
          "must be positive or null"),
         (d.num_workers >= 0, "data.num_workers", "must be >= 0"),
         (d.bad_data in ("fail", "skip"), "data.bad_data", "must be 'fail' or 'skip'"),
+        (d.mix_source in ("same_images", "independent"), "data.mix_source",
+         "must be 'same_images' (the reference's mix batch) or 'independent'"),
         (m.backbone in ("resnet18", "resnet34", "resnet50", "resnet101"), "model.backbone",
          "must be one of resnet18, resnet34, resnet50, resnet101"),
         (m.stem in ("plain", "deep"), "model.stem", "must be 'plain' or 'deep'"),

@@ -260,7 +260,7 @@ class Trainer:
     def _loader(self) -> DataLoader:
         cfg = self.cfg
         ds = StepDataset(self.labeled, self.unlabeled, self.plan, cfg.data.crop_size, cfg.data.scale_range,
-                         cfg.data.flip, cfg.data.bad_data)
+                         cfg.data.flip, cfg.data.bad_data, cfg.data.mix_source)
         micro = cfg.optim.grad_accum
         ds.total_steps = self.total * micro
         nw = cfg.data.num_workers
