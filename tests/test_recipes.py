@@ -895,6 +895,10 @@ def test_cli_prepare_and_up_to_date(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert main(["data", "prepare", "lucchi", "--root", str(tmp_path / "r"), "--archives", str(tmp_path / "em"),
                  "--quiet", "--seed", "3"]) == 0
     assert "already prepared" in capsys.readouterr().out
+    # --generated-splits: lucchi's lists are always generated, so the same preparation
+    assert main(["data", "prepare", "lucchi", "--root", str(tmp_path / "r"), "--archives", str(tmp_path / "em"),
+                 "--quiet", "--seed", "3", "--generated-splits"]) == 0
+    assert "already prepared" in capsys.readouterr().out
     assert main(["data", "prepare", "coco", "--root", str(tmp_path / "c"), "--quiet"]) == 2
     assert "train2017.zip" in capsys.readouterr().err
 
