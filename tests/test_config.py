@@ -85,3 +85,61 @@ def test_apply_overrides_does_not_mutate():
 def test_method_section_from_dict():
     cfg = config_from_dict({"method": {"name": "meanteacher", "alpha": 0.99}})
     assert cfg.method.alpha == 0.99 and cfg.method.tau == 0.95
+
+
+# ------------------------------------------------------------------------------------------------ protocol files
+def test_every_protocol_file_loads_with_the_authors_key_settings():
+    from pathlib import Path
+
+    from workbench.data.recipes import cityscapes, coco, lucchi, voc
+    from workbench.engine.optim import scaled_lr
+
+    splits = {"voc": set(voc.CLASSIC) | set(voc.BLENDER) | {f"u2pl_{n}" for n in voc.BLENDER},
+              "cityscapes": set(cityscapes.FRACTIONS), "coco": set(coco.FRACTIONS), "lucchi": set(lucchi.FRACTIONS)}
+    root = Path(__file__).resolve().parents[1] / "configs" / "protocols"
+    files = sorted(root.rglob("*.yaml"))
+    by_kind: dict[str, int] = {}
+    for f in files:
+        cfg = load_config(f)
+        kind = f.parent.name if f.parent != root else "generic"
+        by_kind[kind] = by_kind.get(kind, 0) + 1
+        dataset = f.stem.split("_")[0]
+        crop = int(f.stem.rsplit("_", 1)[1])
+        assert cfg.data.split in splits[dataset] and cfg.data.crop_size == crop, f
+        # the labeled images per optimiser step on one process: the lr the file states is the lr used
+        lr = scaled_lr(cfg.optim.lr, cfg.data.batch_size * cfg.optim.grad_accum, cfg.optim.reference_batch,
+                       cfg.optim.lr_scaling)
+        if dataset == "cityscapes":
+            assert cfg.eval.mode == "sliding" and cfg.eval.window == crop and cfg.eval.stride == int(crop * 2 / 3), f
+            assert cfg.eval.sliding_tiles == "clipped_sum" and cfg.method.loss == "ohem", f
+            assert cfg.method.ohem_thresh == 0.7 and cfg.method.ohem_min_kept_images == 2, f
+        elif dataset in ("voc", "coco"):
+            assert cfg.eval.mode == "original", f
+        if kind == "generic":
+            assert cfg.method.name == "supervised" and cfg.model.output_stride == 16, f
+            if dataset == "cityscapes":
+                assert cfg.method.ohem_min_kept == 200000 and not hasattr(cfg.method, "tau"), f
+        elif kind == "corrmatch":
+            # CorrMatch's configs: output stride 8, ASPP 12/24/36; Cityscapes OHEM at least 100000 per 2 images
+            assert cfg.method.name == "corrmatch" and cfg.model.output_stride == 8, f
+            assert cfg.model.aspp_rates == (12, 24, 36) and cfg.optim.weight_decay == 1e-4, f
+            if dataset == "cityscapes":
+                assert cfg.method.ohem_min_kept == 100000 and lr == 0.005 and cfg.optim.head_lr_mult == 1.0, f
+            else:
+                assert lr == 0.001 and cfg.optim.head_lr_mult == 10.0 and crop in (321, 513), f
+        elif kind == "maskmatch":
+            # the paper: 16 labeled + 16 unlabeled, weight decay 5e-4, crops 513 / 769, lr 0.001 / 0.01
+            assert cfg.method.name == "maskmatch" and cfg.method.tau == 0.90, f
+            assert cfg.data.batch_size == 16 and cfg.data.unlabeled_batch_size == 16, f
+            assert cfg.optim.weight_decay == 5e-4, f
+            assert (crop, lr) == ((769, 0.01) if dataset == "cityscapes" else (513, 0.001)), f
+        elif kind == "unimatch":
+            # UniMatch's Cityscapes config: conf_thresh 0, OHEM 200000 per 2 images, stride 16
+            assert dataset == "cityscapes" and cfg.method.name == "unimatch" and cfg.method.tau == 0.0, f
+            assert cfg.method.ohem_min_kept == 200000 and lr == 0.005 and cfg.model.output_stride == 16, f
+        else:
+            raise AssertionError(f"unexpected protocol folder {f.parent}")
+    # CorrMatch: classic 5 + blender 3 x 2 crops + U2PL 3 + Cityscapes 4; MaskMatch: 5 + 3 + 3 + 4;
+    # UniMatch's Cityscapes: 1/30 .. 1/2
+    assert by_kind["corrmatch"] == 18 and by_kind["maskmatch"] == 15 and by_kind["unimatch"] == 5
+    assert by_kind["generic"] >= 35

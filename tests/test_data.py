@@ -88,6 +88,26 @@ def test_step_batch_keys_and_determinism(tiny_data):
     assert not torch.equal(ds[4]["x_w"], a["x_w"])
 
 
+def test_mix_batch_is_the_main_batch_images_by_default(tiny_data):
+    # the reference zips the unlabeled loader with itself: position i of the mix batch is the same image as position
+    # i of the main batch, in another augmentation
+    ds = make_steps(tiny_data)
+    assert ds.mix_source == "same_images"
+    for step in (0, 3, 7, 8):   # 30 unlabeled / 4 = 7 steps per epoch: steps 7 and 8 are in the second epoch
+        b = ds[step]
+        assert b["ids_mix"] == b["ids_u"], step
+        assert not torch.equal(b["x_w_mix"], b["x_w"]) and not torch.equal(b["x_s1_mix"], b["x_s1"]), step
+    lab, unl = SegDataset(tiny_data, "labeled_1-4"), SegDataset(tiny_data, "unlabeled_1-4")
+    plan = StepPlan(len(lab), len(unl), 4, 4, 1, 0, 0, True)
+    ind = StepDataset(lab, unl, plan, 32, mix_source="independent")
+    ind.total_steps = 100
+    assert any(ind[s]["ids_mix"] != ind[s]["ids_u"] for s in range(4))
+    # the main stream is the same under both settings (only the mix stream's order changes)
+    assert ind[3]["ids_u"] == ds[3]["ids_u"] and torch.equal(ind[3]["x_w"], ds[3]["x_w"])
+    with pytest.raises(ValueError, match="mix_source"):
+        StepDataset(lab, unl, plan, 32, mix_source="other")
+
+
 def test_global_batch_split_over_processes_or_accumulation(tiny_data):
     """World 2 x batch 2 and accumulation 2 x batch 2 see exactly the samples of one process with batch 4."""
     one = make_steps(tiny_data, batch=4)[5]

@@ -9,8 +9,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from workbench.engine.evaluate import (EvalSettings, center_crop, evaluate, multiscale_logits,
-                                       sliding_window_coverage, sliding_window_logits, window_starts)
+from workbench.engine.evaluate import (EvalSettings, center_crop, clipped_window_starts, evaluate, multiscale_logits,
+                                       sliding_window_coverage, sliding_window_logits, sliding_window_probs,
+                                       window_starts)
 
 torch.manual_seed(0)
 
@@ -134,6 +135,97 @@ def test_multiscale_resizes_input_and_output() -> None:
         multiscale_logits(fn, torch.randn(1, 3, 4, 4), mode="sliding")
     with pytest.raises(ValueError, match="fn returned"):
         multiscale_logits(lambda x: torch.zeros(1, 3, 2, 2), torch.randn(1, 3, 4, 4))
+
+
+# ------------------------------------------------------------------------------------------------ UniMatch's tiling
+@pytest.mark.parametrize("size, window, stride, expected", [
+    (2048, 801, 534, [0, 534, 1068, 1602]),   # Cityscapes width: the last tile [1602, 2048) is 446 wide
+    (1024, 801, 534, [0, 534]),               # Cityscapes height: [534, 1024) is 490 high
+    (10, 4, 3, [0, 3, 6, 9]),                 # 9 < 10: a 1-pixel border tile, not shifted back to 6
+    (11, 4, 3, [0, 3, 6, 9]),
+    (3, 4, 2, [0, 2]),                        # smaller than the window: clipped tiles [0, 3) and [2, 3), no padding
+    (4, 4, 4, [0]),
+])
+def test_clipped_window_starts_by_hand(size: int, window: int, stride: int, expected: list[int]) -> None:
+    assert clipped_window_starts(size, window, stride) == expected
+    assert int(801 * 2 / 3) == EvalSettings(mode="sliding", crop_size=801).resolved_stride == 534
+
+
+def test_unimatch_tiles_on_a_cityscapes_image() -> None:
+    tiles: list[tuple[int, int, int, int]] = []
+    ys, xs = torch.meshgrid(torch.arange(1024.0), torch.arange(2048.0), indexing="ij")
+    image = torch.stack([ys, xs, torch.zeros_like(ys)])[None]
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        tiles.append((int(x[0, 0, 0, 0]), int(x[0, 1, 0, 0]), x.shape[-2], x.shape[-1]))
+        return torch.zeros(1, 2, *x.shape[-2:])
+
+    out = sliding_window_probs(fn, image, 801, 534)
+    # rows start 0, 534 (heights 801, 490); columns 0, 534, 1068, 1602 (widths 801, 801, 801, 446)
+    assert tiles == [(y, x, h, w) for y, h in ((0, 801), (534, 490))
+                     for x, w in ((0, 801), (534, 801), (1068, 801), (1602, 446))]
+    # zero logits: every tile adds (1/2, 1/2); a pixel holds 1/2 x its number of tiles (summed, not averaged):
+    # (600, 600): rows [0, 801) and [534, 1024), columns [0, 801) and [534, 1335) -> 4 tiles -> 2.0;
+    # (100, 1868): one row band, columns [1068, 1869) and [1602, 2048) -> 1.0; (100, 1869): only [1602, 2048) -> 0.5
+    assert out[0, 0, 0, 0] == 0.5 and out[0, 0, 600, 600] == 2.0 and out[0, 0, 1023, 2047] == 0.5
+    assert out[0, 0, 600, 1700] == 2.0 and out[0, 0, 100, 1869] == 0.5 and out[0, 0, 100, 1868] == 1.0
+    cover = sliding_window_coverage(1024, 2048, 801, 534, "clipped_sum")
+    assert torch.equal(out[0, 0] * 2, cover.float()) and int(cover.max()) == 4
+
+
+def test_sliding_sums_tile_softmax_not_logits() -> None:
+    # width 5, window (1, 4), stride 3: tiles [0, 4) and [3, 5) overlap at column 3. The first tile predicts logits
+    # (0, 10, 9.9), the second (5, 0, 0) at every pixel. Column 3, summed softmax:
+    #   p_A = softmax(0, 10, 9.9) = (e^-10, 1, e^-0.1) / (e^-10 + 1 + e^-0.1) ~ (0.00002, 0.525, 0.475)
+    #   p_B = softmax(5, 0, 0) = (e^5, 1, 1) / (e^5 + 2) ~ (0.987, 0.0066, 0.0066)
+    #   sum ~ (0.987, 0.532, 0.482) -> class 0; averaged logits (2.5, 5, 4.95) would give class 1
+    a, b = torch.tensor([0.0, 10.0, 9.9]), torch.tensor([5.0, 0.0, 0.0])
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        logits = a if int(x[0, 0, 0, 0]) == 0 else b
+        return logits.view(1, 3, 1, 1).expand(x.shape[0], 3, *x.shape[-2:]).clone()
+
+    image = torch.stack([torch.arange(5.0).view(1, 5), torch.zeros(1, 5), torch.zeros(1, 5)])[None]
+    out = sliding_window_probs(fn, image, (1, 4), (1, 3))
+    pa, pb = torch.exp(a) / torch.exp(a).sum(), torch.exp(b) / torch.exp(b).sum()
+    assert torch.allclose(out[0, :, 0, 3], pa + pb, atol=1e-6)
+    assert torch.allclose(out[0, :, 0, 0], pa, atol=1e-6) and torch.allclose(out[0, :, 0, 4], pb, atol=1e-6)
+    assert out[0, :, 0, 3].argmax() == 0
+    shifted = sliding_window_logits(fn, image, (1, 4), (1, 3))    # tiles [0, 4) and [1, 5): mean logits
+    assert shifted[0, :, 0, 3].argmax() == 1
+    # through evaluate(): GT class 0 at column 3 -> correct with the default tiling, wrong with shifted_mean
+    mask = torch.full((1, 1, 5), 255)
+    mask[0, 0, 3] = 0
+    default = evaluate(fn, [(image, mask)], 3, EvalSettings(mode="sliding", window=4, stride=3), "cpu",
+                       progress=False)
+    assert default["confusion"][0] == [1, 0, 0]
+    old = evaluate(fn, [(image, mask)], 3, EvalSettings(mode="sliding", window=4, stride=3,
+                                                        sliding_tiles="shifted_mean"), "cpu", progress=False)
+    assert old["confusion"][0] == [0, 1, 0]
+    with pytest.raises(ValueError, match="sliding_tiles"):
+        EvalSettings(sliding_tiles="mean")
+
+
+def test_clipped_tiles_cover_small_images_without_padding() -> None:
+    sizes: list[tuple[int, int]] = []
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        sizes.append(tuple(x.shape[-2:]))
+        return torch.zeros(x.shape[0], 2, *x.shape[-2:])
+
+    # 3 x 5 image, window 4, stride 2: rows 0, 2 (heights 3, 1); columns 0, 2, 4 (widths 4, 3, 1)
+    out = sliding_window_probs(fn, torch.zeros(2, 3, 3, 5), 4, 2)
+    assert sizes == [(3, 4), (3, 3), (3, 1), (1, 4), (1, 3), (1, 1)]
+    # coverage rows (1, 1, 2), columns (1, 1, 2, 2, 2) -> probabilities 1/2 x count
+    rows, cols = torch.tensor([1, 1, 2]), torch.tensor([1, 1, 2, 2, 2])
+    assert torch.equal(sliding_window_coverage(3, 5, 4, 2, "clipped_sum"), rows[:, None] * cols[None, :])
+    assert torch.equal(out[:, 0] * 2, (rows[:, None] * cols[None, :]).float().expand(2, 3, 5))
+    # multiscale_logits divides by the coverage: a per-pixel fn gives its own softmax back
+    net = conv1x1()
+    image = torch.randn(1, 3, 7, 9)
+    with torch.no_grad():
+        got = multiscale_logits(net, image, mode="sliding", window=4, stride=3)
+        assert torch.allclose(got, net(image).softmax(1), atol=1e-6)
 
 
 def test_center_crop_by_hand() -> None:

@@ -279,7 +279,7 @@ def build_folder(folder: Path) -> None:
 def voc_root(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("voc")
     build_voc_archives(d / "archives")
-    res = prepare("voc", d / "root", d / "archives", verify=False, progress=False)
+    res = prepare("voc", d / "root", d / "archives", verify=False, progress=False, split_lists="generated")
     assert res.status == "prepared"
     return res.root
 
@@ -296,14 +296,15 @@ def city_src(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def city_root(city_src) -> Path:
-    return prepare("cityscapes", city_src / "root", city_src / "archives", verify=False, progress=False).root
+    return prepare("cityscapes", city_src / "root", city_src / "archives", verify=False, progress=False,
+                   split_lists="generated").root
 
 
 @pytest.fixture(scope="module")
 def coco_root(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("coco")
     build_coco_archives(d / "archives")
-    return prepare("coco", d / "root", d / "archives", verify=False, progress=False).root
+    return prepare("coco", d / "root", d / "archives", verify=False, progress=False, split_lists="generated").root
 
 
 @pytest.fixture(scope="module")
@@ -392,7 +393,7 @@ def test_voc_user_splits_are_used_verbatim(tmp_path: Path) -> None:
         "".join(f"JPEGImages/{i}.jpg SegmentationClass/{i}.png\n" for i in lab))
     (tmp_path / "splits" / "92" / "unlabeled.txt").write_text(f"JPEGImages/{SBD_ONLY[3]}.jpg\n{SBD_ONLY[1]}\n")
     res = prepare("voc", tmp_path / "root", tmp_path / "a", splits=tmp_path / "splits", verify=False,
-                  progress=False, seed=5)
+                  progress=False, seed=5, split_lists="generated")
     assert [line[0] for line in read_lines(res.root, "labeled_92")] == [f"images/{i}.jpg" for i in lab]
     assert [line[0] for line in read_lines(res.root, "unlabeled_92")] == [f"images/{SBD_ONLY[3]}.jpg",
                                                                          f"images/{SBD_ONLY[1]}.jpg"]
@@ -402,7 +403,8 @@ def test_voc_user_splits_are_used_verbatim(tmp_path: Path) -> None:
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "labeled_x.txt").write_text(f"{VOC_TRAIN[0]}\n2099_000001\n")
     with pytest.raises(RecipeError, match=r"labeled_x.txt:2: .*2099_000001"):
-        prepare("voc", tmp_path / "root2", tmp_path / "a", splits=tmp_path / "bad", verify=False, progress=False)
+        prepare("voc", tmp_path / "root2", tmp_path / "a", splits=tmp_path / "bad", verify=False, progress=False,
+                split_lists="generated")
     assert not (tmp_path / "root2").exists() and not leftovers(tmp_path)
 
 
@@ -411,13 +413,146 @@ def test_voc_from_extracted_trees(tmp_path: Path) -> None:
     for arc in (voc_tar, sbd_tgz):
         with tarfile.open(arc) as tf:
             tf.extractall(tmp_path / "trees", filter="data")
-    res = prepare("voc", tmp_path / "root", tmp_path / "trees", progress=False)
+    res = prepare("voc", tmp_path / "root", tmp_path / "trees", progress=False, split_lists="generated")
     assert {s["kind"] for s in res.manifest["sources"].values()} == {"tree"}
     assert all(not s["verified"] for s in res.manifest["sources"].values())
     first = VOC_TRAIN[0]
     assert (res.root / "masks" / f"{first}.png").read_bytes() == (
         tmp_path / "trees/VOCdevkit/VOC2012/SegmentationClass" / f"{first}.png").read_bytes()
     assert len(read_lines(res.root, "train")) == 32
+
+
+# ------------------------------------------------------------------------------------------------ published splits
+SHIPPED = REPO / "workbench" / "data" / "splits"
+
+
+def shipped_keys(rel: str) -> list[str]:
+    return [line.split()[0] for line in (SHIPPED / rel).read_text().splitlines() if line.strip()]
+
+
+def test_shipped_published_lists_have_the_papers_counts() -> None:
+    # counts as the papers state them: Pascal classic 92..1464 of the 1464, blender/U2PL 1/16..1/4 of the 10582
+    # (662, 1323, 2646), Cityscapes 1/30..1/2 of 2975 (100, 186, 372, 744, 1488), COCO 1/512..1/32 of 118287;
+    # val 1449 / 500 / 5000
+    assert common.PUBLISHED_SPLITS == SHIPPED
+    pascal = {"92": 92, "183": 183, "366": 366, "732": 732, "1464": 1464, "1_16": 662, "1_8": 1323, "1_4": 2646,
+              "u2pl_1_16": 662, "u2pl_1_8": 1323, "u2pl_1_4": 2646}
+    aug = set(shipped_keys("pascal/train_aug.txt"))
+    assert len(aug) == 10582 and len(shipped_keys("pascal/val.txt")) == 1449
+    for name, n in pascal.items():
+        lab, unl = shipped_keys(f"pascal/{name}/labeled.txt"), shipped_keys(f"pascal/{name}/unlabeled.txt")
+        assert len(set(lab)) == len(lab) == n and len(unl) == 10582 - n, name
+        assert set(lab) | set(unl) == aug and not set(lab) & set(unl), name
+    classic = set(shipped_keys("pascal/1464/labeled.txt"))
+    assert set(shipped_keys("pascal/u2pl_1_8/labeled.txt")) <= classic           # U2PL: fine labels first
+    assert classic <= set(shipped_keys("pascal/u2pl_1_4/labeled.txt"))
+    for name, n in {"1_30": 100, "1_16": 186, "1_8": 372, "1_4": 744, "1_2": 1488}.items():
+        lab, unl = shipped_keys(f"cityscapes/{name}/labeled.txt"), shipped_keys(f"cityscapes/{name}/unlabeled.txt")
+        assert len(set(lab)) == n and len(set(unl)) == 2975 - n and not set(lab) & set(unl), name
+    assert len(shipped_keys("cityscapes/val.txt")) == 500
+    for name, n in {"1_512": 232, "1_256": 463, "1_128": 925, "1_64": 1849, "1_32": 3697}.items():
+        assert len(set(shipped_keys(f"coco/{name}/labeled.txt"))) == n, name
+        assert not (SHIPPED / "coco" / name / "unlabeled.txt").exists()
+    assert len(shipped_keys("coco/val.txt")) == 5000
+    assert "MIT" in (SHIPPED / "README.md").read_text() and "Lihe Yang" in (SHIPPED / "README.md").read_text()
+    # package data, so that a non-editable install ships them
+    import tomllib
+
+    data = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    assert {"splits/*/*.txt", "splits/*/*/*.txt", "splits/README.md"} <= set(data["workbench.data"])
+
+
+def test_published_name_mapping() -> None:
+    assert [common.published_name(n) for n in ("92", "1_16", "u2pl_1_4", "1_512")] == \
+        ["92", "1-16", "u2pl_1-4", "1-512"]
+
+
+def test_published_lists_are_the_default_and_missing_keys_fail_once(tmp_path: Path) -> None:
+    build_voc_archives(tmp_path / "a")
+    # the fixture holds none (or almost none) of the real VOC images: every published key it lacks is counted once,
+    # over all the Pascal lists (labeled, unlabeled, train_aug, val), in one error
+    train_listed = set()
+    for f in SHIPPED.joinpath("pascal").rglob("*.txt"):
+        if f.name != "val.txt":
+            train_listed |= set(shipped_keys(f.relative_to(SHIPPED).as_posix()))
+    fixture_train = set(VOC_TRAIN) | set(SBD_ONLY)
+    lacking = sorted((train_listed - fixture_train) | (set(shipped_keys("pascal/val.txt")) - set(VOC_VAL)))
+    with pytest.raises(RecipeError) as e:
+        prepare("voc", tmp_path / "root", tmp_path / "a", verify=False, progress=False)
+    msg = str(e.value)
+    assert msg.startswith(f"{len(lacking)} image key(s) of the published pascal split lists are not in the "
+                          f"prepared dataset: {', '.join(lacking[:5])}, ...")
+    assert "--generated-splits" in msg and "\n" not in msg
+    assert not (tmp_path / "root").exists() and not leftovers(tmp_path)
+    with pytest.raises(RecipeError, match="split_lists must be 'published'.*got 'mine'"):
+        prepare("voc", tmp_path / "root", tmp_path / "a", verify=False, progress=False, split_lists="mine")
+    with pytest.raises(RecipeError, match="'lucchi' has no published split lists"):
+        prepare("lucchi", tmp_path / "root", tmp_path / "a", progress=False, split_lists="published")
+
+
+def write_lists(folder: Path, lists: dict[str, list[str]]) -> None:
+    for rel, keys in lists.items():
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        (folder / rel).write_text("".join(k + "\n" for k in keys))
+
+
+def test_voc_uses_the_published_lists_verbatim(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    build_voc_archives(tmp_path / "a")
+    aug = sorted((set(VOC_TRAIN) | set(SBD_TRAIN) | set(SBD_VAL)) - set(VOC_VAL))
+    lab92 = [VOC_TRAIN[4], VOC_TRAIN[1]]                       # published order kept, not sorted
+    lab116 = [SBD_ONLY[7], VOC_TRAIN[0], SBD_ONLY[2]]
+    unl116 = [k for k in reversed(aug) if k not in lab116]
+    write_lists(tmp_path / "pub" / "pascal", {
+        "92/labeled.txt": lab92, "92/unlabeled.txt": [k for k in aug if k not in lab92],
+        "1_16/labeled.txt": lab116, "1_16/unlabeled.txt": unl116,
+        "train_aug.txt": aug, "val.txt": VOC_VAL})
+    monkeypatch.setattr(common, "PUBLISHED_SPLITS", tmp_path / "pub")
+    res = prepare("voc", tmp_path / "root", tmp_path / "a", verify=False, progress=False)
+    assert [line[0] for line in read_lines(res.root, "labeled_92")] == [f"images/{i}.jpg" for i in lab92]
+    assert [line for line in read_lines(res.root, "labeled_1-16")] == [
+        [f"images/{i}.jpg", f"masks/{i}.png"] for i in lab116]
+    assert [line[0] for line in read_lines(res.root, "unlabeled_1-16")] == [f"images/{i}.jpg" for i in unl116]
+    src = res.manifest["split_sources"]
+    assert src["92"] == src["1-16"] == "published: UniMatch's lists (workbench/data/splits/pascal)"
+    # splits without a published list (here 183 ... and 1-2) are generated and say so
+    assert src["1-2"] == src["u2pl_1-2"] == src["183"] == "generated, seed 0 (no published list)"
+    assert res.manifest["recipe"]["options"] == {"split_lists": "published"}
+    assert res.manifest["split_source"] == (
+        "published: UniMatch's lists (workbench/data/splits/pascal) for 92, 1-16; generated, seed 0 (no published "
+        "list) for 183, 366, 732, 1464, 1-8, 1-4, 1-2, u2pl_1-16, u2pl_1-8, u2pl_1-4, u2pl_1-2")
+    # a listed key the dataset lacks (and a val key): one error with the count and the keys
+    write_lists(tmp_path / "pub" / "pascal", {"92/labeled.txt": lab92 + ["2012_999999"],
+                                              "val.txt": VOC_VAL + ["2012_888888"]})
+    with pytest.raises(RecipeError, match=r"^2 image key\(s\) of the published pascal split lists are not in the "
+                                          r"prepared dataset: 2012_888888, 2012_999999 \(listed in 92/labeled.txt, "
+                                          r"val.txt\)"):
+        prepare("voc", tmp_path / "root2", tmp_path / "a", verify=False, progress=False)
+
+
+def test_cityscapes_and_coco_published_lists(city_src: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    stems = [f"aachen_{k:06d}_000019" for k in range(16)] + [f"bremen_{k:06d}_000019" for k in range(16)]
+    token = lambda s: f"leftImg8bit/train/{s.split('_')[0]}/{s}_leftImg8bit.png"
+    lab = [stems[20], stems[3]]
+    write_lists(tmp_path / "pub" / "cityscapes", {
+        "1_30/labeled.txt": [token(s) for s in lab],
+        "1_30/unlabeled.txt": [token(s) for s in stems if s not in lab],
+        "val.txt": [f"leftImg8bit/val/frankfurt/frankfurt_{k:06d}_000019_leftImg8bit.png" for k in range(3)]})
+    build_coco_archives(tmp_path / "coco")
+    write_lists(tmp_path / "pub" / "coco", {"1_512/labeled.txt": ["train2017/000000000007", "train2017/000000000002"],
+                                            "val.txt": [f"val2017/{i:012d}" for i in range(1001, 1005)]})
+    monkeypatch.setattr(common, "PUBLISHED_SPLITS", tmp_path / "pub")
+    res = prepare("cityscapes", tmp_path / "city", city_src / "archives", verify=False, progress=False)
+    assert [line[0] for line in read_lines(res.root, "labeled_1-30")] == [
+        f"images/train/{s.split('_')[0]}/{s}_leftImg8bit.png" for s in lab]
+    assert len(read_lines(res.root, "unlabeled_1-30")) == 30
+    assert res.manifest["split_sources"]["1-30"].startswith("published")
+    assert res.manifest["split_sources"]["1-16"] == "generated, seed 0 (no published list)"
+    res = prepare("coco", tmp_path / "cocoroot", tmp_path / "coco", verify=False, progress=False)
+    assert [line[0] for line in read_lines(res.root, "labeled_1-512")] == [
+        "images/train2017/000000000007.jpg", "images/train2017/000000000002.jpg"]
+    # no unlabeled list published: unlabeled = the 40 train images minus the 2 labeled ones, in train order
+    unl = [line[0] for line in read_lines(res.root, "unlabeled_1-512")]
+    assert unl == [f"images/train2017/{i:012d}.jpg" for i in range(1, 41) if i not in (2, 7)]
 
 
 # ------------------------------------------------------------------------------------------------ Cityscapes
@@ -445,9 +580,9 @@ def test_cityscapes_train_ids_from_cityscapesscripts(city_root: Path) -> None:
 def test_cityscapes_splits_and_eval_recommendation(city_root: Path) -> None:
     man = json.loads((city_root / "manifest.json").read_text())
     assert man["counts"]["train"] == 32 and man["counts"]["val"] == 3
-    # 32 train images: ceil(32/16)=2, 4, 8, 16
+    # 32 train images: ceil(32/30)=2, ceil(32/16)=2, 4, 8, 16
     sets = {}
-    for name, size in {"1-16": 2, "1-8": 4, "1-4": 8, "1-2": 16}.items():
+    for name, size in {"1-30": 2, "1-16": 2, "1-8": 4, "1-4": 8, "1-2": 16}.items():
         lab = {line[0] for line in read_lines(city_root, f"labeled_{name}")}
         unl = {line[0] for line in read_lines(city_root, f"unlabeled_{name}")}
         assert len(lab) == size and len(unl) == 32 - size and not lab & unl
@@ -458,7 +593,8 @@ def test_cityscapes_splits_and_eval_recommendation(city_root: Path) -> None:
 
 
 def test_cityscapes_worker_processes_give_the_same_dataset(city_src: Path, city_root: Path, tmp_path: Path) -> None:
-    res = prepare("cityscapes", tmp_path / "root", city_src / "archives", verify=False, progress=False, workers=2)
+    res = prepare("cityscapes", tmp_path / "root", city_src / "archives", verify=False, progress=False, workers=2,
+                  split_lists="generated")
     masks = sorted(p.relative_to(city_root) for p in (city_root / "masks").rglob("*.png"))
     assert len(masks) == 35
     assert sorted(p.relative_to(res.root) for p in (res.root / "masks").rglob("*.png")) == masks
@@ -615,7 +751,7 @@ def test_second_run_verifies_and_changes_nothing(name: str, request: pytest.Fixt
     man = json.loads((root / "manifest.json").read_text())
     src = man["sources"]
     archives = Path(next(iter(src.values()))["path"]).parent
-    res = prepare(name, root, archives, verify=False, progress=False)
+    res = prepare(name, root, archives, verify=False, progress=False, **man["recipe"]["options"])
     assert res.status == "up-to-date"
     assert snapshot(root) == before
     assert not leftovers(root.parent)
@@ -629,7 +765,7 @@ def test_changed_options_or_modified_splits_are_refused(voc_root: Path) -> None:
     try:
         split.write_text(text + "images/x.jpg\n")
         with pytest.raises(RecipeError, match="labeled_92.txt was modified"):
-            prepare("voc", voc_root, verify=False, progress=False)
+            prepare("voc", voc_root, verify=False, progress=False, split_lists="generated")
     finally:
         split.write_text(text)
 
@@ -758,6 +894,10 @@ def test_cli_prepare_and_up_to_date(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert "lucchi dataset prepared" in out and "generated, seed 3" in out
     assert main(["data", "prepare", "lucchi", "--root", str(tmp_path / "r"), "--archives", str(tmp_path / "em"),
                  "--quiet", "--seed", "3"]) == 0
+    assert "already prepared" in capsys.readouterr().out
+    # --generated-splits: lucchi's lists are always generated, so the same preparation
+    assert main(["data", "prepare", "lucchi", "--root", str(tmp_path / "r"), "--archives", str(tmp_path / "em"),
+                 "--quiet", "--seed", "3", "--generated-splits"]) == 0
     assert "already prepared" in capsys.readouterr().out
     assert main(["data", "prepare", "coco", "--root", str(tmp_path / "c"), "--quiet"]) == 2
     assert "train2017.zip" in capsys.readouterr().err

@@ -54,6 +54,52 @@ def test_ohem_keeps_hard_pixels():
     assert ohem_ce_loss(logits, target, 0.7, 10).item() == pytest.approx(-sum(LN(x) for x in p) / 4, rel=1e-5)
 
 
+def test_ohem_min_kept_is_per_images_as_the_reference_applies_it():
+    from workbench.ops.losses import ohem_min_kept_for
+
+    # UniMatch Cityscapes: 200000 per process of 2 images -> 8 images in one process: 200000 x 8 / 2 = 800000
+    assert ohem_min_kept_for(200000, 8, 2) == 800000
+    assert ohem_min_kept_for(100000, 8, 2) == 400000        # CorrMatch's 100000
+    assert ohem_min_kept_for(100000, 3, 2) == 150000        # floor(300000 / 2)
+    assert ohem_min_kept_for(200000, 8, None) == 200000      # the switch: unscaled
+    with pytest.raises(ValueError, match="min_kept_images"):
+        ohem_min_kept_for(200000, 8, 0)
+    # 4 one-pixel-row images of 2 pixels, GT-class probabilities (image by image) 0.95, 0.9 | 0.8, 0.85 |
+    # 0.99, 0.98 | 0.75, 0.97 (all easy: above thresh 0.7). min_kept 1 per 2 images -> 2 for these 4 images: the
+    # 2nd smallest p is 0.8 -> threshold max(0.7, 0.8) -> keep 0.75 and 0.8: loss = -(ln 0.75 + ln 0.8) / 2;
+    # unscaled (1): threshold 0.75 -> keep 0.75 alone: -ln 0.75
+    p = torch.tensor([0.95, 0.9, 0.8, 0.85, 0.99, 0.98, 0.75, 0.97])
+    logits = torch.stack([torch.log(p / (1 - p)), torch.zeros(8)]).view(2, 4, 1, 2).permute(1, 0, 2, 3)
+    target = torch.zeros(4, 1, 2, dtype=torch.long)
+    assert ohem_ce_loss(logits, target, 0.7, 1, min_kept_images=2).item() == pytest.approx(
+        -(LN(0.75) + LN(0.8)) / 2, rel=1e-5)
+    assert ohem_ce_loss(logits, target, 0.7, 1).item() == pytest.approx(-LN(0.75), rel=1e-5)
+
+
+def test_ohem_scaled_count_at_cityscapes_magnitude():
+    # 8 images of 320 x 320 (819200 pixels), every pixel easy (GT prob 0.9 .. 0.999, all distinct): OHEM keeps
+    # exactly the min_kept hardest. UniMatch's 200000 per 2 images -> 800000 kept; unscaled -> 200000 kept.
+    # Expected losses: the mean CE (-ln p) of the 800000 (200000) smallest GT probabilities, sorted in numpy.
+    import numpy as np
+
+    n = 8 * 320 * 320
+    rng = np.random.default_rng(0)
+    p = 0.9 + 0.099 * rng.permutation(n) / n
+    logits = torch.from_numpy(np.stack([np.log(p / (1 - p)), np.zeros(n)])).float().view(2, 8, 320, 320)
+    logits = logits.permute(1, 0, 2, 3).contiguous()
+    target = torch.zeros(8, 320, 320, dtype=torch.long)
+    ce = -np.log(np.sort(torch.from_numpy(p).float().double().numpy()))
+    for kept, images in ((800000, 2), (200000, None)):
+        got = ohem_ce_loss(logits, target, 0.7, 200000, min_kept_images=images).item()
+        assert got == pytest.approx(ce[:kept].mean(), rel=1e-4), kept
+    # config: the key is validated with a one-line error
+    base = {"method": {"name": "supervised", "loss": "ohem", "ohem_min_kept_images": 0}}
+    with pytest.raises(ValueError, match=r"^method.ohem_min_kept_images: must be a positive number"):
+        config_from_dict(base)
+    cfg = config_from_dict({"method": {"name": "unimatch", "loss": "ohem"}})
+    assert cfg.method.ohem_min_kept == 200000 and cfg.method.ohem_min_kept_images == 2
+
+
 def test_pseudo_label_and_cutmix_paste():
     pseudo, conf = pseudo_label(two_pixel_logits())
     assert pseudo.tolist() == [[[0, 0]]] and conf[0, 0, 1].item() == pytest.approx(0.75)

@@ -59,7 +59,8 @@ def _data_prepare(args: argparse.Namespace) -> int:
     from workbench.data.recipes import prepare
 
     res = prepare(args.name, args.root, args.archives, seed=args.seed, splits=args.splits, verify=not args.no_verify,
-                  download=args.download, progress=not args.quiet, workers=args.workers)
+                  download=args.download, progress=not args.quiet, workers=args.workers,
+                  split_lists="generated" if args.generated_splits else None)
     m = res.manifest
     if res.status == "up-to-date":
         print(f"{args.name} dataset at {res.root} is already prepared and verified; nothing to do")
@@ -134,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "for 'folder': your folder with dataset.yaml, images/, masks/")
     pr.add_argument("--splits", type=Path, help="folder of published split lists to use verbatim")
     pr.add_argument("--seed", type=int, default=0, help="seed of the generated split lists (recorded)")
+    pr.add_argument("--generated-splits", action="store_true",
+                    help="voc/cityscapes/coco: draw seeded split lists instead of the shipped published ones")
     pr.add_argument("--no-verify", action="store_true", help="skip the archive checksums")
     pr.add_argument("--download", action="store_true", help="download missing archives that have a public URL")
     pr.add_argument("--workers", type=int, default=1, help="processes for the label conversion")

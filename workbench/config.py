@@ -52,6 +52,13 @@ class DataConfig:
     """Overrides of :class:`workbench.data.synthetic.SyntheticSpec` fields (synthetic dataset only)."""
     bad_data: str = "fail"
     """What to do with an unreadable/corrupt sample: ``fail`` (default, error names the file) or ``skip``."""
+    mix_source: str = "same_images"
+    """Where the CutMix mix batch (``x_w_mix``, ``x_s*_mix``) comes from. ``same_images`` (default, the reference
+    code: UniMatch and the methods built on its code zip the unlabeled loader with itself, so the mix batch is the
+    main batch's images, in the same positions, with a different augmentation; the authors confirm it in UniMatch
+    issue #51 and CorrMatch issue #29 on GitHub): a CutMix box pastes another view of the same image.
+    ``independent`` (switch): a second, independent draw of unlabeled images, so a box pastes a different image
+    (how the papers describe CutMix)."""
 
 
 @dataclass
@@ -145,7 +152,16 @@ class EvalConfig:
     mode: str = "original"
     crop_size: int = 321
     window: int | None = None
+    """Sliding-window side (``mode: sliding``); None = ``crop_size`` (the reference: the training crop)."""
     stride: int | None = None
+    """Sliding-window step; None = int(2/3 of the window) (UniMatch: 534 for 801)."""
+    sliding_tiles: str = "clipped_sum"
+    """How ``mode: sliding`` tiles and merges. ``clipped_sum`` (default, UniMatch's evaluation code): tiles start at
+    0, stride, 2 x stride, ... while the start lies inside the image (width 2048, window 801: 0, 534, 1068, 1602),
+    border tiles are clipped to the image and predicted at their smaller size, and the tiles' softmax
+    probabilities are summed. ``shifted_mean`` (switch, this workbench's earlier tiling): the last tile is shifted
+    back to end at the border (every tile full-sized, images smaller than the window zero-padded) and overlapping
+    logits are averaged; it changes the predictions near the right and bottom borders."""
     scales: tuple[float, ...] = (1.0,)
     flip: bool = False
     batch_size: int = 1
@@ -394,6 +410,8 @@ def validate(cfg: RunConfig) -> None:
          "must be positive or null"),
         (d.num_workers >= 0, "data.num_workers", "must be >= 0"),
         (d.bad_data in ("fail", "skip"), "data.bad_data", "must be 'fail' or 'skip'"),
+        (d.mix_source in ("same_images", "independent"), "data.mix_source",
+         "must be 'same_images' (the reference's mix batch) or 'independent'"),
         (m.backbone in ("resnet18", "resnet34", "resnet50", "resnet101"), "model.backbone",
          "must be one of resnet18, resnet34, resnet50, resnet101"),
         (m.stem in ("plain", "deep"), "model.stem", "must be 'plain' or 'deep'"),
@@ -414,6 +432,10 @@ def validate(cfg: RunConfig) -> None:
         (e.mode in ("original", "center_crop", "sliding", "cif_multiscale"), "eval.mode",
          "must be original, center_crop, sliding or cif_multiscale"),
         (len(e.scales) > 0 and all(s > 0 for s in e.scales), "eval.scales", "must be a non-empty list of positives"),
+        (e.sliding_tiles in ("clipped_sum", "shifted_mean"), "eval.sliding_tiles",
+         "must be 'clipped_sum' (UniMatch's tiling) or 'shifted_mean'"),
+        (e.window is None or e.window > 0, "eval.window", "must be a positive integer or null"),
+        (e.stride is None or e.stride > 0, "eval.stride", "must be a positive integer or null"),
         (e.mode != "cif_multiscale" or getattr(cfg.method, "has_cif", False), "eval.mode",
          f"cif_multiscale needs a method with a CIF module (method.name=scalematch with method.cif=true and "
          f"method.fusion=cif; method.name is {cfg.method.name!r})"),

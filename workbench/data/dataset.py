@@ -215,13 +215,23 @@ class StepDataset(Dataset):
       - ``skipped``: samples replaced under the ``skip`` bad-data policy.
 
     Labeled samples are a concatenation of independent permutations of the labeled set (the labeled set repeated to
-    the unlabeled set's length each epoch); unlabeled and mix samples are two independent permutations per epoch.
+    the unlabeled set's length each epoch). The mix stream (``mix_source``): ``"same_images"`` (default, as the
+    reference code draws it: UniMatch zips the unlabeled loader with itself, so the mix batch holds the same images
+    in the same positions as the main batch, each with its own, different augmentation and CutMix boxes) or
+    ``"independent"`` (switch: a second, independent permutation of the unlabeled set per epoch, so a CutMix box
+    pastes another image).
     """
 
+    MIX_SOURCES = ("same_images", "independent")
+
     def __init__(self, labeled: SegDataset, unlabeled: SegDataset | None, plan: StepPlan, crop_size: int,
-                 scale_range: tuple[float, float] = (0.5, 2.0), flip: bool = True, bad_data: str = "fail") -> None:
+                 scale_range: tuple[float, float] = (0.5, 2.0), flip: bool = True, bad_data: str = "fail",
+                 mix_source: str = "same_images") -> None:
         if not labeled.has_masks():
             raise DataError(f"labeled split {labeled.split!r} has lines without masks")
+        if mix_source not in self.MIX_SOURCES:
+            raise ValueError(f"mix_source must be one of {self.MIX_SOURCES}, got {mix_source!r}")
+        self.mix_source = mix_source
         self.labeled, self.unlabeled, self.plan = labeled, unlabeled, plan
         self.weak = weak_transform(crop_size, scale_range, flip)
         self.strong = strong_transform()
@@ -308,7 +318,10 @@ class StepDataset(Dataset):
             assert self.unlabeled is not None
             _, pos_u = self.positions(step, p.batch_u)
             for stream, suffix in ((1, ""), (2, "_mix")):
-                order = self._order(epoch, stream, p.unlabeled, length)
+                # same_images: the mix stream reads the main stream's order (same image per position); its
+                # augmentation seeds stay those of stream 2, so every mix view differs from the main one
+                order_stream = 1 if self.mix_source == "same_images" else stream
+                order = self._order(epoch, order_stream, p.unlabeled, length)
                 us = [self._sample(self.unlabeled, int(order[q]), _seed(p.seed, epoch, stream, q), True,
                                    self.with_gt) for q in pos_u]
                 batch["x_w" + suffix] = torch.stack([s["x"] for s in us])

@@ -3,7 +3,11 @@
 Modes (``EvalSettings.mode``):
 - "original": predict each image whole, at its own size (Pascal VOC protocol).
 - "center_crop": crop image and mask to ``crop_size`` around the centre, then predict whole.
-- "sliding": predict ``window``-sized tiles on a grid with ``stride``, average overlapping logits (Cityscapes).
+- "sliding": predict ``window``-sized tiles on a grid with ``stride`` (Cityscapes). Default tiling
+  (``sliding_tiles="clipped_sum"``) as UniMatch's evaluation: tiles start at 0, stride, 2 x stride, ... while the
+  start lies inside the image; border tiles are clipped to the image (smaller tiles, not shifted back) and the
+  softmax of every tile is summed where tiles overlap. ``"shifted_mean"`` (switch): the last tile is shifted back to
+  end at the border, images smaller than the window are zero-padded, overlapping logits are averaged.
 - "cif_multiscale": ScaleMatch's multi-scale inference fused by its CIF module (the paper's dagger rows): each image
   is predicted whole inside :func:`workbench.methods.scalematch.cif_multiscale_inference`, whose predictor fuses the
   scale-1 prediction with the prediction at every other scale of ``scales`` (the paper: 0.5 and 2.0). A predictor
@@ -27,7 +31,10 @@ from workbench.ops.ensemble import check_scales, rescale, resize_logits
 
 __all__ = [
     "EVAL_MODES",
+    "SLIDING_TILES",
     "window_starts",
+    "clipped_window_starts",
+    "sliding_window_probs",
     "sliding_window_coverage",
     "sliding_window_logits",
     "multiscale_logits",
@@ -37,6 +44,8 @@ __all__ = [
 ]
 
 EVAL_MODES = ("original", "center_crop", "sliding", "cif_multiscale")
+SLIDING_TILES = ("clipped_sum", "shifted_mean")
+"""Sliding-window tilings: UniMatch's (clipped border tiles, summed softmax; default) and the shifted-tile mean."""
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -72,19 +81,37 @@ def window_starts(size: int, window: int, stride: int) -> list[int]:
     return starts
 
 
+def clipped_window_starts(size: int, window: int, stride: int) -> list[int]:
+    """Start offsets of UniMatch's sliding-window tiles along one axis of length ``size``.
+
+    Tiles start at 0, stride, 2*stride, ... for as long as the start lies inside the image (start < size); a tile
+    covers [start, min(size, start + window)), so border tiles are clipped to the image, never shifted back. E.g.
+    width 2048, window 801, stride 534: 0, 534, 1068, 1602 (the last tile is 446 wide).
+    """
+    if window <= 0 or stride <= 0 or size <= 0:
+        raise ValueError(f"size, window and stride must be positive, got {size}, {window}, {stride}")
+    if stride > window:
+        raise ValueError(f"stride ({stride}) must not exceed window ({window}), or pixels would be skipped")
+    return list(range(0, size, stride))
+
+
 def sliding_window_coverage(height: int, width: int, window: int | Sequence[int],
-                            stride: int | Sequence[int]) -> torch.Tensor:
-    """How many windows of ``sliding_window_logits`` cover each pixel of a ``height`` x ``width`` image.
+                            stride: int | Sequence[int], tiles: str = "shifted_mean") -> torch.Tensor:
+    """How many tiles cover each pixel of a ``height`` x ``width`` image: the tiles of ``sliding_window_logits``
+    (``tiles="shifted_mean"``) or of ``sliding_window_probs`` (``"clipped_sum"``).
 
     Returns:
         int64 tensor [height, width]; every entry is >= 1 by construction.
     """
     (wh, ww), (sh, sw) = _pair(window, "window"), _pair(stride, "stride")
+    if tiles not in SLIDING_TILES:
+        raise ValueError(f"tiles must be one of {SLIDING_TILES}, got {tiles!r}")
+    starts = clipped_window_starts if tiles == "clipped_sum" else window_starts
     rows = torch.zeros(max(height, wh), dtype=torch.int64)
     cols = torch.zeros(max(width, ww), dtype=torch.int64)
-    for y in window_starts(height, wh, sh):
+    for y in starts(height, wh, sh):
         rows[y:y + wh] += 1
-    for x in window_starts(width, ww, sw):
+    for x in starts(width, ww, sw):
         cols[x:x + ww] += 1
     return (rows[:, None] * cols[None, :])[:height, :width]
 
@@ -127,9 +154,47 @@ def sliding_window_logits(fn: LogitsFn, image: torch.Tensor, window: int | Seque
     return (total / count)[:, :, :h, :w]
 
 
+def sliding_window_probs(fn: LogitsFn, image: torch.Tensor, window: int | Sequence[int],
+                         stride: int | Sequence[int], num_classes: int | None = None) -> torch.Tensor:
+    """UniMatch's sliding-window inference: the SUM of the tiles' softmax probabilities at every pixel.
+
+    Tiles start at :func:`clipped_window_starts` along each axis and cover [start, min(size, start + window)):
+    border tiles (and an image smaller than the window) are predicted clipped, at their own smaller size; nothing is
+    padded. Each tile's logits go through a softmax over classes and are added into the image-sized sum, so a pixel
+    covered by n tiles holds a sum of n probability vectors (its argmax is the prediction).
+
+    Args:
+        fn: maps a float batch [B, C, h, w] to logits [B, K, h, w].
+        image: float [B, C, H, W].
+        window: tile size, int or (h, w).
+        stride: tile step, int or (h, w), at most the window.
+        num_classes: K; None = take it from the first tile's logits.
+
+    Returns:
+        float32 [B, K, H, W]: summed probabilities (each pixel sums to its number of covering tiles).
+    """
+    _check_image(image)
+    (wh, ww), (sh, sw) = _pair(window, "window"), _pair(stride, "stride")
+    b, _, h, w = image.shape
+    total: torch.Tensor | None = None
+    for y in clipped_window_starts(h, wh, sh):
+        for x in clipped_window_starts(w, ww, sw):
+            th, tw = min(h, y + wh) - y, min(w, x + ww) - x
+            logits = fn(image[:, :, y:y + th, x:x + tw])
+            k = num_classes if num_classes is not None else logits.shape[1] if logits.dim() == 4 else -1
+            if logits.shape != (b, k, th, tw):
+                raise ValueError(f"fn returned logits of shape {tuple(logits.shape)} for a tile of "
+                                 f"{(b, th, tw)}; expected {(b, k, th, tw)}")
+            if total is None:
+                total = torch.zeros(b, k, h, w, device=image.device, dtype=torch.float32)
+            total[:, :, y:y + th, x:x + tw] += logits.float().softmax(1)
+    assert total is not None  # the tile at (0, 0) always exists
+    return total
+
+
 def multiscale_logits(fn: LogitsFn, image: torch.Tensor, scales: Sequence[float] = (1.0,), flip: bool = False,
                       mode: str = "original", window: int | Sequence[int] | None = None,
-                      stride: int | Sequence[int] | None = None) -> torch.Tensor:
+                      stride: int | Sequence[int] | None = None, tiles: str = "clipped_sum") -> torch.Tensor:
     """Softmax probabilities averaged over scales (and horizontal flips).
 
     For each scale s the image is resized to round(s * H) x round(s * W) (bilinear, align_corners=True; the rule of
@@ -137,6 +202,11 @@ def multiscale_logits(fn: LogitsFn, image: torch.Tensor, scales: Sequence[float]
     whole ("original"/"center_crop" modes) or by sliding window ("sliding": ``window`` and ``stride`` required),
     the logits are resized back to H x W and turned into probabilities; with ``flip`` the horizontally flipped image
     is predicted too and its (un-flipped) probabilities added. The result is the mean over all predictions.
+
+    Sliding ``tiles``: ``"clipped_sum"`` (UniMatch's tiling, :func:`sliding_window_probs`): the summed tile
+    softmax divided by the number of covering tiles is the view's probability map (resized back bilinearly; the
+    argmax of one view equals the reference's argmax of the sum, as the division by 1, 2 or 4 tiles at a stride
+    above half the window is exact); ``"shifted_mean"``: :func:`sliding_window_logits`, then the softmax.
 
     Args:
         fn: maps a float batch [B, C, h, w] to logits [B, K, h, w].
@@ -151,27 +221,37 @@ def multiscale_logits(fn: LogitsFn, image: torch.Tensor, scales: Sequence[float]
                          "evaluate(), not here)")
     if mode == "sliding" and (window is None or stride is None):
         raise ValueError("mode 'sliding' needs both window and stride")
+    if tiles not in SLIDING_TILES:
+        raise ValueError(f"tiles must be one of {SLIDING_TILES}, got {tiles!r}")
     scales = check_scales(scales)
     h, w = image.shape[-2:]
 
-    def predict(x: torch.Tensor) -> torch.Tensor:
+    def predict(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """(logits, False) or (probabilities, True) of one view."""
+        if mode == "sliding" and tiles == "clipped_sum":
+            summed = sliding_window_probs(fn, x, window, stride)  # type: ignore[arg-type]
+            count = sliding_window_coverage(x.shape[-2], x.shape[-1], window, stride,  # type: ignore[arg-type]
+                                            "clipped_sum").to(summed.device, summed.dtype)
+            return summed / count, True
         if mode == "sliding":
-            return sliding_window_logits(fn, x, window, stride)  # type: ignore[arg-type]
+            return sliding_window_logits(fn, x, window, stride), False  # type: ignore[arg-type]
         logits = fn(x)
         if logits.dim() != 4 or logits.shape[0] != x.shape[0] or logits.shape[-2:] != x.shape[-2:]:
             raise ValueError(f"fn returned logits of shape {tuple(logits.shape)} for an input of shape "
                              f"{tuple(x.shape)}; expected [B, K, H, W] at the input's resolution")
-        return logits.float()
+        return logits.float(), False
 
     probs: torch.Tensor | None = None
     for s in scales:
         scaled = rescale(image, s)
         views = [(scaled, False), (scaled.flip(-1), True)] if flip else [(scaled, False)]
         for x, flipped in views:
-            logits = predict(x)
+            out, is_prob = predict(x)
             if flipped:
-                logits = logits.flip(-1)
-            p = resize_logits(logits, (h, w)).softmax(1)
+                out = out.flip(-1)
+            p = resize_logits(out, (h, w))
+            if not is_prob:
+                p = p.softmax(1)
             probs = p if probs is None else probs + p
     assert probs is not None
     return probs / (len(scales) * (2 if flip else 1))
@@ -209,6 +289,9 @@ class EvalSettings:
         crop_size: crop side for "center_crop", and the default sliding window.
         window: sliding-window side; None = ``crop_size`` (see ``resolved_window``).
         stride: sliding-window step; None = int(2/3 of the window) (see ``resolved_stride``).
+        sliding_tiles: ``"clipped_sum"`` (default; UniMatch's tiling: tiles at 0, stride, ... while inside the image,
+            border tiles clipped, tile softmaxes summed) or ``"shifted_mean"`` (switch: last tile shifted back to the
+            border, small images padded, overlapping logits averaged).
         scales: image scales to average over (1.0 = original size); in "cif_multiscale" mode the scales fused with
             scale 1 by the CIF (entries equal to 1.0 are skipped; at least one other scale is required).
         flip: also average the horizontally flipped prediction.
@@ -223,10 +306,13 @@ class EvalSettings:
     scales: tuple[float, ...] = (1.0,)
     flip: bool = False
     boundary_tolerance: float | None = None
+    sliding_tiles: str = "clipped_sum"
 
     def __post_init__(self) -> None:
         if self.mode not in EVAL_MODES:
             raise ValueError(f"EvalSettings.mode must be one of {EVAL_MODES}, got {self.mode!r}")
+        if self.sliding_tiles not in SLIDING_TILES:
+            raise ValueError(f"EvalSettings.sliding_tiles must be one of {SLIDING_TILES}, got {self.sliding_tiles!r}")
         for name in ("crop_size", "window", "stride"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
@@ -340,7 +426,8 @@ def evaluate(fn: LogitsFn, loader: Iterable[Any], num_classes: int, settings: Ev
                                          "fuse scales; use eval.mode=original")
                 else:
                     probs = multiscale_logits(fn, image, settings.scales, settings.flip, settings.mode,
-                                              settings.resolved_window, settings.resolved_stride)
+                                              settings.resolved_window, settings.resolved_stride,
+                                              settings.sliding_tiles)
                 pred = probs.argmax(1)
                 meter.update(pred, mask)
                 if bmeter is not None:

@@ -260,7 +260,7 @@ class Trainer:
     def _loader(self) -> DataLoader:
         cfg = self.cfg
         ds = StepDataset(self.labeled, self.unlabeled, self.plan, cfg.data.crop_size, cfg.data.scale_range,
-                         cfg.data.flip, cfg.data.bad_data)
+                         cfg.data.flip, cfg.data.bad_data, cfg.data.mix_source)
         micro = cfg.optim.grad_accum
         ds.total_steps = self.total * micro
         nw = cfg.data.num_workers
@@ -308,7 +308,8 @@ class Trainer:
         cfg = self.cfg
         e = cfg.eval
         settings = EvalSettings(mode=e.mode, crop_size=e.crop_size, window=e.window, stride=e.stride,
-                                scales=tuple(e.scales), flip=e.flip, boundary_tolerance=e.boundary_tolerance)
+                                scales=tuple(e.scales), flip=e.flip, boundary_tolerance=e.boundary_tolerance,
+                                sliding_tiles=e.sliding_tiles)
         predictor = self.method.predictor()
         was_training = self.method.training
         self.method.eval()

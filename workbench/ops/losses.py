@@ -55,13 +55,32 @@ def ce_loss(logits: Tensor, target: Tensor, ignore_index: int = IGNORE) -> Tenso
     return F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="sum") / count
 
 
+def ohem_min_kept_for(min_kept: int, images: int, min_kept_images: int | None) -> int:
+    """The minimum kept-pixel count for a call over ``images`` images.
+
+    ``min_kept`` counts pixels per ``min_kept_images`` images (the reference code applies its count in every process,
+    to that process's images): the count becomes floor(min_kept x images / min_kept_images). ``min_kept_images``
+    None applies ``min_kept`` to the call as it is. E.g. UniMatch's 200000 for 2 images per process -> 800000 for 8.
+    """
+    if isinstance(min_kept, bool) or not isinstance(min_kept, int) or min_kept < 0:
+        raise ValueError(f"min_kept must be a non-negative integer, got {min_kept!r}")
+    if min_kept_images is None:
+        return min_kept
+    if isinstance(min_kept_images, bool) or not isinstance(min_kept_images, int) or min_kept_images <= 0:
+        raise ValueError(f"min_kept_images must be a positive integer or None, got {min_kept_images!r}")
+    return min_kept * int(images) // min_kept_images
+
+
 def ohem_ce_loss(logits: Tensor, target: Tensor, thresh: float = 0.7, min_kept: int = 200000,
-                 ignore_index: int = IGNORE) -> Tensor:
+                 ignore_index: int = IGNORE, min_kept_images: int | None = None) -> Tensor:
     """Online hard example mining CE (Cityscapes baseline of the reference code).
 
     Pixels whose probability of the ground-truth class is <= t are kept, with t = max(thresh, the min_kept-th
-    smallest GT probability). When fewer than ``min_kept`` pixels are valid, every valid pixel is kept.
+    smallest GT probability). When fewer than ``min_kept`` pixels are valid, every valid pixel is kept. With
+    ``min_kept_images`` set, ``min_kept`` is a count per that many images and is scaled to the B images of ``logits``
+    (:func:`ohem_min_kept_for`), as the reference applies it per process.
     """
+    min_kept = ohem_min_kept_for(min_kept, logits.shape[0], min_kept_images)
     valid = target != ignore_index
     n_valid = int(valid.sum())
     if n_valid == 0:

@@ -310,7 +310,7 @@ def open_session(method: str, run_dir: str | Path | None = "", config: str | Pat
     bl = d.batch_size
     plan = StepPlan(len(labeled), len(unlabeled), bl, d.unlabeled_batch_size or bl, 1, 0, cfg.train.seed, True,
                     cfg.optim.grad_accum)
-    ds = StepDataset(labeled, unlabeled, plan, d.crop_size, d.scale_range, d.flip, d.bad_data)
+    ds = StepDataset(labeled, unlabeled, plan, d.crop_size, d.scale_range, d.flip, d.bad_data, d.mix_source)
     man = labeled.manifest
     session = StepSession(m, cfg, ds, list(man.class_names), [list(c) for c in man.palette], dev, source, ck_step)
     session._initial = {k: v.detach().clone() for k, v in m.state_dict().items()}

@@ -10,10 +10,12 @@ ids 0..18, every other id (ignored in evaluation, trainId 255 or -1) becomes 255
 official colours at ``masks/<split>/<city>/<city>_<seq>_<frame>.png``; images keep their official names under
 ``images/<split>/<city>/``.
 
-Splits: ``train`` (2975), ``val`` (500); ``labeled_1-16`` .. ``labeled_1-2`` = 186, 372, 744, 1488 images drawn in
-one seeded order (nested), ``unlabeled_*`` = the rest of train. The manifest recommends sliding-window evaluation
-(window = the 801 training crop, stride 2/3 of it, as UniMatch/CorrMatch evaluate) and the papers train with OHEM
-(``method.loss: ohem``).
+Splits: ``train`` (2975), ``val`` (500); ``labeled_1-30`` .. ``labeled_1-2`` = 100, 186, 372, 744, 1488 images. By
+default (``split_lists="published"``) they are UniMatch's published lists shipped in
+``workbench/data/splits/cityscapes`` (labeled and unlabeled, verbatim); ``split_lists="generated"``
+(``--generated-splits``) draws them in one seeded order (nested), ``unlabeled_*`` = the rest of train. The manifest
+recommends sliding-window evaluation (window = the 801 training crop, stride 2/3 of it, as UniMatch/CorrMatch
+evaluate) and the papers train with OHEM (``method.loss: ohem``).
 
 :func:`train_to_label_ids` turns train-id predictions back into label ids, the input format of the official
 evaluation (``cityscapesscripts.evaluation.evalPixelLevelSemanticLabeling``).
@@ -28,8 +30,9 @@ from PIL import Image
 
 from workbench.data.recipes.common import (BuildContext, BuildResult, IGNORE_INDEX, Recipe, RecipeError, Requirement,
                                            Sample, Source, describe_sources, encode_label_png, fraction_size,
-                                           generated_splits, label_splits, load_user_splits, palette_bytes,
-                                           parallel_map, safe_path, split_lines)
+                                           generated_splits, label_splits, load_published_splits, load_user_splits,
+                                           palette_bytes, parallel_map, published_source, safe_path, split_lines,
+                                           split_lists_option)
 
 LEFT = Requirement(
     "left", "leftImg8bit_trainvaltest.zip", "Cityscapes images, 11 GB (cityscapes-dataset.com, packageID=3)",
@@ -42,10 +45,14 @@ GTFINE = Requirement(
     checksum_source="md5 listed on https://www.cityscapes-dataset.com/downloads/ for gtFine_trainvaltest.zip",
     tree_dirs=("gtFine", "gtFine_trainvaltest/gtFine"), tree_marker="train")
 
-FRACTIONS = {"1-16": (1, 16), "1-8": (1, 8), "1-4": (1, 4), "1-2": (1, 2)}
-"""Split name -> fraction of the 2975 train images (186, 372, 744, 1488)."""
+FRACTIONS = {"1-30": (1, 30), "1-16": (1, 16), "1-8": (1, 8), "1-4": (1, 4), "1-2": (1, 2)}
+"""Split name -> fraction of the 2975 train images (100, 186, 372, 744, 1488)."""
+PUBLISHED = "cityscapes"
+"""Folder of the shipped published lists (:data:`~.common.PUBLISHED_SPLITS`)."""
 SLIDING_EVAL = {"mode": "sliding", "window": 801, "stride": 534,
-                "note": "UniMatch/CorrMatch: sliding window of the 801 training crop, stride int(2/3 x 801)"}
+                "note": "UniMatch/CorrMatch: sliding window of the 801 training crop, stride int(2/3 x 801); tiles "
+                        "at 0, 534, 1068, 1602, border tiles clipped, tile softmaxes summed "
+                        "(eval.sliding_tiles=clipped_sum)"}
 GT_PATTERN = r"(?:^|/)gtFine/(?P<split>train|val)/(?P<city>[^/]+)/(?P<stem>[^/]+)_gtFine_labelIds\.png$"
 IMG_PATTERN = r"(?:^|/)leftImg8bit/(?P<split>train|val)/(?P<city>[^/]+)/(?P<stem>[^/]+)_leftImg8bit\.png$"
 
@@ -145,6 +152,15 @@ def build(out: Path, sources: dict[str, Source], ctx: BuildContext) -> BuildResu
     splits = {"train": split_lines(train), "val": split_lines(val)}
     sizes = {n: fraction_size(len(train), *f) for n, f in FRACTIONS.items()}
     sources_of = generated_splits(splits, train, sizes, ctx.seed)
+    if split_lists_option(ctx) == "published":
+        published = load_published_splits(PUBLISHED, {s.key: s for s in train}, train, cityscapes_key,
+                                           check_lists={"val.txt": {s.key for s in val}})
+        for name in sources_of:
+            if name not in published:
+                sources_of[name] = f"generated, seed {ctx.seed} (no published list)"
+        for name, (lab, unl) in published.items():
+            label_splits(splits, name, lab, unl)
+            sources_of[name] = published_source(PUBLISHED)
     if ctx.splits_dir is not None:
         for name, (lab, unl) in load_user_splits(ctx.splits_dir, {s.key: s for s in train}, train,
                                                  cityscapes_key).items():
@@ -154,7 +170,8 @@ def build(out: Path, sources: dict[str, Source], ctx: BuildContext) -> BuildResu
         "name": "cityscapes", "num_classes": 19, "class_names": names, "palette": colours,
         "label_splits": list(sources_of), "split_source": describe_sources(sources_of, ctx),
         "split_sources": sources_of, "recommended_eval": SLIDING_EVAL,
-        "recommended_loss": {"method.loss": "ohem", "method.ohem_thresh": 0.7, "method.ohem_min_kept": 200000},
+        "recommended_loss": {"method.loss": "ohem", "method.ohem_thresh": 0.7, "method.ohem_min_kept": 200000,
+                             "method.ohem_min_kept_images": 2},
         "unlabeled_gt": "diagnostics-only",
         "labels": "gtFine labelIds -> trainIds with cityscapesscripts.helpers.labels; ignored ids -> 255",
     }
@@ -168,4 +185,5 @@ def write_prediction(pred: np.ndarray, path: Path) -> None:
 
 
 RECIPE = Recipe("cityscapes", 1, (LEFT, GTFINE), build,
-                "Cityscapes fine: 19 train ids, 2975/500, splits 1/16..1/2 (186..1488), sliding-window eval")
+                "Cityscapes fine: 19 train ids, 2975/500, published splits 1/30..1/2 (100..1488), sliding-window eval",
+                published=PUBLISHED)

@@ -14,7 +14,11 @@ annotation are background; nothing is ignored (255 does not occur). UniMatch's p
 reproduced bit for bit (they were made with other tools); the conversion rule above is what this recipe promises.
 
 Splits: ``train`` (118287), ``val`` (5000, evaluated on original images as UniMatch does); ``labeled_1-512`` ..
-``labeled_1-32`` = 232, 463, 925, 1849, 3697 images (1/512 .. 1/32, rounded up) in one seeded order (nested).
+``labeled_1-32`` = 232, 463, 925, 1849, 3697 images (1/512 .. 1/32, rounded up). By default
+(``split_lists="published"``) the labeled lists are UniMatch's published ones shipped in
+``workbench/data/splits/coco`` (verbatim) and ``unlabeled_*`` = train minus the labeled images (no unlabeled lists
+were published with them); ``split_lists="generated"`` (``--generated-splits``) draws them in one seeded order
+(nested).
 """
 from __future__ import annotations
 
@@ -27,8 +31,9 @@ from PIL import Image, ImageDraw
 
 from workbench.data.recipes.common import (BuildContext, BuildResult, Recipe, RecipeError, Requirement, Sample, Source,
                                            describe_sources, encode_label_png, fraction_size, generated_splits,
-                                           label_splits, load_user_splits, palette_bytes, parallel_map, safe_path,
-                                           split_lines, voc_palette)
+                                           label_splits, load_published_splits, load_user_splits, palette_bytes,
+                                           parallel_map, published_source, safe_path, split_lines, split_lists_option,
+                                           voc_palette)
 
 _SRC = "md5 published with COCO's download links (images.cocodataset.org), e.g. in PaddleDetection's dataset list"
 TRAIN = Requirement("train", "train2017.zip", "COCO train2017 images, 18 GB", md5="cced6f7f71b7629ddf16f17bbcfab6b2",
@@ -44,6 +49,8 @@ ANNOTATIONS = Requirement("ann", "annotations_trainval2017.zip", "COCO 2017 anno
 
 FRACTIONS = {"1-512": (1, 512), "1-256": (1, 256), "1-128": (1, 128), "1-64": (1, 64), "1-32": (1, 32)}
 """Split name -> fraction of the 118287 train images (232, 463, 925, 1849, 3697)."""
+PUBLISHED = "coco"
+"""Folder of the shipped published lists (:data:`~.common.PUBLISHED_SPLITS`)."""
 ANN_PATTERN = r"(?:^|/)annotations/instances_(?P<split>train|val)2017\.json$"
 
 
@@ -194,6 +201,15 @@ def build(out: Path, sources: dict[str, Source], ctx: BuildContext) -> BuildResu
     splits = {"train": split_lines(train), "val": split_lines(samples["val"])}
     sizes = {n: fraction_size(len(train), *f) for n, f in FRACTIONS.items()}
     sources_of = generated_splits(splits, train, sizes, ctx.seed)
+    if split_lists_option(ctx) == "published":
+        published = load_published_splits(PUBLISHED, {s.key: s for s in train}, train,
+                                           check_lists={"val.txt": {s.key for s in samples["val"]}})
+        for name in sources_of:
+            if name not in published:
+                sources_of[name] = f"generated, seed {ctx.seed} (no published list)"
+        for name, (lab, unl) in published.items():
+            label_splits(splits, name, lab, unl)
+            sources_of[name] = published_source(PUBLISHED)
     if ctx.splits_dir is not None:
         for name, (lab, unl) in load_user_splits(ctx.splits_dir, {s.key: s for s in train}, train).items():
             label_splits(splits, name, lab, unl)
@@ -213,4 +229,5 @@ def build(out: Path, sources: dict[str, Source], ctx: BuildContext) -> BuildResu
 
 
 RECIPE = Recipe("coco", 1, (TRAIN, VAL, ANNOTATIONS), build,
-                "COCO 2017, 81 classes from the instance annotations; splits 1/512..1/32 (232..3697)")
+                "COCO 2017, 81 classes from the instance annotations; published splits 1/512..1/32 (232..3697)",
+                published=PUBLISHED)

@@ -517,6 +517,94 @@ def load_user_splits(splits_dir: Path, samples: dict[str, Sample], train: list[S
     return result
 
 
+PUBLISHED_SPLITS = Path(__file__).resolve().parents[1] / "splits"
+"""The published label partitions shipped with the package (UniMatch's lists, MIT licence; see its README.md):
+``<dataset>/<split>/labeled.txt`` (+ ``unlabeled.txt``) and ``<dataset>/val.txt``, one image key a line."""
+SPLIT_LISTS = ("published", "generated")
+"""Values of the recipes' ``split_lists`` option: the shipped published lists (default) or seeded generated ones."""
+
+
+def published_name(folder: str) -> str:
+    """The prepared split name of a published split folder: an ``_`` between digits becomes ``-`` (``1_16`` ->
+    ``1-16``, ``u2pl_1_16`` -> ``u2pl_1-16``, ``92`` -> ``92``)."""
+    return re.sub(r"(?<=\d)_(?=\d)", "-", folder)
+
+
+def published_source(dataset: str) -> str:
+    """The ``split_sources`` text of a split taken from the shipped published lists of ``dataset``."""
+    return f"published: UniMatch's lists (workbench/data/splits/{dataset})"
+
+
+def load_published_splits(dataset: str, samples: dict[str, Sample], train: list[Sample],
+                          key_fn: Callable[[str], str] = default_key,
+                          check_lists: dict[str, set[str]] | None = None,
+                          ) -> dict[str, tuple[list[Sample], list[Sample]]]:
+    """The shipped published splits of ``dataset`` (a folder of :data:`PUBLISHED_SPLITS`) mapped onto the prepared
+    samples, verbatim (same images, same order).
+
+    Args:
+        dataset: ``pascal``, ``cityscapes`` or ``coco``.
+        samples: prepared train samples by key.
+        train: the train samples in order (the unlabeled set of a split without ``unlabeled.txt`` is ``train`` minus
+            its labeled images, e.g. COCO).
+        key_fn: reduces a list token to a sample key.
+        check_lists: other list files of the folder (``{"val.txt": keys}``) whose keys must all be in ``keys``.
+    Returns:
+        ``{prepared split name: (labeled, unlabeled)}`` in sorted folder order.
+    Raises:
+        RecipeError: one message naming how many listed keys the prepared dataset lacks and the first of them
+            (checked over every list), or a malformed folder.
+    """
+    folder = PUBLISHED_SPLITS / dataset
+    if not folder.is_dir():
+        raise RecipeError(f"the published split lists {folder} are missing from the installation; reinstall "
+                          "workbench or prepare with --generated-splits")
+    lists: dict[str, tuple[Path, Path | None]] = {}
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+        if (sub / "labeled.txt").is_file():
+            unl = sub / "unlabeled.txt"
+            lists[published_name(sub.name)] = (sub / "labeled.txt", unl if unl.is_file() else None)
+    if not lists:
+        raise RecipeError(f"{folder}: no published split lists (<split>/labeled.txt) found")
+    missing: dict[str, list[str]] = {}
+
+    def take(path: Path, pool: dict[str, Any]) -> list[str]:
+        """The sample keys of one list file, in order; keys absent from ``pool`` are collected in ``missing``."""
+        keys = [key_fn(line.split()[0]) for line in path.read_text().splitlines() if line.strip()]
+        for k in keys:
+            if k not in pool:
+                missing.setdefault(k, []).append(path.relative_to(folder).as_posix())
+        return keys
+
+    wanted = {name: (take(lab, samples), take(unl, samples) if unl else None) for name, (lab, unl) in lists.items()}
+    for fname, pool in (check_lists or {}).items():
+        if (folder / fname).is_file():
+            take(folder / fname, dict.fromkeys(pool))
+    if missing:
+        first = sorted(missing)[:5]
+        files = sorted({f for k in missing for f in missing[k]})
+        raise RecipeError(
+            f"{len(missing)} image key(s) of the published {dataset} split lists are not in the prepared dataset: "
+            f"{', '.join(first)}{', ...' if len(missing) > len(first) else ''} (listed in {', '.join(files[:6])}"
+            f"{', ...' if len(files) > 6 else ''}); the archives are incomplete or not the official ones. Use "
+            "complete official archives, or prepare with --generated-splits (split_lists='generated') to draw "
+            "seeded lists from the images present")
+    result = {}
+    for name, (lab_keys, unl_keys) in wanted.items():
+        if len(set(lab_keys)) != len(lab_keys) or (unl_keys and set(lab_keys) & set(unl_keys)):
+            raise RecipeError(f"{lists[name][0]}: an image is listed twice or is both labeled and unlabeled")
+        lab = [samples[k] for k in lab_keys]
+        unl = [samples[k] for k in unl_keys] if unl_keys is not None else complement(train, lab)
+        result[name] = (lab, unl)
+    return result
+
+
+def split_lists_option(ctx: "BuildContext") -> str:
+    """The build's ``split_lists`` option: ``published`` or ``generated`` (:func:`run_recipe` sets ``published``
+    for a recipe with published lists unless asked otherwise)."""
+    return ctx.options.get("split_lists", "generated")
+
+
 # ------------------------------------------------------------------------------------------------ the run
 @dataclass
 class BuildContext:
@@ -541,6 +629,9 @@ class Recipe:
     requirements: tuple[Requirement, ...]
     build: Callable[[Path, dict[str, Source], BuildContext], "BuildResult"]
     summary: str = ""
+    published: str | None = None
+    """Folder of :data:`PUBLISHED_SPLITS` holding this dataset's published lists (``pascal``, ``cityscapes``,
+    ``coco``); such a recipe uses them by default (option ``split_lists``: ``published`` or ``generated``)."""
 
 
 @dataclass
@@ -585,12 +676,13 @@ def generated_splits(result: dict[str, list[str]], train: list[Sample], sizes: d
 
 
 def describe_sources(sources_of: dict[str, str], ctx: BuildContext) -> str:
-    """The manifest's one-line ``split_source``: generated (with the seed), user-provided, or both."""
-    kinds = sorted(set(sources_of.values()))
+    """The manifest's one-line ``split_source``: the one source of every split (``generated, seed N``, published,
+    user-provided), or each source followed by the splits it made (``published: ... for 92, 183; generated, seed 0
+    (no published list) for 1-2``)."""
+    kinds = list(dict.fromkeys(sources_of.values()))
     if len(kinds) == 1:
         return kinds[0]
-    return f"generated, seed {ctx.seed}; user-provided lists from {ctx.splits_dir} for " + ", ".join(
-        n for n, s in sources_of.items() if s.startswith("user"))
+    return "; ".join(f"{k} for " + ", ".join(n for n, s in sources_of.items() if s == k) for k in kinds)
 
 
 def sha256_text(text: str) -> str:
@@ -698,8 +790,17 @@ def run_recipe(recipe: Recipe, root: str | Path, archives: str | Path | None = N
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise RecipeError(f"seed must be a non-negative integer, got {seed!r}")
     root = Path(root)
+    options = dict(options or {})
+    if recipe.published:
+        options.setdefault("split_lists", "published")
+        if options["split_lists"] not in SPLIT_LISTS:
+            raise RecipeError(f"split_lists must be 'published' (the shipped published lists) or 'generated' (seeded "
+                              f"lists), got {options['split_lists']!r}")
+    elif options.pop("split_lists", "generated") != "generated":
+        raise RecipeError(f"recipe {recipe.name!r} has no published split lists: split_lists can only be "
+                          "'generated'")
     ctx = BuildContext(seed=seed, splits_dir=Path(splits_dir) if splits_dir is not None else None,
-                       progress=progress, workers=max(1, int(workers)), options=dict(options or {}))
+                       progress=progress, workers=max(1, int(workers)), options=options)
     record = _record(recipe, ctx)
     if (root / "manifest.json").exists():
         return PrepareResult(root, "up-to-date", check_prepared(root, record))

@@ -13,14 +13,17 @@ train (1464), ``val`` = VOC val (1449, evaluated on original images). Label spli
 ``unlabeled_<name>``; the unlabeled list is ``train`` minus the labeled images, as UniMatch does):
 
 - classic ``92``, ``183``, ``366``, ``732``, ``1464``: 1/16, 1/8, 1/4, 1/2, 1 of VOC train (rounded up);
-- blender ``1-16``, ``1-8``, ``1-4``, ``1-2``: 662, 1323, 2646, 5291 of the 10582, drawn uniformly (CPS-style);
-- U2PL-style ``u2pl_1-16`` .. ``u2pl_1-2``: the same sizes, filled first from the 1464 finely annotated images (so
-  1/16 and 1/8 hold only fine labels and 1/4 holds all of them; CorrMatch and MaskMatch describe U2PL's blender
-  partition this way).
+- blender ``1-16``, ``1-8``, ``1-4``, ``1-2``: 662, 1323, 2646, 5291 of the 10582 (CPS-style);
+- U2PL ``u2pl_1-16`` .. ``u2pl_1-2``: the same sizes, the 1464 finely annotated images first (1/16 and 1/8 hold only
+  fine labels, 1/4 all of them; CorrMatch and MaskMatch describe U2PL's blender partition this way).
 
-The published CPS/U2PL/UniMatch lists cannot be downloaded here, so the lists are generated from one seeded order
-per family (smaller splits nest in larger ones) and the manifest says ``"split_source": "generated, seed N"``;
-``--splits DIR`` replaces them by the user's lists, verbatim (see :func:`~.common.load_user_splits`).
+By default (``split_lists="published"``) every split with a published list takes it verbatim from the lists shipped
+in ``workbench/data/splits/pascal`` (UniMatch's partitions, which CorrMatch, RankMatch, ScaleMatch and S4MIM reuse:
+classic 92..1464, blender 1/16..1/4, U2PL 1/16..1/4); a prepared dataset lacking any listed image fails with one
+error naming how many keys are missing. No 1/2 blender or U2PL list was published: those two are generated (the
+manifest's ``split_sources`` says so). ``split_lists="generated"`` (``--generated-splits``) draws every split from
+one seeded order per family instead (smaller splits nest in larger ones; ``"generated, seed N"``). ``--splits DIR``
+replaces splits of the same name by the user's lists, verbatim (see :func:`~.common.load_user_splits`).
 """
 from __future__ import annotations
 
@@ -32,8 +35,9 @@ from PIL import Image
 
 from workbench.data.recipes.common import (BuildContext, BuildResult, Recipe, RecipeError, Requirement, Sample, Source,
                                            complement, describe_sources, encode_label_png, fraction_size, image_size,
-                                           label_splits, load_user_splits, nested_prefixes, palette_bytes, permuted,
-                                           safe_path, split_lines, voc_palette)
+                                           label_splits, load_published_splits, load_user_splits, nested_prefixes,
+                                           palette_bytes, permuted, published_source, safe_path, split_lines,
+                                           split_lists_option, voc_palette)
 
 CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
            "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor")
@@ -51,6 +55,8 @@ SBD = Requirement(
     url="https://www2.eecs.berkeley.edu/Research/Projects/CS/vision/grouping/semantic_contours/benchmark.tgz",
     tree_dirs=("benchmark_RELEASE/dataset", "dataset"), tree_marker="cls")
 
+PUBLISHED = "pascal"
+"""Folder of the shipped published lists (:data:`~.common.PUBLISHED_SPLITS`)."""
 CLASSIC = {"92": (1, 16), "183": (1, 8), "366": (1, 4), "732": (1, 2), "1464": (1, 1)}
 """Classic split name -> fraction of VOC train (1464 -> 92, 183, 366, 732, 1464)."""
 BLENDER = {"1-16": (1, 16), "1-8": (1, 8), "1-4": (1, 4), "1-2": (1, 2)}
@@ -183,6 +189,16 @@ def build(out: Path, sources: dict[str, Source], ctx: BuildContext) -> BuildResu
         for name, lab in labeled_sets.items():
             label_splits(splits, prefix + name, lab, complement(train, lab))
             sources_of[prefix + name] = f"generated, seed {ctx.seed}"
+    if split_lists_option(ctx) == "published":
+        by_key = {s.key: s for s in train}
+        published = load_published_splits(PUBLISHED, by_key, train,
+                                           check_lists={"val.txt": set(voc_val), "train_aug.txt": set(aug)})
+        for name in sources_of:
+            if name not in published:
+                sources_of[name] = f"generated, seed {ctx.seed} (no published list)"
+        for name, (lab, unl) in published.items():
+            label_splits(splits, name, lab, unl)
+            sources_of[name] = published_source(PUBLISHED)
     if ctx.splits_dir is not None:
         for name, (lab, unl) in load_user_splits(ctx.splits_dir, {s.key: s for s in train}, train).items():
             label_splits(splits, name, lab, unl)
@@ -203,4 +219,5 @@ def build(out: Path, sources: dict[str, Source], ctx: BuildContext) -> BuildResu
 
 
 RECIPE = Recipe("voc", 1, (VOC, SBD), build,
-                "Pascal VOC 2012 + SBD (10582 aug): classic 92..1464, blender 1/16..1/2, U2PL-style splits")
+                "Pascal VOC 2012 + SBD (10582 aug): classic 92..1464, blender 1/16..1/2, U2PL splits (published)",
+                published=PUBLISHED)
