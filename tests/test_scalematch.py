@@ -416,9 +416,9 @@ def test_deeplab_step_tiny_scales_gradients_reach_cif(tiny_cfg):
 def test_pred_ori_is_the_decode_of_t_resized_features(tiny_cfg):
     """On the tiny DeepLabV3+ (eval mode, so BatchNorm does not mix the clean and dropout halves): a 36-px crop has
     layer1 features of 9 x 9 (stride 4: 36 -> 18 -> 9) and layer4 of 5 x 5 (output stride 8: 9 -> 5, then dilated);
-    t = 0.75 resizes them to floor(6.75) = 6 and floor(3.75) = 3. pred_ori is the decode of exactly those, not the unresized decode; a
-    change to what a decode of the unresized 9 x 9 features returns leaves it unchanged (it changes the paper
-    structure's scale-1 prediction)."""
+    t = 0.75 resizes them to floor(6.75) = 6 and floor(3.75) = 3. pred_ori is the decode of exactly those, not the
+    unresized decode; a change to what a decode of the unresized 9 x 9 features returns leaves it unchanged (it
+    changes the paper structure's scale-1 prediction)."""
     from workbench.methods.scalematch import paper_two_scale
 
     m = tiny_method(tiny_cfg)
