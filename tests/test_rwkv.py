@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from workbench.ops.rwkv import SpatialMix, VisionRWKV, q_shift, wkv, wkv_reference
+from workbench.ops.rwkv import SpatialMix, VisionRWKV, VRWKVBlock, q_shift, wkv, wkv_reference
 
 LN2 = math.log(2)
 
@@ -140,3 +140,24 @@ def test_vision_rwkv_stack_shapes_and_errors():
     assert x.grad is not None and bool(torch.isfinite(x.grad).all())
     with pytest.raises(ValueError, match="depth"):
         VisionRWKV(6, depth=0)
+
+
+def test_block_layer_scale_eps_and_input_norm():
+    """``x + g1 * spatial(ln1(x))`` then ``+ g2 * channel(ln2(.))``: with both layer scales 0 and no input norm the
+    block is the identity; with g1 = 0.01 and g2 = 0 it adds exactly 0.01 x the spatial branch. ``eps`` reaches
+    every LayerNorm; the default block (no layer scale) keeps ``ln0`` with eps 1e-5."""
+    torch.manual_seed(0)
+    blk = VRWKVBlock(8, eps=1e-6, layer_scale=0.0, input_norm=False, chunk=4).double()
+    assert blk.ln0 is None and blk.ln1.eps == blk.ln2.eps == 1e-6
+    x = torch.randn(2, 12, 8, dtype=torch.float64)
+    assert torch.equal(blk(x, (3, 4)), x)
+    with torch.no_grad():
+        blk.gamma1.fill_(0.01)
+        assert torch.allclose(blk(x, (3, 4)) - x, 0.01 * blk.spatial(blk.ln1(x), (3, 4)), rtol=0, atol=1e-12)
+    default = VRWKVBlock(8)
+    assert default.gamma1 is None and default.ln0 is not None and default.ln0.eps == 1e-5
+    stack = VisionRWKV(8, depth=2, eps=1e-6, layer_scale=0.01, input_norm=False)
+    assert all(b.ln0 is None and b.ln1.eps == 1e-6 and torch.equal(b.gamma2.detach(), torch.full((8,), 0.01))
+               for b in stack.blocks)
+    with pytest.raises(ValueError, match="eps"):
+        VRWKVBlock(8, eps=0.0)

@@ -389,7 +389,7 @@ def test_explore_widget_redraws_on_change():
 @pytest.fixture(scope="module")
 def sessions2(tiny_data, tmp_path_factory):
     """Fresh tiny sessions of S4MIM (default switches; all MIM losses off with LCR on; mimfea off) and ScaleMatch
-    (CIF; average fusion; no fusion)."""
+    (CIF; average fusion; no fusion; the paper's structure)."""
     tmp = tmp_path_factory.mktemp("st2")
     variants = {
         "s4mim": ("s4mim", {}),
@@ -399,6 +399,7 @@ def sessions2(tiny_data, tmp_path_factory):
         "scalematch": ("scalematch", {}),
         "average": ("scalematch", {"method.fusion": "average"}),
         "nocif": ("scalematch", {"method.cif": False}),
+        "paper": ("scalematch", {"method.structure": "paper"}),
     }
     return {k: st.open_session(m, data_root=tiny_data, split="1-4", device="cpu",
                                overrides=tiny_overrides(tmp, tiny_data, **extra)) for k, (m, extra) in variants.items()}
@@ -568,7 +569,13 @@ def test_scalematch_average_and_no_fusion(sessions2):
     assert torch.allclose(avg.fused, (avg.logits_w + avg.logits_v[:, 0]) / 2, atol=1e-6)
     none = sm.scalematch_trace(sessions2["nocif"], step=0, seed=1)
     assert none.fusion is None and none.gate_w is None and none.pseudo_fused is None and not none.use_fused
-    for s, t in ((sessions2["average"], avg), (sessions2["nocif"], none)):
+    # the paper's structure: scale 1 decoded from the unresized features, Eq. 12's gate on it
+    paper = sm.scalematch_trace(sessions2["paper"], step=0, seed=1, cif_warmup_epochs=0)
+    assert paper.structure == "paper" and avg.structure == "reference"
+    assert torch.allclose(paper.fused, paper.gate_w[:, 0, None] * paper.logits_w
+                          + paper.gate_v[:, 0, None] * paper.logits_v[:, 0], atol=1e-5)
+    assert dict(sm.scale_table(paper).rows)["structure"] == "paper"
+    for s, t in ((sessions2["average"], avg), (sessions2["nocif"], none), (sessions2["paper"], paper)):
         check = st.training_step_check(s, t)
         assert check.column("match") == ["yes"] * len(check.rows), check.to_markdown()
     names, pal = sessions2["nocif"].class_names, sessions2["nocif"].palette

@@ -263,34 +263,58 @@ class ChannelMix(nn.Module):
 
 
 class VRWKVBlock(nn.Module):
-    """Pre-norm residual block: ``x + SpatialMix(LN(x))``, then ``x + ChannelMix(LN(x))`` (the first block of a stack
-    also normalises its input, ``ln0``)."""
+    """Pre-norm residual block: ``x + g1 * SpatialMix(LN(x))``, then ``x + g2 * ChannelMix(LN(x))``.
+
+    Args:
+        dim, layer_id, num_layers, chunk, hidden_rate: width, position in the stack (initialisation), WKV chunk,
+            channel-mix hidden ratio.
+        eps: the LayerNorms' epsilon (1e-5 by default; ScaleMatch's CIF uses 1e-6).
+        layer_scale: None (``g1 = g2 = 1``) or the initial value of the learned per-channel layer scales ``g1``,
+            ``g2`` (Vision-RWKV's ``init_values``).
+        input_norm: whether the block also normalises its input first (``ln0``); None = only the first block of a
+            stack (``layer_id == 0``), as Vision-RWKV's backbone does.
+    """
 
     def __init__(self, dim: int, layer_id: int = 0, num_layers: int = 1, chunk: int = 16,
-                 hidden_rate: float = 4.0) -> None:
+                 hidden_rate: float = 4.0, eps: float = 1e-5, layer_scale: float | None = None,
+                 input_norm: bool | None = None) -> None:
         super().__init__()
-        self.ln0 = nn.LayerNorm(dim) if layer_id == 0 else None
-        self.ln1 = nn.LayerNorm(dim)
-        self.ln2 = nn.LayerNorm(dim)
+        if not eps > 0:
+            raise ValueError(f"eps must be > 0, got {eps!r}")
+        if input_norm is None:
+            input_norm = layer_id == 0
+        self.ln0 = nn.LayerNorm(dim, eps=eps) if input_norm else None
+        self.ln1 = nn.LayerNorm(dim, eps=eps)
+        self.ln2 = nn.LayerNorm(dim, eps=eps)
         self.spatial = SpatialMix(dim, layer_id, num_layers, chunk=chunk)
         self.channel = ChannelMix(dim, layer_id, num_layers, hidden_rate=hidden_rate)
+        self.gamma1: nn.Parameter | None = None
+        self.gamma2: nn.Parameter | None = None
+        if layer_scale is not None:
+            self.gamma1 = nn.Parameter(torch.full((dim,), float(layer_scale)))
+            self.gamma2 = nn.Parameter(torch.full((dim,), float(layer_scale)))
 
     def forward(self, x: Tensor, size: Sequence[int]) -> Tensor:
         """Tokens ``x`` [B, T, C] on an ``(H, W)`` grid -> [B, T, C]."""
         if self.ln0 is not None:
             x = self.ln0(x)
-        x = x + self.spatial(self.ln1(x), size)
-        return x + self.channel(self.ln2(x), size)
+        a = self.spatial(self.ln1(x), size)
+        x = x + (a if self.gamma1 is None else self.gamma1 * a)
+        f = self.channel(self.ln2(x), size)
+        return x + (f if self.gamma2 is None else self.gamma2 * f)
 
 
 class VisionRWKV(nn.Module):
-    """A stack of ``depth`` :class:`VRWKVBlock` over flattened 2-D tokens (no patch embedding, no final norm)."""
+    """A stack of ``depth`` :class:`VRWKVBlock` over flattened 2-D tokens (no patch embedding, no final norm);
+    ``eps``, ``layer_scale`` and ``input_norm`` are passed to every block."""
 
-    def __init__(self, dim: int, depth: int = 1, chunk: int = 16, hidden_rate: float = 4.0) -> None:
+    def __init__(self, dim: int, depth: int = 1, chunk: int = 16, hidden_rate: float = 4.0, eps: float = 1e-5,
+                 layer_scale: float | None = None, input_norm: bool | None = None) -> None:
         super().__init__()
         if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
             raise ValueError(f"depth must be a positive int, got {depth!r}")
-        self.blocks = nn.ModuleList(VRWKVBlock(dim, i, depth, chunk, hidden_rate) for i in range(depth))
+        self.blocks = nn.ModuleList(VRWKVBlock(dim, i, depth, chunk, hidden_rate, eps, layer_scale, input_norm)
+                                    for i in range(depth))
 
     def forward(self, x: Tensor, size: Sequence[int]) -> Tensor:
         """Tokens ``x`` [B, T, C] on an ``(H, W)`` grid -> [B, T, C]."""

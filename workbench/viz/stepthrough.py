@@ -55,7 +55,8 @@ STEP_METHODS = ("maskmatch", "corrmatch", "rankmatch", "s4mim", "scalematch")  #
 # config fields a method reads only when it is built: changing them on a built method would silently do nothing
 BUILT_AT_INIT = {"corrmatch": ("threshold", "thresh_init", "thresh_momentum", "pixel_propagation", "feature",
                                "proj_channels"),
-                 "scalematch": ("cif", "fusion", "cif_dim", "cif_depth", "cif_chunk", "cif_se_reduction")}
+                 "scalematch": ("structure", "cif", "fusion", "cif_dim", "cif_depth", "cif_chunk",
+                                "cif_se_reduction")}
 NOT_CONFIDENT = (200, 200, 200)  # light grey: pixels below the threshold in "confident" panels
 JOINED, RELABELLED = (255, 165, 0), (0, 190, 255)  # region propagation's changes (orange, light blue)
 FONT = 9

@@ -14,8 +14,10 @@ PNGs under papermill, ipywidgets controls interactively).
   ``Head_c(fea_c)``, and their sum), SeD's predictions of the masked streams against their targets, the prototype
   dictionary and the per-class aggregation terms, and the loss with the Eq. 14 normaliser.
 - **ScaleMatch**: the sampled image scale ``v`` and feature scale ``t``, the weak view at scale 1 and at scale ``v``
-  with both predictions, the CIF gate ``s_w`` (and ``s_v = 1 - s_w``), the fused pseudo-label against the plain one,
-  the ISVC and FSVC predictions with their targets, and the loss.
+  with both predictions (with the default ``structure: reference`` the scale-1 one is decoded from the t-resized
+  features, as the authors' code does), the CIF gate as ``s_w``, the weight of the scale-1 prediction (and
+  ``s_v = 1 - s_w``), the fused pseudo-label against the plain one, the ISVC and FSVC predictions with their targets,
+  and the loss.
 
 A piece the step computes only for its artifacts, or not at all because a switch is off (an S4MIM loss switched off,
 all of phase II when every MIM loss is off), is still computed for display, without touching the step: its random
@@ -651,6 +653,9 @@ class ScaleMatchTrace(Trace):
     branch per sampled scale; ``S = 1`` unless ``scale_sampling: all``)."""
 
     tau: float
+    structure: str
+    """``reference`` (the authors' code: scale 1 decoded from the t-resized features, the gate weights the
+    lower-resolution prediction) or ``paper``"""
     scales: tuple[float, ...]
     """the image scales v of the step"""
     sampling: str
@@ -670,14 +675,15 @@ class ScaleMatchTrace(Trace):
     scaled_views: list[Tensor]
     """uint8 [B, 3, h_v, w_v] per branch: the weak view at scale v (unlabeled half)"""
     logits_w: Tensor
-    """float [B, K, H, W] the plain (scale-1) logits of the weak view"""
+    """float [B, K, H, W] the scale-1 logits of the weak view (reference: ``pred_ori``, decoded from the t-resized
+    features)"""
     logits_v: Tensor
     """float [B, S, K, H, W] the scale-v logits resized back"""
     fused: Tensor | None
     """float [B, K, H, W] the fused logits (None without fusion)"""
     gate_w: Tensor | None
     gate_v: Tensor | None
-    """float [B, S, H, W] s_w and s_v = 1 - s_w (None without fusion)"""
+    """float [B, S, H, W] s_w (the weight of the scale-1 prediction) and s_v = 1 - s_w (None without fusion)"""
     pseudo_plain: Tensor
     conf_plain: Tensor
     confident_plain: Tensor
@@ -712,9 +718,8 @@ def scalematch_trace(session: StepSession, step: int = 0, seed: int = 0, scale: 
     ``scale`` (when not None) makes ``v`` that scale (``method.scales = [scale]``, so the step's draw can only give
     it); ``tau`` and ``cif_warmup_epochs`` change ``method.cfg``."""
     from workbench.methods.fixmatch import Targets
-    from workbench.methods.scalematch import fuse_predictions, gated_fusion, scaled_image
+    from workbench.methods.scalematch import gated_fusion, scaled_image
     from workbench.methods.supervised import supervised_loss
-    from workbench.ops.ensemble import resize_logits
     from workbench.ops.semi import pseudo_label
 
     _need(session, "scalematch")
@@ -732,22 +737,14 @@ def scalematch_trace(session: StepSession, step: int = 0, seed: int = 0, scale: 
         size = tuple(x.shape[-2:])
         scales = m.sample_scales()
         t = m.sample_feature_scale(max(scales)) if c.fsvc else None
-        # 2. scale 1 (encode + decode), then each scale-v branch (predicted, logits resized back)
-        feats = m.model.encode(x)
-        out = m.model.decode(feats, size)
-        logits = out["logits"]
-        branches, views = [], []
-        if c.scale_branch:
-            for v in scales:
-                xv = scaled_image(x, v, c.min_scaled_size)
-                views.append(xv[n:])
-                out_v = m.model(xv)
-                branches.append((resize_logits(out_v["logits"], size), out_v["decoder"]))
-        # 3. the fusion (Eqs. 6-12): s_w from the CIF (or 1/2), s_v = 1 - s_w
-        fused, gates = None, []
-        if c.cif:
-            fused, gates = fuse_predictions(m.cif, out["decoder"], logits, branches)
-        gates_v = [gated_fusion(g, logits, lv)[1] for g, (lv, _) in zip(gates, branches)]
+        # 2-3. the two-scale forward (the method's own): scale 1 (reference: decoded from the t-resized features,
+        # jointly with the FSVC dropout copy; paper: from the unresized ones), each scale-v branch (logits resized
+        # back), and the fusion (s_w = the weight of the scale-1 prediction, s_v = 1 - s_w)
+        sp = m.scale_pass(x, n, scales, t)
+        logits, fused, gates = sp.pred_ori, sp.pred_joint, sp.gates
+        branches = sp.pred_size
+        views = [scaled_image(x[n:], v, c.min_scaled_size) for v in scales] if branches else []
+        gates_v = [gated_fusion(g, logits, lv)[1] for g, lv in zip(gates, branches)]
         # 4. labeled loss (fused when fusing), pseudo-labels (plain during the warm-up), the strong view
         loss_x = supervised_loss(c, (fused if fused is not None else logits)[:n], batch.y_l)
         plain = Targets(*pseudo_label(logits[n:]), batch.ignore)
@@ -762,13 +759,13 @@ def scalematch_trace(session: StepSession, step: int = 0, seed: int = 0, scale: 
                  LossTerm("loss_s", float(m.unsup_loss(logits_s, t_s)), c.weight_s / 2, 0.0,
                           "strong view vs the CutMixed pseudo-label")]
         # 5. ISVC (Eq. 14) and FSVC (Eqs. 15-16)
-        isvc = [float(m.unsup_loss(lv[n:], weak)) for lv, _ in branches] if c.isvc else []
+        isvc = [float(m.unsup_loss(lv[n:], weak)) for lv in branches] if c.isvc else []
         if c.isvc:
             terms.append(LossTerm("loss_isvc", float(np.mean(isvc)), c.weight_isvc / 2, 0.0,
                                   "ISVC: scale-v prediction vs the pseudo-label"))
         logits_fp = None
-        if c.fsvc:
-            logits_fp = m.fsvc_logits({k: feats[k][n:] for k in ("low", "high")}, t, size)
+        if sp.pred_fp is not None:
+            logits_fp = sp.pred_fp[sp.pred_fp.shape[0] - batch.x_w.shape[0]:]
             terms.append(LossTerm("loss_fsvc", float(m.unsup_loss(logits_fp, weak)), c.weight_fsvc / 2, 0.0,
                                   "FSVC: t-scaled perturbed features vs the pseudo-label"))
         for term in terms:
@@ -779,15 +776,13 @@ def scalematch_trace(session: StepSession, step: int = 0, seed: int = 0, scale: 
                     "pred_s1": logits_s.argmax(1), "pred_w": logits[n:].argmax(1)}
         if branches:
             expected.update(scale=torch.tensor(scales, dtype=torch.float32),
-                            pred_v=torch.stack([lv[n:].argmax(1) for lv, _ in branches], 1))
+                            pred_v=torch.stack([lv[n:].argmax(1) for lv in branches], 1))
         if fused is not None:
             expected.update(gate_w=torch.stack([g[n:, 0] for g in gates], 1), pseudo_fused=fused[n:].argmax(1),
                             pseudo_plain=plain.pseudo)
         if logits_fp is not None:
             expected.update(feature_scale=torch.tensor([t], dtype=torch.float32), pred_fsvc=logits_fp.argmax(1))
-        fs = {"low": tuple(feats["low"].shape[-2:]), "high": tuple(feats["high"].shape[-2:])}
-        if t is not None:  # the sizes fsvc_logits resizes the encoder features to
-            fs.update({f"{k} @ t": tuple(max(1, int(s * t + 0.5)) for s in fs[k]) for k in ("low", "high")})
+        fs = sp.feature_sizes if t is not None else {k: sp.feature_sizes[k] for k in ("low", "high")}
 
         def stack(ts: list[Tensor]) -> Tensor | None:
             return _cpu(torch.stack([g[n:, 0].float() for g in ts], 1)) if ts else None
@@ -799,12 +794,12 @@ def scalematch_trace(session: StepSession, step: int = 0, seed: int = 0, scale: 
             expected={k: _cpu(v) for k, v in expected.items()},
             tau=float(c.tau), scales=tuple(float(v) for v in scales), sampling=c.scale_sampling,
             feature_scale=t, image_size=(int(size[0]), int(size[1])),
-            scaled_sizes=[(int(v.shape[-2]), int(v.shape[-1])) for v in views],
+            scaled_sizes=list(sp.scaled_sizes), structure=c.structure,
             feature_sizes={k: (int(a), int(b)) for k, (a, b) in fs.items()}, epoch=info.epoch,
             warmup_epochs=c.cif_warmup_epochs, use_fused=use_fused,
             fusion=c.fusion if c.cif else None,
             scaled_views=[_u8(session, v) for v in views], logits_w=_cpu(logits[n:].float()),
-            logits_v=_cpu(torch.stack([lv[n:].float() for lv, _ in branches], 1)) if branches else
+            logits_v=_cpu(torch.stack([lv[n:].float() for lv in branches], 1)) if branches else
             torch.zeros(0), fused=None if fused is None else _cpu(fused[n:].float()), gate_w=stack(gates),
             gate_v=stack(gates_v), pseudo_plain=_cpu(plain.pseudo), conf_plain=_cpu(plain.conf),
             confident_plain=_cpu(plain.confident(c.tau)),
@@ -833,7 +828,8 @@ def scale_table(trace: ScaleMatchTrace) -> Any:
     from workbench.runs import Table
 
     hh, ww = trace.image_size
-    rows: list[list[Any]] = [["scale sampling", trace.sampling], ["crop (H x W)", f"{hh} x {ww}"]]
+    rows: list[list[Any]] = [["structure", trace.structure], ["scale sampling", trace.sampling],
+                             ["crop (H x W)", f"{hh} x {ww}"]]
     for k, v in enumerate(trace.scales):
         tag = f" [{k}]" if len(trace.scales) > 1 else ""
         rows.append([f"image scale v{tag}", v])
