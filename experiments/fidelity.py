@@ -57,10 +57,10 @@ def one_step(method, batch: SemiBatch, seed: int, info: StepInfo) -> tuple[float
     return float(out.loss.detach()), grads, logs
 
 
-def student_state(run: Path) -> dict:
-    """The ``model.*`` entries of a run's latest checkpoint (the student of any method)."""
-    state = load_checkpoint(RunDir(run).latest)["method"]
-    return {k: v for k, v in state.items() if k.startswith("model.")}
+def student_state(run: Path) -> tuple[dict, int]:
+    """The ``model.*`` entries of a run's latest checkpoint (the student of any method) and its step."""
+    ck = load_checkpoint(RunDir(run).latest)
+    return {k: v for k, v in ck["method"].items() if k.startswith("model.")}, ck["step"]
 
 
 def compare(cfg_a, cfg_b, state: dict | None, steps: list[SemiBatch], first: int, num_classes: int,
@@ -105,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     src.add_argument("--run", type=Path, help="a trained run directory: its config and latest checkpoint")
     src.add_argument("--config", type=Path, help="a config file (fresh initialisation unless --weights)")
     p.add_argument("--weights", type=Path, help="with --config: a trained run whose student weights both methods get")
+    p.add_argument("--method", help="replace the config's method section by this method's defaults")
     p.add_argument("--set", action="append", default=[], help="override for both (key=value)")
     p.add_argument("--switch", action="append", required=True, help="the deviation switch (key=value)")
     p.add_argument("--name", required=True, help="report name under reports/fidelity/")
@@ -115,15 +116,19 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    state = None
+    state, ck_step = None, None
     if args.run is not None:
         cfg = load_run_config(args.run)
-        state = load_checkpoint(RunDir(args.run).latest)["method"]
+        ck = load_checkpoint(RunDir(args.run).latest)
+        state, ck_step = ck["method"], ck["step"]
     else:
         cfg = load_config(args.config)
         if args.weights is not None:
-            state = student_state(args.weights)
-    base = apply_overrides(config_to_dict(cfg), args.set)
+            state, ck_step = student_state(args.weights)
+    base = config_to_dict(cfg)
+    if args.method:
+        base["method"] = {"name": args.method}
+    base = apply_overrides(base, args.set)
     cfg_a = config_from_dict(base)
     cfg_b = config_from_dict(apply_overrides(base, args.switch))
     steps = batches(cfg_a, args.first_step, args.steps)
@@ -132,13 +137,14 @@ def main(argv: list[str] | None = None) -> int:
     num_classes = load_manifest(prepare_dataset(cfg_a)).num_classes
     result = compare(cfg_a, cfg_b, state, steps, args.first_step, num_classes, student_only=args.weights is not None)
     command = "python experiments/fidelity.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    result.update(command=command, method=cfg_a.method.name, switch=args.switch, source=str(args.run or args.config),
+    result.update(command=command, checkpoint_step=ck_step, method=cfg_a.method.name, switch=args.switch, source=str(args.run or args.config),
                   loss_rel_diff=summarise(result["rows"], "loss_rel_diff"),
                   grad_rel_diff=summarise(result["rows"], "grad_rel_diff"))
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out / f"{args.name}.json", json.dumps(result, indent=1) + "\n")
-    weights = (f"trained run {args.run}" if args.run else f"student of trained run {args.weights} (teacher = student)"
-               if args.weights else "fresh initialisation")
+    weights = (f"trained run {args.run} at step {ck_step}" if args.run else
+               f"student of trained run {args.weights} at step {ck_step} (teacher = student)" if args.weights else
+               "fresh initialisation")
     lines = [f"# Fidelity: {cfg_a.method.name}, {', '.join(args.switch)}", "", f"Command: `{command}`", "",
              f"Weights: {weights}; "
              f"{args.steps} batches from step {args.first_step}; parameters not shared by both methods: "
