@@ -106,12 +106,11 @@ def save_checkpoint(path: Path, keep_previous: bool = False, **payload: Any) -> 
     tmp = write_temp(lambda f: torch.save(payload, f), path)
     try:
         new = sha256_file(tmp)
-        old = None
-        if path.is_file():
-            recorded = _read_checksums(path)
-            old = recorded[0] if recorded else sha256_file(path)
-        atomic_write_text(checksum_path(path), f"{new}  {path.name}\n" + (f"{old}  {path.name}\n" if old else ""))
-        if keep_previous and old is not None:
+        old = sha256_file(path) if path.is_file() else None
+        recorded = _read_checksums(path)
+        good = old is not None and (old in recorded or not recorded)   # a damaged file never becomes the previous
+        atomic_write_text(checksum_path(path), f"{new}  {path.name}\n" + (f"{old}  {path.name}\n" if good else ""))
+        if keep_previous and good:
             prev = previous_path(path)
             os.replace(path, prev)
             atomic_write_text(checksum_path(prev), f"{old}  {prev.name}\n")
