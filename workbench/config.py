@@ -395,8 +395,6 @@ def dump_config(cfg: RunConfig) -> str:
 
 def validate(cfg: RunConfig) -> None:
     """Reject impossible values and combinations before any work starts (ConfigError names key and fix)."""
-    from workbench.engine.rundir import check_run_name
-
     d, m, o, t, e = cfg.data, cfg.model, cfg.optim, cfg.train, cfg.eval
     bad_name = check_run_name(cfg.name)
     checks = [
@@ -536,6 +534,17 @@ def _check_finite(node: Any, prefix: str) -> None:
             _check_finite(x, f"{prefix.rstrip('.')}[{i}].")
     elif isinstance(node, float) and not math.isfinite(node):
         raise ConfigError(f"{prefix.rstrip('.')}: must be a finite number (got {node!r})")
+
+
+def check_run_name(name: str) -> str | None:
+    """Why ``name`` cannot name a run directory (path separators, ``..``, hidden, empty), or None when it can."""
+    if not name or not name.strip():
+        return "must not be empty"
+    if "/" in name or "\\" in name or "\0" in name:
+        return "must not contain a path separator ('/' or '\\'): a run lives directly under out_dir"
+    if name in (".", "..") or name.startswith("."):
+        return "must not be '.' or '..' or start with '.' (hidden)"
+    return None
 
 
 def _valid_device(name: str) -> bool:

@@ -129,17 +129,6 @@ def read_jsonl(path: Path, problems: list[str] | None = None) -> list[dict[str, 
     return out
 
 
-def check_run_name(name: str) -> str | None:
-    """Why ``name`` cannot name a run directory (path separators, ``..``, hidden, empty), or None when it can."""
-    if not name or not name.strip():
-        return "must not be empty"
-    if "/" in name or "\\" in name or "\0" in name:
-        return "must not contain a path separator ('/' or '\\'): a run lives directly under out_dir"
-    if name in (".", "..") or name.startswith("."):
-        return "must not be '.' or '..' or start with '.' (hidden)"
-    return None
-
-
 class RunLockedError(RuntimeError):
     """Another live process holds the run directory's lock; the message names its pid and host."""
 
