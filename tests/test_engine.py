@@ -8,7 +8,7 @@ import torch
 
 from workbench.cli import main as cli
 from workbench.config import ConfigError
-from workbench.engine.checkpoint import CheckpointError
+from workbench.engine.checkpoint import CheckpointError, checksum_path
 from workbench.engine.rundir import RunDir, read_jsonl
 from workbench.engine.trainer import Trainer, evaluate_run, load_method, train
 
@@ -97,10 +97,14 @@ def test_checkpoint_from_other_model_is_named(tiny_cfg, tmp_path):
     b = tiny_cfg(name="b", **{"model.width": 0.5})
     train(b)
     shutil.copy(RunDir(a.run_dir).best, RunDir(b.run_dir).best)
+    shutil.copy(checksum_path(RunDir(a.run_dir).best), checksum_path(RunDir(b.run_dir).best))   # with its sha256
     with pytest.raises(CheckpointError, match="best.pt") as e:
         load_method(b.run_dir)
     assert "does not fit" in str(e.value)
     RunDir(b.run_dir).best.write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="damaged"):    # the recorded sha256 no longer matches
+        load_method(b.run_dir)
+    checksum_path(RunDir(b.run_dir).best).unlink()            # no checksum recorded (an older run): read, and fail
     with pytest.raises(CheckpointError, match="cannot read"):
         load_method(b.run_dir)
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import subprocess
@@ -21,12 +22,14 @@ def _train(args: argparse.Namespace) -> int:
                "-m", "workbench", "train"]
         if args.config:
             cmd += ["--config", str(args.config)]
+        if args.trust_pickle:
+            cmd += ["--trust-pickle"]
         for o in overrides:
             cmd += ["--set", o]
         return subprocess.call(cmd)
     from workbench.engine.trainer import train
 
-    summary = train(cfg)
+    summary = train(cfg, trust_pickle=args.trust_pickle)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({"run": str(cfg.run_dir), "final": summary["final"], "best": summary["best"]}, indent=1))
     return 0
@@ -37,7 +40,7 @@ def _eval(args: argparse.Namespace) -> int:
     from workbench.engine.trainer import evaluate_run
 
     overrides = {".".join(k): v for k, v in (parse_override(o) for o in (args.set or []))}
-    res = evaluate_run(args.run, args.checkpoint, overrides)
+    res = evaluate_run(args.run, args.checkpoint, overrides, trust_pickle=args.trust_pickle)
     res.pop("confusion", None)
     print(json.dumps(res, indent=1))
     return 0
@@ -48,8 +51,15 @@ def _data(args: argparse.Namespace) -> int:
         from workbench.config import parse_override
         from workbench.data.synthetic import SyntheticSpec, ensure_synthetic
 
-        spec = SyntheticSpec(**{".".join(k): v for k, v in (parse_override(o) for o in (args.set or []))})
-        root = ensure_synthetic(args.out, spec)
+        from workbench.config import ConfigError
+
+        try:
+            spec = SyntheticSpec(**{".".join(k): v for k, v in (parse_override(o) for o in (args.set or []))})
+            root = ensure_synthetic(args.out, spec)
+        except (TypeError, ValueError) as e:
+            if isinstance(e, ConfigError):
+                raise
+            raise ConfigError(f"data synth: {e}") from None
         print(f"synthetic dataset ready at {root}")
         return 0
     raise SystemExit(f"unknown data command {args.data_cmd}")
@@ -90,17 +100,38 @@ def _quickstart(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from workbench.report import run_report
+    from workbench.config import ConfigError
+    from workbench.report import ReportError, run_report
 
-    run_report(args.notebook, out=Path(args.out), grid=args.grid or [], parameters=args.param or [],
-               html=not args.no_html, timeout=args.timeout)
+    try:
+        run_report(args.notebook, out=Path(args.out), grid=args.grid or [], parameters=args.param or [],
+                   html=not args.no_html, timeout=args.timeout)
+    except ReportError:
+        raise
+    except (ValueError, FileNotFoundError) as e:   # bad notebook name, grid or parameter
+        raise ConfigError(f"report: {e}") from None
     return 0
 
 
 def _dashboard(args: argparse.Namespace) -> int:
+    import socket
+
+    from workbench.config import ConfigError
+
+    try:   # a port in use or an address that is not ours: one line instead of the server's traceback
+        fam = socket.AF_INET6 if ":" in args.address else socket.AF_INET
+        with socket.socket(fam, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((args.address, args.port))
+    except (OSError, OverflowError) as e:
+        raise ConfigError(f"dashboard: cannot listen on {args.address}:{args.port}: "
+                          f"{getattr(e, 'strerror', None) or e}; pick another --port") from None
     from workbench.dashboard.app import serve
 
-    serve(Path(args.runs_dir), port=args.port, address=args.address, show=False)
+    try:
+        serve(Path(args.runs_dir), port=args.port, address=args.address, show=False)
+    except ValueError as e:
+        raise ConfigError(f"dashboard: {e}") from None
     return 0
 
 
@@ -114,12 +145,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="dotted override, e.g. method.tau=0.9")
     t.add_argument("--name", help="run name (runs/<name>)")
     t.add_argument("--nproc", type=int, default=1, help="processes on this machine (launches torchrun)")
+    t.add_argument("--trust-pickle", action="store_true", help="resume from an older checkpoint that needs full "
+                   "unpickling (can run code: only for files you made yourself)")
     t.set_defaults(fn=_train)
 
     e = sub.add_parser("eval", help="evaluate a run directory's best (or latest) checkpoint")
     e.add_argument("--run", required=True, type=Path)
     e.add_argument("--checkpoint", choices=["best", "latest"], default="best")
     e.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. eval.mode=sliding")
+    e.add_argument("--trust-pickle", action="store_true", help="load an older checkpoint that needs full "
+                   "unpickling (can run code: only for files you made yourself)")
     e.set_defaults(fn=_eval)
 
     d = sub.add_parser("data", help="datasets")
@@ -181,24 +216,42 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# errno values of a write that failed for lack of room or rights: one line, the previous files are intact
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; configuration/data errors print one clear line and exit with status 2."""
+    """Entry point; configuration/data/checkpoint errors, a diverged run, a run in use by another trainer and a
+    full disk print one clear line and exit with status 2."""
     from workbench.config import ConfigError
     from workbench.data.dataset import DataError
     from workbench.engine.checkpoint import CheckpointError
+    from workbench.engine.rundir import RunLockedError
 
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (ConfigError, DataError, CheckpointError) as e:
+    except (ConfigError, DataError, CheckpointError, RunLockedError) as e:
         print(f"workbench: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno not in _WRITE_ERRNOS:
+            raise
+        where = f" {e.filename}" if e.filename else ""
+        print(f"workbench: error: cannot write{where}: {e.strerror or e} (the files written before are intact; free "
+              "space or fix the permissions, then run the same command again to resume)", file=sys.stderr)
         return 2
     except Exception as e:  # noqa: BLE001 - a failed report is summarised in one line (details in its index)
         from workbench.report import ReportError
 
+        from workbench.engine.trainer import NonFiniteError
+
         if isinstance(e, ReportError):
             print(f"workbench: error: {e}", file=sys.stderr)
             return 1
+        if isinstance(e, NonFiniteError):
+            print(f"workbench: error: {e}", file=sys.stderr)
+            return 2
         raise
 
 

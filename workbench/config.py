@@ -51,7 +51,13 @@ class DataConfig:
     synthetic: dict[str, Any] = field(default_factory=dict)
     """Overrides of :class:`workbench.data.synthetic.SyntheticSpec` fields (synthetic dataset only)."""
     bad_data: str = "fail"
-    """What to do with an unreadable/corrupt sample: ``fail`` (default, error names the file) or ``skip``."""
+    """What to do with an unreadable/corrupt sample: ``fail`` (default, error names the file) or ``skip`` (replaced
+    by the next readable sample; every skipped file is named in the run's log and summary.json)."""
+    verify: str = "header"
+    """Check the dataset's files before any training step: ``header`` (default: every listed image and mask of the
+    training and validation splits is opened and its size read, cheap), ``full`` (every file decoded) or ``off``.
+    A bad validation file always stops the run; bad training files stop it under ``bad_data=fail`` and are listed
+    up front under ``skip``."""
     mix_source: str = "same_images"
     """Where the CutMix mix batch (``x_w_mix``, ``x_s*_mix``) comes from. ``same_images`` (default, the reference
     code: UniMatch and the methods built on its code zip the unlabeled loader with itself, so the mix batch is the
@@ -109,7 +115,12 @@ class OptimConfig:
     """Non-finite loss or gradients: ``stop`` (error naming step, loss terms and batch ids) or ``skip`` (count).
     With the fused optimiser the check costs no host synchronisation: the fused SGD kernel skips the update on the
     device (its ``found_inf`` input) and the verdict is read at the next logging point, which is where ``stop``
-    raises (naming the first bad step) and ``skip`` counts."""
+    raises (naming the first bad step) and ``skip`` counts. A skipped step leaves no trace: BatchNorm running
+    statistics, EMA teachers and every other buffer are restored to their values before the step (on the device,
+    without a host read)."""
+    skip_limit: int = 20
+    """Under ``nonfinite=skip``: stop (one-line error) once this many consecutive steps were skipped, a diverged run
+    (0 = never stop). Read at the same points as the deferred verdict."""
     fused: bool | None = None
     """Fused (one-kernel) SGD: ``null`` = on CUDA only, ``true`` (any device) or ``false`` (the per-tensor loop)."""
 
@@ -401,7 +412,21 @@ def dump_config(cfg: RunConfig) -> str:
 def validate(cfg: RunConfig) -> None:
     """Reject impossible values and combinations before any work starts (ConfigError names key and fix)."""
     d, m, o, t, e = cfg.data, cfg.model, cfg.optim, cfg.train, cfg.eval
+    bad_name = check_run_name(cfg.name)
     checks = [
+        (bad_name is None, "name", f"{bad_name}"),
+        (d.verify in ("header", "full", "off"), "data.verify", "must be header, full or off"),
+        (0 <= m.fp_dropout < 1, "model.fp_dropout", "must be in [0, 1)"),
+        (o.reference_batch > 0, "optim.reference_batch", "must be positive"),
+        (o.head_lr_mult > 0, "optim.head_lr_mult", "must be positive (the head's lr = lr x head_lr_mult)"),
+        (0 <= o.momentum < 1, "optim.momentum", "must be in [0, 1)"),
+        (o.weight_decay >= 0, "optim.weight_decay", "must be >= 0"),
+        (o.poly_power >= 0, "optim.poly_power", "must be >= 0 (0 = constant lr; a negative power raises the lr)"),
+        (o.skip_limit >= 0, "optim.skip_limit", "must be >= 0 (0 = never stop)"),
+        (t.checkpoint_min_seconds >= 0, "train.checkpoint_min_seconds", "must be >= 0"),
+        (t.threads >= 0, "train.threads", "must be >= 0"),
+        (_valid_device(t.device), "train.device", "must be auto, cpu, cuda or cuda:<index>"),
+        (all(s > 0 for s in d.std), "data.std", "must be positive"),
         (d.dataset in ("synthetic", "prepared"), "data.dataset", "must be 'synthetic' or 'prepared'"),
         (d.crop_size > 0, "data.crop_size", "must be positive"),
         (0 < d.scale_range[0] <= d.scale_range[1], "data.scale_range", "must be [low, high] with 0 < low <= high"),
@@ -446,6 +471,114 @@ def validate(cfg: RunConfig) -> None:
     for ok, key, msg in checks:
         if not ok:
             raise ConfigError(f"{key}: {msg} (got {_get(cfg, key)!r})")
+    _check_eval(cfg.eval)
+    _check_method_bounds(cfg.method)
+    _check_finite(cfg, "")
+
+
+# Bounds of the method fields, declared once here by field name (a field of any method config with this name gets
+# the check): (low, high, low inclusive, high inclusive); None = unbounded on that side.
+PROBABILITY = (0.0, 1.0, True, True)
+NON_NEGATIVE = (0.0, None, True, False)
+POSITIVE = (0.0, None, False, False)
+METHOD_BOUNDS: dict[str, tuple[float | None, float | None, bool, bool]] = {
+    # confidence thresholds, EMA/threshold momenta, mask and patch ratios, dropout: fractions
+    "tau": PROBABILITY, "thresh_init": PROBABILITY, "thresh_momentum": PROBABILITY, "alpha": PROBABILITY,
+    "lcr_ratio": PROBABILITY, "mask_ratio": PROBABILITY, "ohem_thresh": PROBABILITY, "ratio": PROBABILITY,
+    # learning-rate multipliers, temperatures, epsilons
+    "pid_lr_mult": POSITIVE, "temperature": POSITIVE, "agent_temperature": POSITIVE, "rank_eps": POSITIVE,
+    # sizes and counts
+    "lcr_patch": (1, None, True, False), "mask_patch": (1, None, True, False), "num_agents": (1, None, True, False),
+    "top_k": (1, None, True, False), "proj_channels": (1, None, True, False), "num_shapes": (1, None, True, False),
+    "cif_dim": (1, None, True, False), "cif_depth": (1, None, True, False), "cif_chunk": (1, None, True, False),
+    "cif_se_reduction": (1, None, True, False), "min_scaled_size": (1, None, True, False),
+    "cif_warmup_epochs": NON_NEGATIVE, "ohem_min_kept": NON_NEGATIVE, "capture_shapes": NON_NEGATIVE,
+    "capture_agents": NON_NEGATIVE,
+}
+"""Field name -> bounds. Besides these, every method field named ``weight*`` or ``*_weight`` (a loss weight) must be
+>= 0, every ``*scales*`` tuple must hold positive numbers, and every number must be finite."""
+
+
+def _in_bounds(v: float, b: tuple[float | None, float | None, bool, bool]) -> bool:
+    lo, hi, lo_in, hi_in = b
+    if lo is not None and (v < lo or (v == lo and not lo_in)):
+        return False
+    return not (hi is not None and (v > hi or (v == hi and not hi_in)))
+
+
+def _bounds_text(b: tuple[float | None, float | None, bool, bool]) -> str:
+    lo, hi, lo_in, hi_in = b
+    parts = []
+    if lo is not None:
+        parts.append(f"{'>=' if lo_in else '>'} {lo:g}")
+    if hi is not None:
+        parts.append(f"{'<=' if hi_in else '<'} {hi:g}")
+    return "must be " + " and ".join(parts)
+
+
+def _check_method_bounds(m: MethodConfig) -> None:
+    for f in dataclasses.fields(m):
+        v = getattr(m, f.name)
+        if isinstance(v, bool):
+            continue
+        b = METHOD_BOUNDS.get(f.name)
+        if b is None and (f.name.startswith("weight") or f.name.endswith("_weight")):
+            b = NON_NEGATIVE
+        if b is not None and isinstance(v, (int, float)) and not _in_bounds(v, b):
+            raise ConfigError(f"method.{f.name}: {_bounds_text(b)} (got {v!r})")
+        if "scales" in f.name and isinstance(v, tuple) and not all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 for x in v):
+            raise ConfigError(f"method.{f.name}: must hold positive numbers (got {list(v)!r})")
+
+
+def _check_eval(e: EvalConfig) -> None:
+    """The eval section through the evaluation's own checks (window, stride, scales, tolerance), at load time."""
+    from workbench.engine.evaluate import EvalSettings
+
+    if e.batch_size <= 0:
+        raise ConfigError(f"eval.batch_size: must be positive (got {e.batch_size!r})")
+    try:
+        EvalSettings(mode=e.mode, crop_size=e.crop_size, window=e.window, stride=e.stride, scales=tuple(e.scales),
+                     flip=e.flip, boundary_tolerance=e.boundary_tolerance)
+    except ValueError as err:
+        raise ConfigError(str(err).replace("EvalSettings.", "eval.")) from None
+
+
+def _check_finite(node: Any, prefix: str) -> None:
+    """No NaN or infinite number anywhere in the config (``.nan``/``.inf`` in YAML)."""
+    import math
+
+    if dataclasses.is_dataclass(node):
+        for f in dataclasses.fields(node):
+            _check_finite(getattr(node, f.name), f"{prefix}{f.name}.")
+    elif isinstance(node, (list, tuple)):
+        for i, x in enumerate(node):
+            _check_finite(x, f"{prefix.rstrip('.')}[{i}].")
+    elif isinstance(node, float) and not math.isfinite(node):
+        raise ConfigError(f"{prefix.rstrip('.')}: must be a finite number (got {node!r})")
+
+
+def check_run_name(name: str) -> str | None:
+    """Why ``name`` cannot name a run directory (path separators, ``..``, hidden, empty), or None when it can."""
+    if not name or not name.strip():
+        return "must not be empty"
+    if "/" in name or "\\" in name or "\0" in name:
+        return "must not contain a path separator ('/' or '\\'): a run lives directly under out_dir"
+    if name in (".", "..") or name.startswith("."):
+        return "must not be '.' or '..' or start with '.' (hidden)"
+    return None
+
+
+def _valid_device(name: str) -> bool:
+    if name == "auto":
+        return True
+    import torch
+
+    try:
+        torch.device(name)
+    except (RuntimeError, ValueError):
+        return False
+    return True
 
 
 def _get(cfg: Any, dotted: str) -> Any:

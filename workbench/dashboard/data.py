@@ -215,9 +215,11 @@ CACHE = ArtifactCache()
 def discover_runs(runs_dir: str | Path, max_depth: int = 3) -> list[str]:
     """Run directories under ``runs_dir``: relative POSIX paths of folders holding ``metrics.jsonl`` or
     ``config.yaml`` (searched ``max_depth`` levels deep, hidden folders skipped), sorted; "." when ``runs_dir`` is
-    itself a run; [] when it does not exist."""
+    itself a run; [] when it does not exist. Only real directories under the root count: symbolic links (which
+    could lead the dashboard out of its root) are skipped."""
     root = Path(runs_dir)
     found: list[str] = []
+    real_root = root.resolve()
 
     def visit(d: Path, depth: int) -> None:
         if (d / "metrics.jsonl").is_file() or (d / "config.yaml").is_file():
@@ -226,7 +228,8 @@ def discover_runs(runs_dir: str | Path, max_depth: int = 3) -> list[str]:
         if depth >= max_depth:
             return
         try:
-            children = sorted(p for p in d.iterdir() if p.is_dir() and not p.name.startswith("."))
+            children = sorted(p for p in d.iterdir() if p.is_dir() and not p.is_symlink()
+                              and not p.name.startswith(".") and p.resolve().is_relative_to(real_root))
         except OSError:
             return
         for child in children:
@@ -332,7 +335,10 @@ class RunData:
         entry = self.captures().get(step)
         if entry is None:
             raise KeyError(f"step {step} has no capture in {self.run.artifacts}")
-        return self.run.artifacts / Path(entry["file"]).name
+        path = self.run.artifacts / Path(entry["file"]).name
+        if path.is_symlink():
+            raise KeyError(f"capture {path} is a symbolic link; the dashboard reads only files inside the run")
+        return path
 
     def load_step(self, step: int) -> dict[str, Tensor]:
         """The tensors captured at ``step`` (cached); :class:`ArtifactError` when the file is unreadable."""

@@ -125,6 +125,37 @@ def read_mask(path: Path, num_classes: int, ignore_index: int = IGNORE) -> Tenso
     return torch.from_numpy(arr.copy())
 
 
+def verify_files(ds: "SegDataset", level: str = "header") -> list[tuple[Path, str]]:
+    """(file, reason) of every unreadable file of a split: ``header`` opens each image and mask (format and size
+    read from the header; the mask's mode and its size against the image's are checked), ``full`` decodes them
+    (mask values too). Cheap enough for every listed file: the header read touches only the first bytes."""
+    bad: list[tuple[Path, str]] = []
+    for i, (img, mask) in enumerate(ds.items):
+        if level == "full":
+            try:
+                ds.load(i)
+            except DataError as e:
+                bad.append((img, str(e)))
+            continue
+        try:
+            with Image.open(img) as im:
+                size = im.size
+        except (OSError, UnidentifiedImageError, ValueError) as e:
+            bad.append((img, f"cannot read image: {e}"))
+            continue
+        if mask is None:
+            continue
+        try:
+            with Image.open(mask) as m:
+                if m.mode not in ("P", "L"):
+                    bad.append((mask, f"mode {m.mode}, expected a palette (P) or greyscale (L) PNG"))
+                elif m.size != size:
+                    bad.append((mask, f"size {m.size[::-1]} differs from image {img} {size[::-1]}"))
+        except (OSError, UnidentifiedImageError, ValueError) as e:
+            bad.append((mask, f"cannot read mask: {e}"))
+    return bad
+
+
 class SegDataset(Dataset):
     """One split list of a dataset root: item i -> {"image": uint8 [3,H,W], "mask": uint8 [H,W] | None, "id"}."""
 
@@ -212,7 +243,7 @@ class StepDataset(Dataset):
         ``box1``, ``box2`` [B,h,w] bool CutMix boxes; the mix stream ``x_w_mix``, ``x_s1_mix``, ``x_s2_mix``,
         ``ignore_mix``; ``ids_u``, ``ids_mix``; and, when the unlabeled split lists masks (diagnostics only),
         ``y_u`` and ``y_u_mix``;
-      - ``skipped``: samples replaced under the ``skip`` bad-data policy.
+      - ``skipped``: samples replaced under the ``skip`` bad-data policy; ``skipped_files``: {file: reason} of them.
 
     Labeled samples are a concatenation of independent permutations of the labeled set (the labeled set repeated to
     the unlabeled set's length each epoch). The mix stream (``mix_source``): ``"same_images"`` (default, as the
@@ -270,16 +301,17 @@ class StepDataset(Dataset):
         return epoch, list(range(start, start + batch))
 
     # ---- samples
-    def _load(self, ds: SegDataset, index: int) -> tuple[dict[str, Any], int]:
-        """Load a sample; under the skip policy replace unreadable ones by the next index (count returned)."""
-        skipped = 0
+    def _load(self, ds: SegDataset, index: int) -> tuple[dict[str, Any], dict[str, str]]:
+        """Load a sample; under the skip policy replace unreadable ones by the next index ({file: why} of the
+        skipped ones returned)."""
+        skipped: dict[str, str] = {}
         while True:
             try:
                 return ds.load(index), skipped
-            except DataError:
-                if self.bad_data != "skip" or skipped >= len(ds) - 1:
+            except DataError as e:
+                if self.bad_data != "skip" or len(skipped) >= len(ds) - 1:
                     raise
-                skipped += 1
+                skipped[str(ds.items[index][0])] = str(e)
                 index = (index + 1) % len(ds)
 
     def _sample(self, ds: SegDataset, index: int, seed: int, strong: bool, need_mask: bool) -> dict[str, Any]:
@@ -292,7 +324,7 @@ class StepDataset(Dataset):
             ign = torch.zeros(h, w, dtype=torch.uint8)
             image, gt, ign = self.weak(image, tv_tensors.Mask(gt), tv_tensors.Mask(ign))
             out = {"x": image.as_subclass(Tensor), "ignore": ign.as_subclass(Tensor), "id": s["id"],
-                   "skipped": skipped}
+                   "skipped": len(skipped), "skipped_files": skipped}
             if need_mask:
                 out["y"] = gt.as_subclass(Tensor)
             if strong:
@@ -314,6 +346,9 @@ class StepDataset(Dataset):
         batch["y_l"] = torch.stack([s["y"] for s in lab])
         batch["ids_l"] = [s["id"] for s in lab]
         skipped = sum(s["skipped"] for s in lab)
+        files: dict[str, str] = {}
+        for s in lab:
+            files.update(s["skipped_files"])
         if p.semi:
             assert self.unlabeled is not None
             _, pos_u = self.positions(step, p.batch_u)
@@ -335,7 +370,10 @@ class StepDataset(Dataset):
                     batch["box1"] = torch.stack([s["box1"] for s in us])
                     batch["box2"] = torch.stack([s["box2"] for s in us])
                 skipped += sum(s["skipped"] for s in us)
+                for s in us:
+                    files.update(s["skipped_files"])
         batch["skipped"] = skipped
+        batch["skipped_files"] = files
         batch["step"] = step
         return batch
 

@@ -47,7 +47,9 @@ def local_device(requested: str) -> torch.device:
         return torch.device("cpu")
     dev = torch.device(requested)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"train.device={requested!r} but CUDA is not available; use 'auto' or 'cpu'")
+        from workbench.config import ConfigError
+
+        raise ConfigError(f"train.device={requested!r} but CUDA is not available; use 'auto' or 'cpu'")
     return dev
 
 

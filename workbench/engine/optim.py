@@ -115,10 +115,17 @@ class DeferredNonFinite:
     fused SGD kernel then leaves weights and momentum untouched on a bad step) and remembers, on the device, how
     many steps were bad and the loss terms of the first; :meth:`read` (one host read) returns ``(first step, count,
     loss terms, batch ids of the first)`` since the previous read, or None when every step was finite.
+
+    It also counts consecutive bad steps on the device (across reads): after :meth:`read`, ``max_streak_read`` is the
+    longest run of consecutive bad steps ending in the period read (0 when none) and ``last_step_read`` the 1-based
+    index of the last step read.
     """
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
+        self.streak = torch.zeros((), dtype=torch.long, device=device)
+        self.max_streak_read = 0
+        self.last_step_read = 0
         self._reset()
 
     def _reset(self) -> None:
@@ -126,6 +133,7 @@ class DeferredNonFinite:
         self.first = torch.full((), -1, dtype=torch.long, device=self.device)
         self.terms: dict[str, Tensor] = {}
         self.ids: dict[int, list[str]] = {}
+        self.max_streak = torch.zeros((), dtype=torch.long, device=self.device)
 
     def flag(self, optimizer: torch.optim.Optimizer, loss: Tensor, params: Iterable[torch.nn.Parameter], step: int,
              logs: dict[str, Tensor], ids: list[str]) -> Tensor:
@@ -139,6 +147,8 @@ class DeferredNonFinite:
             v = v.detach().float().to(self.device)
             self.terms[k] = torch.where(new_first, v, self.terms.get(k, torch.zeros_like(v)))
         self.count = self.count + bad
+        self.streak = torch.where(bad, self.streak + 1, 0)
+        self.max_streak = torch.maximum(self.max_streak, self.streak)
         self.ids[step] = list(ids)
         return good
 
@@ -146,7 +156,8 @@ class DeferredNonFinite:
         """The verdict since the last read (see the class docstring); resets the record."""
         if not self.ids:
             return None
-        count = int(self.count)
+        count, self.max_streak_read = (int(v) for v in torch.stack([self.count, self.max_streak]).cpu())
+        self.last_step_read = max(self.ids) + 1
         result = None
         if count:
             first = int(self.first)

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import platform
+import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -20,21 +22,41 @@ from torch.utils.data import DataLoader, Subset
 
 from workbench.config import ConfigError, RunConfig, config_from_dict, config_to_dict, dump_config
 from workbench.data.dataset import (DataError, EvalDataset, SegDataset, StepDataset, StepPlan, load_manifest,
-                                    read_split)
+                                    read_split, verify_files)
 from workbench.data.transforms import denormalize, normalize
 from workbench.engine import distributed as D
-from workbench.engine.checkpoint import (CheckpointError, load_checkpoint, load_state_checked, rng_state,
-                                         save_checkpoint, set_rng_state)
+from workbench.engine.checkpoint import (CheckpointError, latest_exists, load_checkpoint, load_latest,
+                                         load_state_checked, nonfinite_tensors, rng_state, save_checkpoint,
+                                         set_rng_state)
 from workbench.engine.evaluate import EvalSettings, evaluate
 from workbench.engine.optim import (DeferredNonFinite, all_finite, build_sgd, fused_choice, scaled_lr, set_poly_lr,
                                     zero_momentum_buffers)
-from workbench.engine.rundir import RunDir
+from workbench.engine.rundir import RunDir, RunLock, RunLockedError, atomic_write_text
 from workbench.methods import METHODS, Method, SemiBatch, StepInfo, build_method
 from workbench.models import build_model
 
 
 class NonFiniteError(RuntimeError):
-    """The loss or the gradients became NaN/inf under the ``stop`` policy."""
+    """The loss or the gradients became NaN/inf under the ``stop`` policy (or too many steps in a row under
+    ``skip``)."""
+
+
+# Keys a resumed run may change: they cannot change the trained weights (evaluation, logging, capture, checkpoint
+# cadence, loader processes, the bad-data policy, file checks, progress bars). Each change is recorded in
+# metrics.jsonl ({"kind": "config_change"}) and config.yaml is rewritten. Any other difference stops the resume.
+RESUMABLE_KEYS = ("eval.", "train.progress", "train.log_every", "train.capture_every", "train.tensorboard",
+                  "train.eval_every", "train.checkpoint_every", "train.checkpoint_min_seconds", "train.threads",
+                  "data.num_workers", "data.pin_memory", "data.bad_data", "data.verify")
+
+
+def resumable(key: str) -> bool:
+    """Whether a resumed run may change config key ``key`` (see ``RESUMABLE_KEYS``)."""
+    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUMABLE_KEYS)
+
+
+def warn(msg: str) -> None:
+    """One warning line on stderr."""
+    print(f"workbench: warning: {msg}", file=sys.stderr, flush=True)
 
 
 def prepare_dataset(cfg: RunConfig) -> Path:
@@ -157,8 +179,11 @@ def environment() -> dict[str, Any]:
 class Trainer:
     """Runs one configuration to completion (or to ``stop_at``), resuming when the run directory has a checkpoint."""
 
-    def __init__(self, cfg: RunConfig) -> None:
+    def __init__(self, cfg: RunConfig, trust_pickle: bool = False) -> None:
         self.cfg = cfg
+        self.trust_pickle = trust_pickle
+        self.lock: RunLock | None = None
+        self._ck: dict[str, Any] | None = None   # the checkpoint to resume from, once read
         self.device = D.local_device(cfg.train.device)
         D.init_from_env(self.device)
         self.rank, self.world = D.rank(), D.world_size()
@@ -172,31 +197,110 @@ class Trainer:
         self.amp = amp_dtype(cfg.optim.amp, self.device)
 
     # ------------------------------------------------------------------ setup
-    def _check_run_dir(self) -> None:
-        if self.run.config.is_file() and self.run.latest.is_file():
-            import yaml
+    def _load_resume_checkpoint(self) -> dict[str, Any]:
+        if self._ck is None:
+            self._ck, self._ck_path = load_latest(self.run.latest, self.trust_pickle)
+        return self._ck
 
+    def _saved_config(self) -> dict[str, Any]:
+        """The run's recorded config: config.yaml, or the checkpoint's copy when the file is missing, empty or
+        unreadable (a kill while it was written by an older version); the file is then rewritten at setup."""
+        import yaml
+
+        why = None
+        try:
             old = yaml.safe_load(self.run.config.read_text())
-            try:   # through today's schema: keys added since the run was made take their defaults
-                old = config_to_dict(config_from_dict(old))
-            except ConfigError:
-                pass   # an unknown or renamed key: the comparison below names it
-            new = config_to_dict(self.cfg)
-            for d in (old, new):
-                d.get("train", {}).pop("progress", None)
-            o_opt, n_opt = old.get("optim", {}), new.get("optim", {})
-            if "amp" in o_opt and "amp" in n_opt and _same_amp(o_opt["amp"], n_opt["amp"], self.device):
-                o_opt["amp"] = n_opt["amp"]   # e.g. "auto" and "off" are both fp32 on the CPU
-            if old != new:
-                diff = sorted(_diff_keys(old, new))
-                raise ConfigError(f"{self.run.path} holds a run with a different config (keys {diff[:5]}); resume "
-                                  "with the same config, or pick another train name / delete the directory")
+            if not isinstance(old, dict) or not old:
+                why = "is empty" if not old else "is not a mapping"
+        except FileNotFoundError:
+            why = "is missing"
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+            why = f"is unreadable ({str(e).splitlines()[0]})"
+        if why is None:
+            return old
+        ck = self._load_resume_checkpoint()
+        if not isinstance(ck.get("config"), dict):
+            raise CheckpointError(f"{self.run.config} {why} and checkpoint {self._ck_path} holds no config; restore "
+                                  "the file or pick another train name")
+        warn(f"{self.run.config} {why}: using the config saved in {self._ck_path}; the file will be rewritten")
+        return ck["config"]
+
+    def _check_run_dir(self) -> None:
+        """A run directory with a checkpoint must hold the same config, apart from ``RESUMABLE_KEYS`` (recorded)."""
+        self.config_changes: dict[str, list[Any]] = {}
+        if not latest_exists(self.run.latest):
+            return
+        old = self._saved_config()
+        try:   # through today's schema: keys added since the run was made take their defaults
+            old = config_to_dict(config_from_dict(old))
+        except ConfigError:
+            pass   # an unknown or renamed key: the comparison below names it
+        new = config_to_dict(self.cfg)
+        o_opt, n_opt = old.get("optim", {}), new.get("optim", {})
+        if "amp" in o_opt and "amp" in n_opt and _same_amp(o_opt["amp"], n_opt["amp"], self.device):
+            o_opt["amp"] = n_opt["amp"]   # e.g. "auto" and "off" are both fp32 on the CPU
+        diff = sorted(_diff_keys(old, new))
+        refused = [k for k in diff if not resumable(k)]
+        if refused:
+            raise ConfigError(f"{self.run.path} holds a run with a different config (keys {refused[:5]}); resume "
+                              "with the same config, or pick another train name / delete the directory (keys a "
+                              f"resume may change: {', '.join(RESUMABLE_KEYS)})")
+        self.config_changes = {k: [_get_dotted(old, k), _get_dotted(new, k)] for k in diff if k != "train.progress"}
+
+    def _verify_data(self) -> None:
+        """``data.verify``: check every listed file before any work (see :class:`~workbench.config.DataConfig`)."""
+        level = self.cfg.data.verify
+        if level == "off":
+            return
+        bad_val = verify_files(self.val.base, level)
+        if bad_val:
+            raise DataError(f"{len(bad_val)} file(s) of the validation split {self.cfg.data.val_split!r} cannot be "
+                            f"read, first: {bad_val[0][0]} ({bad_val[0][1]}); fix or remove them from the list "
+                            "(or data.verify=off to defer the check to the first evaluation)")
+        bad: list[tuple[Path, str]] = []
+        for ds in (self.labeled, self.unlabeled):
+            if ds is not None:
+                bad += verify_files(ds, level)
+        if not bad:
+            return
+        if self.cfg.data.bad_data != "skip":
+            raise DataError(f"{len(bad)} training file(s) cannot be read, first: {bad[0][0]} ({bad[0][1]}); fix "
+                            "them, remove them from the split list, or set data.bad_data=skip")
+        for path, why in bad:
+            self.skipped_files.setdefault(str(path), why)
+        warn(f"data.bad_data=skip: {len(bad)} unreadable training file(s) will be skipped: "
+             f"{', '.join(str(p) for p, _ in bad[:10])}{' ...' if len(bad) > 10 else ''}")
 
     def setup(self) -> None:
         """Build everything; resume from the latest checkpoint when present."""
         cfg = self.cfg
         torch.manual_seed(cfg.train.seed)
+        self.skipped_files: dict[str, str] = {}
+        self.config_changes = {}
+        created = not self.run.path.exists()
+        if self.rank == 0:   # one writer per run: the lock first, before anything is read or written
+            self.lock = RunLock(self.run.lockfile)
+            self.lock.acquire()
+        try:
+            self._setup(created)
+        except BaseException:
+            self._release(remove_dir=created)
+            raise
+
+    def _release(self, remove_dir: bool = False) -> None:
+        """Release the run lock; ``remove_dir``: the setup failed in a directory it created (nothing else in it)."""
+        if self.lock is None:
+            return
+        self.lock.release()
+        self.lock = None
+        if remove_dir and self.run.path.is_dir() and [p.name for p in self.run.path.iterdir()] == [".lock"]:
+            shutil.rmtree(self.run.path, ignore_errors=True)
+
+    def _setup(self, created: bool) -> None:
+        cfg = self.cfg
         if self.rank == 0:
+            for tmp in self.run.clean_temps():
+                warn(f"removed {tmp}, a temp file of an interrupted write")
             self._check_run_dir()
         root = prepare_dataset(cfg)
         lab_split, unl_split = split_names(cfg, self.semi)
@@ -205,6 +309,8 @@ class Trainer:
         check_splits(self.labeled, self.unlabeled)
         self.num_classes = self.labeled.num_classes
         self.val = EvalDataset(root, cfg.data.val_split)
+        if self.rank == 0:
+            self._verify_data()
         bl = cfg.data.batch_size
         bu = cfg.data.unlabeled_batch_size or bl
         self.plan = StepPlan(len(self.labeled), len(self.unlabeled) if self.unlabeled else 0, bl, bu,
@@ -231,19 +337,38 @@ class Trainer:
         if self.deferred:
             zero_momentum_buffers(self.optimizer)
         self.pending = DeferredNonFinite(self.device)
+        # state a skipped step must not touch: buffers (BN statistics, thresholds, dictionaries) and parameters the
+        # optimiser does not own (EMA teachers); snapshotted before each step under nonfinite=skip
+        owned = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
+        self.guarded = [*self.method.buffers(), *(p for p in self.method.parameters() if id(p) not in owned)]
+        self.streak = 0   # consecutive skipped steps (synchronous check; the deferred one counts on the device)
+        self.log_sums: dict[str, Tensor] = {}
+        self.log_n: Any = 0
         self.start = 0
         self.best = {"miou": -1.0, "step": -1}
         self.counters = {"skipped_samples": 0, "nonfinite_steps": 0}
         self.elapsed = 0.0
-        if self.rank == 0:  # everything built: only now does the run directory appear
+        if self.rank == 0:  # everything built: only now does the run directory get its files
             self.run.create()
-            self.run.config.write_text(dump_config(cfg))
-        if self.run.latest.is_file():
+            atomic_write_text(self.run.config, dump_config(cfg))
+        if latest_exists(self.run.latest):
             self._resume()
+        elif self.rank == 0:   # a restart before the first checkpoint: nothing of the earlier attempt stays
+            self._truncate_records(0)
+
+    def _truncate_records(self, step: int) -> None:
+        for problem in self.run.truncate_metrics(step):
+            warn(problem)
+        self.run.truncate_artifacts(step)
+        if self.config_changes:
+            warn(f"resuming with changed keys {self.config_changes} (recorded in {self.run.metrics})")
+            self.run.append_metrics({"kind": "config_change", "step": step, "changes": self.config_changes})
 
     def _resume(self) -> None:
-        ck = load_checkpoint(self.run.latest)
-        load_state_checked(self.method, ck["method"], self.run.latest)
+        ck = self._load_resume_checkpoint()
+        path = self._ck_path
+        self._ck = None
+        load_state_checked(self.method, ck["method"], path)
         self.optimizer.load_state_dict(ck["optimizer"])
         self.scaler.load_state_dict(ck["scaler"])
         self.start = ck["step"]
@@ -251,11 +376,11 @@ class Trainer:
         self.counters = ck["counters"]
         self.elapsed = ck.get("elapsed", 0.0)
         set_rng_state(ck["rng"][min(self.rank, len(ck["rng"]) - 1)])
+        self.log_sums = {k: v.to(self.device) for k, v in ck.get("log_sums", {}).items()}
+        self.log_n = ck.get("log_n", 0)
+        self.skipped_files.update(ck.get("skipped_files", {}))
         if self.rank == 0:
-            self.run.truncate_metrics(self.start)
-            self.run.truncate_artifacts(self.start)
-            for tmp in self.run.iter_checkpoint_temps():
-                tmp.unlink()
+            self._truncate_records(self.start)
 
     def _loader(self) -> DataLoader:
         cfg = self.cfg
@@ -280,10 +405,12 @@ class Trainer:
             torch.distributed.all_gather_object(gathered, states[0])
             states = gathered
         if self.rank == 0:
-            save_checkpoint(self.run.latest, method=self.method.state_dict(), optimizer=self.optimizer.state_dict(),
-                            scaler=self.scaler.state_dict(), step=step, epoch=step // self.ipe, best=self.best,
-                            counters=self.counters, rng=states, elapsed=self.elapsed,
-                            config=config_to_dict(self.cfg))
+            save_checkpoint(self.run.latest, keep_previous=True, method=self.method.state_dict(),
+                            optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(), step=step,
+                            epoch=step // self.ipe, best=self.best, counters=self.counters, rng=states,
+                            elapsed=self.elapsed, config=config_to_dict(self.cfg),
+                            log_sums={k: v.detach().float().cpu() for k, v in self.log_sums.items()},
+                            log_n=float(self.log_n), skipped_files=dict(self.skipped_files))
 
     def _val_loader(self) -> DataLoader:
         """The validation loader, built once: its worker processes persist from one evaluation to the next."""
@@ -330,8 +457,16 @@ class Trainer:
                         self.tb.add_scalar(f"{record['kind']}/{k}", v, record["step"])
 
     def fit(self, stop_at: int | None = None) -> dict[str, Any]:
-        """Train from the current step to the end (or until ``stop_at`` steps are done); returns the summary."""
+        """Train from the current step to the end (or until ``stop_at`` steps are done); returns the summary.
+
+        The run's lock is held from setup to the end (released on any exit; the OS releases it on a crash)."""
         self.setup()
+        try:
+            return self._fit(stop_at)
+        finally:
+            self._release()
+
+    def _fit(self, stop_at: int | None) -> dict[str, Any]:
         cfg = self.cfg
         self.tb = None
         if cfg.train.tensorboard and self.rank == 0:
@@ -343,8 +478,9 @@ class Trainer:
             self.tb = SummaryWriter(str(self.run.path / "tensorboard"))
         end = self.total if stop_at is None else min(stop_at, self.total)
         micro = cfg.optim.grad_accum
-        sums: dict[str, Tensor] = {}
-        n_sum = 0
+        sums: dict[str, Tensor] = self.log_sums   # the logging window's sums (checkpointed: a resumed run logs
+        n_sum: Any = self.log_n                   # the same means as an uninterrupted one)
+        guard = cfg.optim.nonfinite == "skip" and bool(self.guarded)
         last_eval: dict[str, Any] | None = None
         self.method.train()
         step = self.start
@@ -364,11 +500,13 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             ids: list[str] = []
             logs_step: dict[str, Tensor] = {}
+            snap = [t.detach().clone() for t in self.guarded] if guard else None
             for a in range(micro):
                 t0 = time.perf_counter()
                 raw = next(it)
                 data_time += time.perf_counter() - t0
                 self.counters["skipped_samples"] += int(raw.get("skipped", 0))
+                self._note_skipped(raw.get("skipped_files", {}), step)
                 batch = SemiBatch.from_loader(raw, self.device, cfg.data.mean, cfg.data.std, cfg.model.channels_last)
                 ids += batch.ids_l + batch.ids_u
                 sync = contextlib.nullcontext() if (a == micro - 1 or self.world == 1) else self.ddp.no_sync()
@@ -392,6 +530,9 @@ class Trainer:
                 for k, v in logs_step.items():   # a step skipped on the device adds nothing to the logged means
                     sums[k] = sums.get(k, 0) + (v if good is None else torch.where(good, v, 0.0))
                 n_sum = n_sum + (1 if good is None else good.float())
+                self.log_sums, self.log_n = sums, n_sum
+            if snap is not None:
+                self._restore_if_skipped(snap, good, applied)
             if applied and capture and self.rank == 0 and out.artifacts:
                 self.run.save_artifacts(step + 1, info.epoch, {k: artifact_tensor(k, v, cfg.data.mean, cfg.data.std)
                                                                for k, v in out.artifacts.items()})
@@ -410,6 +551,7 @@ class Trainer:
                 if pbar:
                     pbar.set_postfix(loss=f"{rec.get('loss', float('nan')):.3f}")
                 sums, n_sum = {}, 0
+                self.log_sums, self.log_n = sums, n_sum
             do_eval = step == self.total or (cfg.train.eval_every and step % cfg.train.eval_every == 0) or (
                 not cfg.train.eval_every and epoch_end)
             if do_eval:
@@ -441,6 +583,36 @@ class Trainer:
             self.tb.close()
         return summary
 
+    @torch.no_grad()
+    def _restore_if_skipped(self, snap: list[Tensor], good: Tensor | None, applied: bool) -> None:
+        """Put the guarded state (buffers, EMA teachers) back to its value before a skipped step: on the device
+        with ``torch.where`` under the deferred verdict (no host read), by a copy when the host decided."""
+        if good is not None:
+            for t, old in zip(self.guarded, snap):
+                t.copy_(torch.where(good, t, old))
+        elif not applied:
+            for t, old in zip(self.guarded, snap):
+                t.copy_(old)
+
+    def _note_skipped(self, files: dict[str, str], step: int) -> None:
+        """Name every newly skipped file (bad_data=skip) on stderr and in metrics.jsonl; summary.json lists all."""
+        new = {f: why for f, why in files.items() if f not in self.skipped_files}
+        if not new:
+            return
+        self.skipped_files.update(new)
+        for f, why in new.items():
+            warn(f"data.bad_data=skip: skipped {f} ({why})")
+        if self.rank == 0:
+            self.run.append_metrics({"kind": "skipped", "step": step + 1, "files": new})
+
+    def _too_many_skipped(self, streak: int, last: int) -> None:
+        limit = self.cfg.optim.skip_limit
+        if limit and streak >= limit:
+            raise NonFiniteError(f"{streak} consecutive steps up to step {last} had non-finite loss/gradients and "
+                                 f"were skipped (optim.skip_limit={limit}): the run diverged; the last checkpoint "
+                                 f"{self.run.latest} holds the weights before it. Lower optim.lr, or raise "
+                                 "optim.skip_limit")
+
     def _read_nonfinite(self) -> None:
         """Read the deferred non-finite verdict (one host read): count skipped steps, or raise under ``stop``."""
         if not self.deferred:
@@ -451,6 +623,7 @@ class Trainer:
         first, count, terms, ids = bad
         if self.cfg.optim.nonfinite == "skip":
             self.counters["nonfinite_steps"] += count
+            self._too_many_skipped(self.pending.max_streak_read, self.pending.last_step_read)
             return
         raise NonFiniteError(f"non-finite loss/gradients at step {first} ({count} step(s) since the last check, none "
                              f"applied to the weights): loss terms {terms}; batch ids {ids}. Set optim.nonfinite=skip "
@@ -463,10 +636,13 @@ class Trainer:
         # one host synchronisation for the loss and all gradients (not one per parameter)
         ok = bool(all_finite(out.loss, self.method.parameters()))
         if ok:
+            self.streak = 0
             return True
         if self.cfg.optim.nonfinite == "skip":
             self.counters["nonfinite_steps"] += 1
+            self.streak += 1
             self.optimizer.zero_grad(set_to_none=True)
+            self._too_many_skipped(self.streak, step + 1)
             return False
         terms = {k: float(v) for k, v in logs.items()}
         raise NonFiniteError(f"non-finite loss/gradients at step {step}: loss terms {terms}; batch ids {ids}. "
@@ -482,11 +658,15 @@ class Trainer:
             "finished": step >= self.total, "iters_per_epoch": self.ipe, "world_size": self.world,
             "seed": self.cfg.train.seed, "lr": self.lr,
             "final": {k: v for k, v in (last_eval or {}).items() if k not in ("kind", "confusion")},
-            "best": self.best, "counters": self.counters,
+            "best": self.best, "counters": self.counters, "skipped_files": self.skipped_files,
+            "nonfinite_tensors": nonfinite_tensors(self.method.state_dict()),
             "timing": {"seconds_total": self.elapsed, "steps_this_session": done,
                        "data_wait_seconds_this_session": data_time},
             "environment": environment(),
         }
+        if summary["nonfinite_tensors"]:
+            warn(f"the trained state holds non-finite values in {len(summary['nonfinite_tensors'])} tensor(s), e.g. "
+                 f"{summary['nonfinite_tensors'][:3]}; its predictions are unreliable")
         if self.rank == 0:
             self.run.write_summary(summary)
         return summary
@@ -504,6 +684,12 @@ def _same_size(ds: EvalDataset) -> bool:
     return ds.base.manifest.raw.get("image_size") is not None
 
 
+def _get_dotted(d: Any, key: str) -> Any:
+    for part in key.split("."):
+        d = d.get(part) if isinstance(d, dict) else None
+    return d
+
+
 def _diff_keys(a: Any, b: Any, prefix: str = "") -> set[str]:
     if isinstance(a, dict) and isinstance(b, dict):
         out: set[str] = set()
@@ -513,52 +699,82 @@ def _diff_keys(a: Any, b: Any, prefix: str = "") -> set[str]:
     return set() if a == b else {prefix.rstrip(".")}
 
 
-def train(cfg: RunConfig, stop_at: int | None = None) -> dict[str, Any]:
-    """Train ``cfg`` (resuming if its run directory has a checkpoint); returns the summary dict."""
-    return Trainer(cfg).fit(stop_at)
+def train(cfg: RunConfig, stop_at: int | None = None, trust_pickle: bool = False) -> dict[str, Any]:
+    """Train ``cfg`` (resuming if its run directory has a checkpoint); returns the summary dict.
+
+    ``trust_pickle``: resume from a checkpoint that needs full unpickling (an older file the user vouches for)."""
+    return Trainer(cfg, trust_pickle=trust_pickle).fit(stop_at)
 
 
-def load_run_config(run_dir: str | Path) -> RunConfig:
-    """The resolved config of an existing run directory."""
+def load_run_config(run_dir: str | Path, trust_pickle: bool = False) -> RunConfig:
+    """The resolved config of an existing run directory: config.yaml, or, when that file is missing, empty or not
+    valid YAML, the config saved in the run's checkpoint (with a warning). CheckpointError when neither exists."""
     import yaml
 
     rd = RunDir(run_dir)
-    if not rd.config.is_file():
-        raise CheckpointError(f"{rd.config} not found: {run_dir} is not a run directory")
-    return config_from_dict(yaml.safe_load(rd.config.read_text()))
+    why = None
+    try:
+        data = yaml.safe_load(rd.config.read_text())
+        if not isinstance(data, dict) or not data:
+            why = "is empty" if not data else "is not a mapping"
+    except FileNotFoundError:
+        why = "is missing"
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        why = f"is unreadable ({str(e).splitlines()[0]})"
+    if why is None:
+        return config_from_dict(data)
+    for path in (rd.latest, rd.best):
+        if latest_exists(path):
+            ck, used = load_latest(path, trust_pickle) if path == rd.latest else (load_checkpoint(path, trust_pickle),
+                                                                                   path)
+            if isinstance(ck.get("config"), dict):
+                warn(f"{rd.config} {why}: using the config saved in {used}")
+                return config_from_dict(ck["config"])
+    raise CheckpointError(f"{rd.config} {why} and {run_dir} has no checkpoint holding a config: "
+                          + ("it is not a run directory" if why == "is missing" else "restore the file"))
 
 
-def load_method(run_dir: str | Path, checkpoint: str = "best", device: str | torch.device = "cpu"
-                ) -> tuple[Method, RunConfig, dict[str, Any]]:
-    """A run's method with the weights of its ``best`` (falls back to ``latest``) or ``latest`` checkpoint,
-    in eval mode, plus its config and the checkpoint's metadata ({"path", "step"})."""
-    cfg = load_run_config(run_dir)
+def load_method(run_dir: str | Path, checkpoint: str = "best", device: str | torch.device = "cpu",
+                trust_pickle: bool = False) -> tuple[Method, RunConfig, dict[str, Any]]:
+    """A run's method with the weights of its ``best`` (falls back to ``latest`` when the run has none) or
+    ``latest`` (falls back to the previous one when damaged) checkpoint, in eval mode, plus its config and the
+    checkpoint's metadata ({"path", "step", "nonfinite_tensors"}); a warning names any non-finite tensor."""
+    cfg = load_run_config(run_dir, trust_pickle)
     rd = RunDir(run_dir)
-    path = rd.best if checkpoint == "best" and rd.best.is_file() else rd.latest
-    ck = load_checkpoint(path)
+    if checkpoint == "best" and rd.best.is_file():
+        path = rd.best
+        ck = load_checkpoint(path, trust_pickle)
+    else:
+        ck, path = load_latest(rd.latest, trust_pickle)
     num_classes = load_manifest(cfg.data.root).num_classes
     method = build_from_config(cfg, num_classes, torch.device(device))
     load_state_checked(method, ck["method"], path)
     method.eval()
-    return method, cfg, {"path": str(path), "step": ck.get("step")}
+    bad = nonfinite_tensors(ck["method"])
+    if bad:
+        warn(f"checkpoint {path} holds non-finite values in {len(bad)} tensor(s), e.g. {bad[:3]}; its predictions "
+             "are unreliable")
+    return method, cfg, {"path": str(path), "step": ck.get("step"), "nonfinite_tensors": bad}
 
 
-def evaluate_run(run_dir: str | Path, checkpoint: str = "best", overrides: dict[str, Any] | None = None
-                 ) -> dict[str, Any]:
-    """Evaluate a run's ``best`` (or ``latest``) checkpoint with its config's eval settings (optionally overridden)."""
+def evaluate_run(run_dir: str | Path, checkpoint: str = "best", overrides: dict[str, Any] | None = None,
+                 trust_pickle: bool = False) -> dict[str, Any]:
+    """Evaluate a run's ``best`` (or ``latest``) checkpoint with its config's eval settings (optionally overridden);
+    the result also lists the checkpoint's non-finite tensors (``nonfinite_tensors``, [] when none)."""
     from workbench.config import apply_overrides
 
-    cfg = load_run_config(run_dir)
+    cfg = load_run_config(run_dir, trust_pickle)
     if overrides:
         cfg = config_from_dict(apply_overrides(config_to_dict(cfg), overrides))
     t = Trainer(cfg)
-    t.method, _, meta = load_method(run_dir, checkpoint, t.device)
+    t.method, _, meta = load_method(run_dir, checkpoint, t.device, trust_pickle)
     root = prepare_dataset(cfg)
     t.num_classes = load_manifest(root).num_classes
     t.val = EvalDataset(root, cfg.data.val_split)
     res = t.evaluate()
     res["checkpoint"] = meta["path"]
     res["checkpoint_step"] = meta["step"]
+    res["nonfinite_tensors"] = meta["nonfinite_tensors"]
     return res
 
 

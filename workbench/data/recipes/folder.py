@@ -169,13 +169,14 @@ def build(out: Path, sources: dict[str, Source], ctx: BuildContext) -> BuildResu
         except OSError:
             dest.write_bytes(ip.read_bytes())
         rel_mask = None
+        try:   # every image decoded, unlabeled ones too: a corrupt file stops here, not in a training worker
+            with Image.open(ip) as im:
+                w, h = im.size
+                im.load()
+        except (OSError, ValueError) as e:
+            raise RecipeError(f"cannot read image {ip}: {e}") from None
         if key in masks:
             arr = convert_mask(masks[key].read_bytes(), cfg, str(masks[key]))
-            try:
-                with Image.open(ip) as im:
-                    w, h = im.size
-            except OSError as e:
-                raise RecipeError(f"cannot read image {ip}: {e}") from None
             if arr.shape != (h, w):
                 raise RecipeError(f"mask {masks[key]} is {arr.shape[0]}x{arr.shape[1]} but image {ip} is {h}x{w}")
             rel_mask = f"masks/{key}.png"
