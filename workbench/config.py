@@ -486,7 +486,7 @@ METHOD_BOUNDS: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "tau": PROBABILITY, "thresh_init": PROBABILITY, "thresh_momentum": PROBABILITY, "alpha": PROBABILITY,
     "lcr_ratio": PROBABILITY, "mask_ratio": PROBABILITY, "ohem_thresh": PROBABILITY, "ratio": PROBABILITY,
     # learning-rate multipliers, temperatures, epsilons
-    "pid_lr_mult": POSITIVE, "temperature": POSITIVE, "agent_temperature": POSITIVE, "rank_eps": POSITIVE,
+    "pid_lr_mult": POSITIVE, "temperature": POSITIVE, "agent_temperature": POSITIVE, "rank_eps": NON_NEGATIVE,
     # sizes and counts
     "lcr_patch": (1, None, True, False), "mask_patch": (1, None, True, False), "num_agents": (1, None, True, False),
     "top_k": (1, None, True, False), "proj_channels": (1, None, True, False), "num_shapes": (1, None, True, False),
