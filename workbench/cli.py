@@ -89,10 +89,23 @@ def _quickstart(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from workbench.report import run_report
+    from workbench.report import ReportInputError, run_report
+    from workbench.scaleout import SlurmOptions, report_status
 
+    if args.status:
+        report_status(args.notebook, out=Path(args.out))
+        return 0
+    slurm_flags = {"partition": args.partition, "gpus_per_node": args.gpus_per_node,
+                   "cpus_per_task": args.cpus_per_task, "time": args.time, "mem_gb": args.mem}
+    slurm = None
+    if args.executor == "slurm":
+        slurm = SlurmOptions.from_profile(args.slurm_profile, **slurm_flags)
+    elif args.slurm_profile or args.no_wait or any(v is not None for v in slurm_flags.values()):
+        raise ReportInputError("--partition/--gpus-per-node/--cpus-per-task/--time/--mem/--slurm-profile/--no-wait "
+                               "go with --executor slurm")
     run_report(args.notebook, out=Path(args.out), grid=args.grid or [], parameters=args.param or [],
-               html=not args.no_html, timeout=args.timeout)
+               html=not args.no_html, timeout=args.timeout, jobs=args.jobs, devices=args.devices,
+               executor=args.executor, slurm=slurm, wait=not args.no_wait, rerun=args.rerun)
     return 0
 
 
@@ -168,6 +181,24 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--param", action="append", metavar="KEY=VALUE", help="fixed parameter")
     r.add_argument("--no-html", action="store_true")
     r.add_argument("--timeout", type=float, default=None, help="seconds one cell may run (default: no limit)")
+    r.add_argument("--rerun", action="store_true", help="execute points that finished before again (default: skip "
+                                                        "them; unfinished ones always run, their trainings resume)")
+    r.add_argument("--status", action="store_true", help="show where the grid under --out stands (points, states, "
+                                                         "Slurm jobs) and rewrite its index; runs nothing")
+    sc = r.add_argument_group("scale-out", "run grid points concurrently: local processes or Slurm jobs")
+    sc.add_argument("--jobs", type=int, default=1, help="points at once on this machine, one process each (CPU "
+                                                        "threads split between them)")
+    sc.add_argument("--devices", help="CUDA devices, e.g. 0,1,2,3: one point per device at a time")
+    sc.add_argument("--executor", choices=["local", "slurm"], default="local",
+                    help="slurm: one Slurm job (array task) per point through submitit")
+    sc.add_argument("--slurm-profile", type=Path, help="YAML with Slurm options (partition, gpus_per_node, "
+                                                       "cpus_per_task, time, mem_gb, setup, ...); flags override")
+    sc.add_argument("--partition", help="Slurm partition")
+    sc.add_argument("--gpus-per-node", type=int, help="GPUs per point's job")
+    sc.add_argument("--cpus-per-task", type=int, help="CPUs per point's job")
+    sc.add_argument("--time", type=int, help="minutes per point's job (default 60; past it: requeued, resumes)")
+    sc.add_argument("--mem", type=float, help="GB of memory per point's job")
+    sc.add_argument("--no-wait", action="store_true", help="return once submitted (see --status)")
     r.set_defaults(fn=_report)
 
     db = sub.add_parser("dashboard", help="serve the Panel dashboard over a runs directory")
@@ -183,11 +214,12 @@ def main(argv: list[str] | None = None) -> int:
     from workbench.config import ConfigError
     from workbench.data.dataset import DataError
     from workbench.engine.checkpoint import CheckpointError
+    from workbench.report import ReportInputError
 
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (ConfigError, DataError, CheckpointError) as e:
+    except (ConfigError, DataError, CheckpointError, ReportInputError) as e:
         print(f"workbench: error: {e}", file=sys.stderr)
         return 2
     except Exception as e:  # noqa: BLE001 - a failed report is summarised in one line (details in its index)
