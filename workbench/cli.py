@@ -9,20 +9,59 @@ import sys
 from pathlib import Path
 
 
+def torchrun_command(args: argparse.Namespace, overrides: list[str]) -> list[str]:
+    """argv of the torchrun launcher for ``workbench train --nproc/--nnodes``: ``--standalone`` on one node; with
+    ``--nnodes N`` either a static master (``--master ADDR:PORT`` + ``--node-rank R``) or a rendezvous
+    (``--rdzv-endpoint HOST:PORT`` [+ ``--rdzv-id``], torchrun assigns the node ranks). ValueError for an
+    inconsistent set."""
+    nnodes, rank = args.nnodes, args.node_rank
+    if not isinstance(args.nproc, int) or args.nproc < 1:
+        raise ValueError(f"--nproc {args.nproc}: expected an integer >= 1")
+    if nnodes < 1:
+        raise ValueError(f"--nnodes {nnodes}: expected an integer >= 1")
+    if args.master and args.rdzv_endpoint:
+        raise ValueError("--master and --rdzv-endpoint: give one (a static master or a rendezvous)")
+    if nnodes > 1 and not (args.master or args.rdzv_endpoint):
+        raise ValueError(f"--nnodes {nnodes} needs --master ADDR:PORT (with --node-rank) or --rdzv-endpoint "
+                         "HOST:PORT")
+    if nnodes == 1 and (args.master or args.rdzv_endpoint or rank is not None):
+        raise ValueError("--master/--rdzv-endpoint/--node-rank go with --nnodes N > 1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc}"]
+    if nnodes == 1:
+        cmd.insert(3, "--standalone")
+    elif args.master:
+        addr, _, port = args.master.rpartition(":")
+        if not addr or not port.isdigit():
+            raise ValueError(f"--master {args.master!r}: expected ADDR:PORT, e.g. node001:29500")
+        if rank is None or not 0 <= rank < nnodes:
+            raise ValueError(f"--node-rank {rank}: expected 0..{nnodes - 1} with --master (this node's place)")
+        cmd += [f"--nnodes={nnodes}", f"--node_rank={rank}", f"--master_addr={addr}", f"--master_port={port}"]
+    else:
+        if rank is not None:
+            raise ValueError("--node-rank goes with --master; a rendezvous assigns the ranks")
+        cmd += [f"--nnodes={nnodes}", "--rdzv_backend=c10d", f"--rdzv_endpoint={args.rdzv_endpoint}",
+                f"--rdzv_id={args.rdzv_id}"]
+    cmd += ["-m", "workbench", "train"]
+    if args.config:
+        cmd += ["--config", str(args.config)]
+    for o in overrides:
+        cmd += ["--set", o]
+    return cmd
+
+
 def _train(args: argparse.Namespace) -> int:
-    from workbench.config import load_config
+    from workbench.config import ConfigError, load_config
 
     overrides = list(args.set or [])
     if args.name:
         overrides.append(f"name={args.name}")
     cfg = load_config(args.config, overrides)  # validated before any process starts
-    if args.nproc > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-               "-m", "workbench", "train"]
-        if args.config:
-            cmd += ["--config", str(args.config)]
-        for o in overrides:
-            cmd += ["--set", o]
+    multi = args.nnodes != 1 or args.master or args.rdzv_endpoint or args.node_rank is not None
+    if (args.nproc > 1 or multi) and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        try:
+            cmd = torchrun_command(args, overrides)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         return subprocess.call(cmd)
     from workbench.engine.trainer import train
 
@@ -126,6 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="dotted override, e.g. method.tau=0.9")
     t.add_argument("--name", help="run name (runs/<name>)")
     t.add_argument("--nproc", type=int, default=1, help="processes on this machine (launches torchrun)")
+    t.add_argument("--nnodes", type=int, default=1, help="machines taking part (multi-node torchrun; run the same "
+                                                         "command on each, see the README's Slurm example)")
+    t.add_argument("--node-rank", type=int, help="this machine's rank 0..nnodes-1 (with --master)")
+    t.add_argument("--master", metavar="ADDR:PORT", help="address of node rank 0 (static multi-node launch)")
+    t.add_argument("--rdzv-endpoint", metavar="HOST:PORT", help="c10d rendezvous instead of --master/--node-rank")
+    t.add_argument("--rdzv-id", default="workbench", help="rendezvous job id (the same on every node)")
     t.set_defaults(fn=_train)
 
     e = sub.add_parser("eval", help="evaluate a run directory's best (or latest) checkpoint")
