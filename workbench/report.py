@@ -535,6 +535,7 @@ def run_report(notebook: str | Path, out: Path = Path("reports"), grid: Sequence
                   file=sys.stderr)
         else:
             todo.append(p)
+            (plan.state_dir / f"{p.stem}.json").unlink(missing_ok=True)  # its outcome is about to be replaced
     plan.write_index()
     if runner is not None:
         runner(todo, wait=wait)

@@ -409,11 +409,16 @@ def follow_slurm(plan: GridPlan, stems: Sequence[str], poll: float = 5.0, grace:
     left = {s: None for s in stems}  # stem -> monotonic time it was first seen gone without a record
     jobs = read_jobs(plan)
     last = None
+    seen: dict[str, str] = {}
     while left:
         live, states = slurm_live(plan)
         for stem in list(left):
             p = plan.point(stem)
             e = plan.record(p)
+            st = live.get(stem, ("", ""))[0]
+            if e is None and st and st != seen.get(stem) and states is not None:
+                print(f"[report] {p.label}: job {jobs[stem]['job']} {st}", file=sys.stderr, flush=True)
+                seen[stem] = st
             if e is None and states is not None and live.get(stem, ("", ""))[0] == "ended":
                 left[stem] = left[stem] or time.monotonic()
                 if time.monotonic() - left[stem] > grace:
