@@ -23,12 +23,19 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _probe(path: Path) -> Path:
     """A notebook that logs its start/end time, pid, CUDA_VISIBLE_DEVICES and OMP_NUM_THREADS to ``log`` (one JSON
-    line per execution), prints progress, and fails for x == 2."""
-    cells = [nbformat.v4.new_code_cell("x = 0\nnap = 2.0\nlog = 'log.jsonl'"),
+    line per execution), prints progress, and fails for x == 2. With ``meet=True`` the points x=1 and x=2 each wait
+    for the other to start (``met``: it did within 120 s), which only happens when they run at the same time."""
+    cells = [nbformat.v4.new_code_cell("x = 0\nnap = 2.0\nlog = 'log.jsonl'\nmeet = False"),
              nbformat.v4.new_code_cell(
                  "import json, os, time\nt0 = time.time()\nfor i in range(2):\n"
                  "    print('progress', i, flush=True)\n    time.sleep(nap / 2)\n"
-                 "rec = {'x': x, 't0': t0, 't1': time.time(), 'pid': os.getpid(),\n"
+                 "met = None\n"
+                 "if meet and x in (1, 2):  # x=1 and x=2 wait (up to 120 s) until the other one has started\n"
+                 "    open(f'started-{x}', 'w').close()\n"
+                 "    while not os.path.exists(f'started-{3 - x}') and time.time() - t0 < 120:\n"
+                 "        time.sleep(0.2)\n"
+                 "    met = os.path.exists(f'started-{3 - x}')\n"
+                 "rec = {'x': x, 't0': t0, 't1': time.time(), 'pid': os.getpid(), 'met': met,\n"
                  "       'cvd': os.environ.get('CUDA_VISIBLE_DEVICES'), 'omp': os.environ.get('OMP_NUM_THREADS')}\n"
                  "with open(log, 'a') as f:\n    f.write(json.dumps(rec) + '\\n')\n"
                  "assert x != 2, 'x is two'")]
@@ -113,14 +120,14 @@ def test_jobs_run_points_at_once_isolate_failures_and_resume(tmp_path, monkeypat
     monkeypatch.setattr(os, "cpu_count", lambda: 4)
     src = _probe(tmp_path / "probe.ipynb")
     with pytest.raises(ReportError) as ei:
-        run_report(str(src), out=tmp_path / "reports", grid=["x=1,2,3"], html=False, jobs=2)
+        run_report(str(src), out=tmp_path / "reports", grid=["x=1,2,3"], parameters=["meet=true"], html=False,
+                   jobs=2)
     assert [(e.grid["x"], e.state) for e in ei.value.entries] == [(1, "ok"), (2, "failed"), (3, "ok")]
     assert "1 of 3" in str(ei.value) and "{'x': 2}" in str(ei.value) and "x is two" in str(ei.value)
     runs = {r["x"]: r for r in _log(tmp_path / "log.jsonl")}
     assert sorted(runs) == [1, 2, 3]  # the failing point did not stop the third
     assert len({r["pid"] for r in runs.values()}) == 3 and all(r["omp"] == "2" for r in runs.values())  # 4 // 2
-    a, b = runs[1], runs[2]
-    assert a["t0"] < b["t1"] and b["t0"] < a["t1"]  # the first two points ran at the same time (2 s each)
+    assert runs[1]["met"] and runs[2]["met"]  # the first two points ran at the same time
     out = capfd.readouterr()
     assert "[x=1] progress 0" in out.out and "[x=3] progress 1" in out.out  # each point's output, prefixed
     d = tmp_path / "reports" / "probe"
@@ -133,7 +140,8 @@ def test_jobs_run_points_at_once_isolate_failures_and_resume(tmp_path, monkeypat
     (d / ".grid" / "probe__x-3.json").unlink()
     mtime = (d / "probe__x-1.ipynb").stat().st_mtime_ns
     with pytest.raises(ReportError):
-        run_report(str(src), out=tmp_path / "reports", grid=["x=1,2,3"], html=False, jobs=2)
+        run_report(str(src), out=tmp_path / "reports", grid=["x=1,2,3"], parameters=["meet=true"], html=False,
+                   jobs=2)
     assert [r["x"] for r in _log(tmp_path / "log.jsonl")][3:] in ([2, 3], [3, 2])
     assert (d / "probe__x-1.ipynb").stat().st_mtime_ns == mtime
     assert "{'x': 1}: finished earlier, skipped" in capfd.readouterr().err

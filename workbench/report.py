@@ -421,7 +421,9 @@ class GridPlan:
     def write_index(self, live: dict[str, tuple[str, str]] | None = None) -> list[ReportEntry]:
         """Rewrite ``index.html`` and ``index.json`` from the records (``live``: see :meth:`entries`)."""
         entries = self.entries(live)
-        _write_atomic(self.dir / "index.html", render_index(self.title, entries, self.notebook))
+        rel = os.path.relpath(self.notebook, self.cwd)
+        _write_atomic(self.dir / "index.html", render_index(self.title, entries, self.notebook if rel.startswith("..")
+                                                            else rel))
         _write_atomic(self.dir / "index.json", json.dumps([asdict(e) for e in entries], indent=1, default=str)
                       + "\n")
         return entries
