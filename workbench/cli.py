@@ -10,22 +10,61 @@ import sys
 from pathlib import Path
 
 
+def torchrun_command(args: argparse.Namespace, overrides: list[str]) -> list[str]:
+    """argv of the torchrun launcher for ``workbench train --nproc/--nnodes``: ``--standalone`` on one node; with
+    ``--nnodes N`` either a static master (``--master ADDR:PORT`` + ``--node-rank R``) or a rendezvous
+    (``--rdzv-endpoint HOST:PORT`` [+ ``--rdzv-id``], torchrun assigns the node ranks). ValueError for an
+    inconsistent set."""
+    nnodes, rank = args.nnodes, args.node_rank
+    if not isinstance(args.nproc, int) or args.nproc < 1:
+        raise ValueError(f"--nproc {args.nproc}: expected an integer >= 1")
+    if nnodes < 1:
+        raise ValueError(f"--nnodes {nnodes}: expected an integer >= 1")
+    if args.master and args.rdzv_endpoint:
+        raise ValueError("--master and --rdzv-endpoint: give one (a static master or a rendezvous)")
+    if nnodes > 1 and not (args.master or args.rdzv_endpoint):
+        raise ValueError(f"--nnodes {nnodes} needs --master ADDR:PORT (with --node-rank) or --rdzv-endpoint "
+                         "HOST:PORT")
+    if nnodes == 1 and (args.master or args.rdzv_endpoint or rank is not None):
+        raise ValueError("--master/--rdzv-endpoint/--node-rank go with --nnodes N > 1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc}"]
+    if nnodes == 1:
+        cmd.insert(3, "--standalone")
+    elif args.master:
+        addr, _, port = args.master.rpartition(":")
+        if not addr or not port.isdigit():
+            raise ValueError(f"--master {args.master!r}: expected ADDR:PORT, e.g. node001:29500")
+        if rank is None or not 0 <= rank < nnodes:
+            raise ValueError(f"--node-rank {rank}: expected 0..{nnodes - 1} with --master (this node's place)")
+        cmd += [f"--nnodes={nnodes}", f"--node_rank={rank}", f"--master_addr={addr}", f"--master_port={port}"]
+    else:
+        if rank is not None:
+            raise ValueError("--node-rank goes with --master; a rendezvous assigns the ranks")
+        cmd += [f"--nnodes={nnodes}", "--rdzv_backend=c10d", f"--rdzv_endpoint={args.rdzv_endpoint}",
+                f"--rdzv_id={args.rdzv_id}"]
+    cmd += ["-m", "workbench", "train"]
+    if args.config:
+        cmd += ["--config", str(args.config)]
+    for o in overrides:
+        cmd += ["--set", o]
+    return cmd
+
+
 def _train(args: argparse.Namespace) -> int:
-    from workbench.config import load_config
+    from workbench.config import ConfigError, load_config
 
     overrides = list(args.set or [])
     if args.name:
         overrides.append(f"name={args.name}")
     cfg = load_config(args.config, overrides)  # validated before any process starts
-    if args.nproc > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-               "-m", "workbench", "train"]
-        if args.config:
-            cmd += ["--config", str(args.config)]
-        if args.trust_pickle:
-            cmd += ["--trust-pickle"]
-        for o in overrides:
-            cmd += ["--set", o]
+    multi = args.nnodes != 1 or args.master or args.rdzv_endpoint or args.node_rank is not None
+    if (args.nproc > 1 or multi) and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        try:
+            cmd = torchrun_command(args, overrides)
+            if args.trust_pickle:
+                cmd.append("--trust-pickle")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         return subprocess.call(cmd)
     from workbench.engine.trainer import train
 
@@ -101,12 +140,25 @@ def _quickstart(args: argparse.Namespace) -> int:
 
 def _report(args: argparse.Namespace) -> int:
     from workbench.config import ConfigError
-    from workbench.report import ReportError, run_report
+    from workbench.report import ReportError, ReportInputError, run_report
+    from workbench.scaleout import SlurmOptions, report_status
 
+    if args.status:
+        report_status(args.notebook, out=Path(args.out))
+        return 0
+    slurm_flags = {"partition": args.partition, "gpus_per_node": args.gpus_per_node,
+                   "cpus_per_task": args.cpus_per_task, "time": args.time, "mem_gb": args.mem}
+    slurm = None
+    if args.executor == "slurm":
+        slurm = SlurmOptions.from_profile(args.slurm_profile, **slurm_flags)
+    elif args.slurm_profile or args.no_wait or any(v is not None for v in slurm_flags.values()):
+        raise ReportInputError("--partition/--gpus-per-node/--cpus-per-task/--time/--mem/--slurm-profile/--no-wait "
+                               "go with --executor slurm")
     try:
         run_report(args.notebook, out=Path(args.out), grid=args.grid or [], parameters=args.param or [],
-                   html=not args.no_html, timeout=args.timeout)
-    except ReportError:
+                   html=not args.no_html, timeout=args.timeout, jobs=args.jobs, devices=args.devices,
+                   executor=args.executor, slurm=slurm, wait=not args.no_wait, rerun=args.rerun)
+    except (ReportError, ReportInputError):
         raise
     except (ValueError, FileNotFoundError) as e:   # bad notebook name, grid or parameter
         raise ConfigError(f"report: {e}") from None
@@ -147,6 +199,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--nproc", type=int, default=1, help="processes on this machine (launches torchrun)")
     t.add_argument("--trust-pickle", action="store_true", help="resume from an older checkpoint that needs full "
                    "unpickling (can run code: only for files you made yourself)")
+    t.add_argument("--nnodes", type=int, default=1, help="machines taking part (multi-node torchrun; run the same "
+                                                         "command on each, see the README's Slurm example)")
+    t.add_argument("--node-rank", type=int, help="this machine's rank 0..nnodes-1 (with --master)")
+    t.add_argument("--master", metavar="ADDR:PORT", help="address of node rank 0 (static multi-node launch)")
+    t.add_argument("--rdzv-endpoint", metavar="HOST:PORT", help="c10d rendezvous instead of --master/--node-rank")
+    t.add_argument("--rdzv-id", default="workbench", help="rendezvous job id (the same on every node)")
     t.set_defaults(fn=_train)
 
     e = sub.add_parser("eval", help="evaluate a run directory's best (or latest) checkpoint")
@@ -206,6 +264,24 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--param", action="append", metavar="KEY=VALUE", help="fixed parameter")
     r.add_argument("--no-html", action="store_true")
     r.add_argument("--timeout", type=float, default=None, help="seconds one cell may run (default: no limit)")
+    r.add_argument("--rerun", action="store_true", help="execute points that finished before again (default: skip "
+                                                        "them; unfinished ones always run, their trainings resume)")
+    r.add_argument("--status", action="store_true", help="show where the grid under --out stands (points, states, "
+                                                         "Slurm jobs) and rewrite its index; runs nothing")
+    sc = r.add_argument_group("scale-out", "run grid points concurrently: local processes or Slurm jobs")
+    sc.add_argument("--jobs", type=int, default=1, help="points at once on this machine, one process each (CPU "
+                                                        "threads split between them)")
+    sc.add_argument("--devices", help="CUDA devices, e.g. 0,1,2,3: one point per device at a time")
+    sc.add_argument("--executor", choices=["local", "slurm"], default="local",
+                    help="slurm: one Slurm job (array task) per point through submitit")
+    sc.add_argument("--slurm-profile", type=Path, help="YAML with Slurm options (partition, gpus_per_node, "
+                                                       "cpus_per_task, time, mem_gb, setup, ...); flags override")
+    sc.add_argument("--partition", help="Slurm partition")
+    sc.add_argument("--gpus-per-node", type=int, help="GPUs per point's job")
+    sc.add_argument("--cpus-per-task", type=int, help="CPUs per point's job")
+    sc.add_argument("--time", type=int, help="minutes per point's job (default 60; past it: requeued, resumes)")
+    sc.add_argument("--mem", type=float, help="GB of memory per point's job")
+    sc.add_argument("--no-wait", action="store_true", help="return once submitted (see --status)")
     r.set_defaults(fn=_report)
 
     db = sub.add_parser("dashboard", help="serve the Panel dashboard over a runs directory")
@@ -227,11 +303,12 @@ def main(argv: list[str] | None = None) -> int:
     from workbench.data.dataset import DataError
     from workbench.engine.checkpoint import CheckpointError
     from workbench.engine.rundir import RunLockedError
+    from workbench.report import ReportInputError
 
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (ConfigError, DataError, CheckpointError, RunLockedError) as e:
+    except (ConfigError, DataError, CheckpointError, RunLockedError, ReportInputError) as e:
         print(f"workbench: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:

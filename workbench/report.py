@@ -13,9 +13,20 @@ Values are YAML (``3`` is an int, ``[a, b]`` a list, ``null`` None); a grid axis
 brackets. Parameter names are checked against the notebook's ``parameters`` cell before anything runs. The
 notebooks run in the caller's working directory, so relative paths mean what they mean on the command line.
 A failing point does not stop the others; :class:`ReportError` is raised at the end when any failed.
+
+Each point leaves a record in ``<out>/<name>/.grid/`` (``plan.json``: the points; ``<stem>.json``: one outcome), so
+that running the same grid again skips the points that finished (same parameters, same notebook source) and executes
+the others: a point that was interrupted trains on from its run's ``latest.pt``, because its parameters name the same
+run (``rerun=True`` / ``--rerun`` executes every point again). A notebook with an ``out`` parameter (its own figure
+folder, e.g. the quickstart's) gets ``out=<out>/<name>/<stem>`` per point on a grid of several points, unless ``out``
+is given: points must not overwrite each other's figures, least of all when they run at the same time.
+
+Points can run concurrently (``jobs``/``devices``: one process per point, see :mod:`workbench.scaleout`) or as Slurm
+jobs (``executor="slurm"``); the index then shows the points that did not finish yet as queued/running.
 """
 from __future__ import annotations
 
+import hashlib
 import html
 import itertools
 import json
@@ -31,6 +42,10 @@ from typing import Any, Iterator, Sequence
 import yaml
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+
+
+class ReportInputError(ValueError):
+    """Bad input to a report (a parameter name, a grid, a scale-out option): raised before anything runs."""
 
 
 class ReportError(RuntimeError):
@@ -55,6 +70,13 @@ class ReportEntry:
     """``In [n], line k: <the failing line>`` then ``ExceptionName: message`` of the failing cell"""
     grid: dict[str, Any] = field(default_factory=dict)
     """the grid values of this point (a subset of ``parameters``)"""
+    state: str = ""
+    """``ok``, ``failed``, or for a point without an outcome yet ``queued``/``running``/``pending``"""
+    where: str = ""
+    """where it ran (``device 1``, ``slot 0``, ``job 42_1``, ``this process``)"""
+
+    def __post_init__(self) -> None:
+        self.state = self.state or ("ok" if self.ok else "failed")
 
 
 # ------------------------------------------------------------------------------------------------ parsing
@@ -83,11 +105,11 @@ def split_values(text: str) -> list[str]:
 
 def _key_value(item: str, what: str) -> tuple[str, str]:
     if "=" not in item:
-        raise ValueError(f"{what} {item!r}: expected KEY=VALUE")
+        raise ReportInputError(f"{what} {item!r}: expected KEY=VALUE")
     key, raw = item.split("=", 1)
     key = key.strip()
     if not key.isidentifier():
-        raise ValueError(f"{what} {item!r}: {key!r} is not a notebook parameter name")
+        raise ReportInputError(f"{what} {item!r}: {key!r} is not a notebook parameter name")
     return key, raw
 
 
@@ -99,7 +121,7 @@ def _yaml(raw: str, what: str) -> Any:
     try:
         v = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
-        raise ValueError(f"{what}: cannot parse {raw!r}: {e}") from None
+        raise ReportInputError(f"{what}: cannot parse {raw!r}: {e}") from None
     return float(v) if isinstance(v, str) and _EXP_FLOAT.fullmatch(v.strip()) else v
 
 
@@ -109,7 +131,7 @@ def parse_parameters(items: Sequence[str]) -> dict[str, Any]:
     for item in items:
         key, raw = _key_value(item, "parameter")
         if key in out:
-            raise ValueError(f"parameter {key!r} given twice")
+            raise ReportInputError(f"parameter {key!r} given twice")
         out[key] = _yaml(raw, f"parameter {key}")
     return out
 
@@ -120,10 +142,10 @@ def parse_grid(items: Sequence[str]) -> dict[str, list[Any]]:
     for item in items:
         key, raw = _key_value(item, "grid axis")
         if key in out:
-            raise ValueError(f"grid axis {key!r} given twice")
+            raise ReportInputError(f"grid axis {key!r} given twice")
         texts = split_values(raw)
         if any(t == "" for t in texts):
-            raise ValueError(f"grid axis {item!r}: empty value")
+            raise ReportInputError(f"grid axis {item!r}: empty value")
         out[key] = [_yaml(t, f"grid axis {key}") for t in texts]
     return out
 
@@ -167,7 +189,7 @@ def notebook_parameters(path: Path) -> dict[str, Any]:
 
     nb = nbformat.read(str(path), as_version=4)
     if not any("parameters" in c.get("metadata", {}).get("tags", []) for c in nb.cells):
-        raise ValueError(f"notebook {path} has no cell tagged 'parameters'")
+        raise ReportInputError(f"notebook {path} has no cell tagged 'parameters'")
     return inspect_notebook(str(path))
 
 
@@ -215,20 +237,21 @@ def export_html(ipynb: Path, target: Path) -> None:
 
 
 def execute_point(src: Path, out_dir: Path, stem: str, parameters: dict[str, Any], html_export: bool = True,
-                  kernel_name: str | None = None, timeout: float | None = None) -> ReportEntry:
+                  kernel_name: str | None = None, timeout: float | None = None, stream: bool = False) -> ReportEntry:
     """Execute ``src`` with ``parameters`` into ``out_dir/<stem>.ipynb`` (and ``.html``); never raises for a cell
     error: the entry records it. ``timeout``: seconds one cell may run (None = no limit); a cell past it fails the
-    point."""
+    point. ``stream``: echo the kernel's stdout/stderr (training progress) on this process's as it comes."""
     import papermill as pm
     from papermill.exceptions import PapermillExecutionError
 
     target = out_dir / f"{stem}.ipynb"
     t0 = time.perf_counter()
     error = None
+    echo = {"stdout_file": sys.stdout, "stderr_file": sys.stderr} if stream else {}
     try:
         with _package_importable():
             pm.execute_notebook(str(src), str(target), parameters=parameters, kernel_name=kernel_name,
-                                progress_bar=False, cwd=os.getcwd(), execution_timeout=timeout)
+                                progress_bar=False, cwd=os.getcwd(), execution_timeout=timeout, **echo)
     except PapermillExecutionError as e:
         error = _failure(e)
     except Exception as e:  # kernel died, notebook unreadable...: still a failed point, the others go on
@@ -242,34 +265,243 @@ def execute_point(src: Path, out_dir: Path, stem: str, parameters: dict[str, Any
 
 
 def render_index(title: str, entries: Sequence[ReportEntry], source: str) -> str:
-    """The index page: one row per grid point with links, parameters, status and the failing cell."""
+    """The index page: one row per grid point with links, parameters, status (and where it ran) and the failing
+    cell; points without an outcome yet show as queued/running/pending."""
     keys = list(dict.fromkeys(k for e in entries for k in e.parameters))
     esc = lambda v: html.escape(v if isinstance(v, str) else json.dumps(v))  # noqa: E731
     rows = []
     for e in entries:
         links = " ".join(f'<a href="{html.escape(f)}">{lbl}</a>' for f, lbl in ((e.html, "html"), (e.notebook,
                                                                                                      "ipynb")) if f)
-        status = "ok" if e.ok else f'<span class="fail">failed</span><pre>{html.escape(e.error or "")}</pre>'
+        if e.state == "ok":
+            status = "ok"
+        elif e.state == "failed":
+            status = f'<span class="fail">failed</span><pre>{html.escape(e.error or "")}</pre>'
+        else:
+            status = f'<span class="wait">{html.escape(e.state)}</span>'
+        if e.where:
+            status += f' <span class="where">({html.escape(e.where)})</span>'
         cells = "".join(f"<td>{esc(e.parameters[k]) if k in e.parameters else ''}</td>" for k in keys)
-        rows.append(f"<tr><td>{links}</td>{cells}<td>{status}</td><td>{e.seconds:.1f}</td></tr>")
+        secs = f"{e.seconds:.1f}" if e.state in ("ok", "failed") else ""
+        rows.append(f"<tr><td>{links}</td>{cells}<td>{status}</td><td>{secs}</td></tr>")
     head = "".join(f"<th>{html.escape(k)}</th>" for k in keys)
-    failed = sum(not e.ok for e in entries)
+    failed = sum(e.state == "failed" for e in entries)
+    waiting = sum(e.state not in ("ok", "failed") for e in entries)
+    more = f", {waiting} not finished" if waiting else ""
     return f"""<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}} .fail{{color:#c00;font-weight:bold}}
+.wait{{color:#a60}} .where{{color:#777;font-size:small}}
 pre{{margin:0;white-space:pre-wrap;max-width:60em}}</style></head><body>
 <h1>{html.escape(title)}</h1>
-<p>Notebook <code>{html.escape(source)}</code>: {len(entries)} run(s), {failed} failed.
+<p>Notebook <code>{html.escape(source)}</code>: {len(entries)} run(s), {failed} failed{more}.
 Generated {time.strftime('%Y-%m-%d %H:%M:%S')}.</p>
 <table><thead><tr><th>report</th>{head}<th>status</th><th>seconds</th></tr></thead>
 <tbody>{''.join(rows)}</tbody></table></body></html>
 """
 
 
+# ------------------------------------------------------------------------------------------ grid plan
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+@dataclass
+class GridPoint:
+    """One point of a planned grid: its file stem, its grid values and all its notebook parameters."""
+
+    stem: str
+    grid: dict[str, Any]
+    parameters: dict[str, Any]
+
+    @property
+    def label(self) -> str:
+        """``seed=0 method=unimatch`` (the stem's notebook name when the grid is empty)."""
+        return " ".join(f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in self.grid.items()) or \
+            self.stem
+
+
+@dataclass
+class GridPlan:
+    """A report's points and how to execute them; saved as ``<out_dir>/.grid/plan.json`` so that worker processes,
+    Slurm jobs and ``workbench report --status`` see the same grid."""
+
+    notebook: str
+    """the notebook's path (absolute)"""
+    source_hash: str
+    """sha256 of the notebook file: a finished point counts as finished only for the same source"""
+    out_dir: str
+    cwd: str
+    """the working directory the notebooks run in"""
+    points: list[GridPoint]
+    html: bool = True
+    kernel_name: str | None = None
+    timeout: float | None = None
+
+    @property
+    def dir(self) -> Path:
+        """The report directory ``<out>/<name>/`` (absolute: workers may run elsewhere)."""
+        return Path(self.cwd) / self.out_dir
+
+    @property
+    def state_dir(self) -> Path:
+        """``<report dir>/.grid``: the plan, one record per finished point, the Slurm job ids."""
+        return self.dir / ".grid"
+
+    @property
+    def title(self) -> str:
+        """Title of the index page."""
+        return f"report: {report_name(Path(self.notebook))}"
+
+    def point(self, stem: str) -> GridPoint:
+        """The point with file stem ``stem`` (KeyError naming the stems otherwise)."""
+        for p in self.points:
+            if p.stem == stem:
+                return p
+        raise KeyError(f"no grid point {stem!r} in {self.state_dir / 'plan.json'}; points: "
+                       f"{[p.stem for p in self.points]}")
+
+    def save(self) -> Path:
+        """Write ``plan.json`` (creating the report directory); returns its path."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        path = self.state_dir / "plan.json"
+        _write_atomic(path, json.dumps(asdict(self), indent=1, default=str) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: Path) -> GridPlan:
+        """Read a ``plan.json``."""
+        d = json.loads(Path(path).read_text())
+        d["points"] = [GridPoint(**p) for p in d["points"]]
+        return cls(**d)
+
+    def _key(self, point: GridPoint) -> str:
+        return json.dumps([self.source_hash, point.parameters], sort_keys=True, default=str)
+
+    def record(self, point: GridPoint) -> ReportEntry | None:
+        """The recorded outcome of ``point`` for this plan's source and parameters (None when there is none)."""
+        f = self.state_dir / f"{point.stem}.json"
+        try:
+            d = json.loads(f.read_text())
+        except (OSError, ValueError):
+            return None
+        if d.pop("key", None) != self._key(point):
+            return None
+        d.pop("finished_at", None)
+        return ReportEntry(**d)
+
+    def write_record(self, point: GridPoint, entry: ReportEntry) -> None:
+        """Record ``entry`` as the outcome of ``point``."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        d = {**asdict(entry), "key": self._key(point), "finished_at": time.strftime("%Y-%m-%d %H:%M:%S")}
+        _write_atomic(self.state_dir / f"{point.stem}.json", json.dumps(d, indent=1, default=str) + "\n")
+
+    def finished(self, point: GridPoint) -> bool:
+        """``point`` ran to the end with this source and these parameters and its executed copy is there."""
+        r = self.record(point)
+        return r is not None and r.ok and (self.dir / r.notebook).is_file()
+
+    def entries(self, live: dict[str, tuple[str, str]] | None = None) -> list[ReportEntry]:
+        """Every point's entry in grid order: its record, else ``live[stem]`` = (state, where), else pending."""
+        out = []
+        for p in self.points:
+            e = self.record(p)
+            if e is None:
+                state, where = (live or {}).get(p.stem, ("pending", ""))
+                e = ReportEntry(p.parameters, "", None, False, 0.0, None, state=state, where=where)
+            e.grid = p.grid
+            out.append(e)
+        return out
+
+    def write_index(self, live: dict[str, tuple[str, str]] | None = None) -> list[ReportEntry]:
+        """Rewrite ``index.html`` and ``index.json`` from the records (``live``: see :meth:`entries`)."""
+        entries = self.entries(live)
+        rel = os.path.relpath(self.notebook, self.cwd)
+        _write_atomic(self.dir / "index.html", render_index(self.title, entries, self.notebook if rel.startswith("..")
+                                                            else rel))
+        _write_atomic(self.dir / "index.json", json.dumps([asdict(e) for e in entries], indent=1, default=str)
+                      + "\n")
+        return entries
+
+
+def plan_report(notebook: str | Path, out: Path = Path("reports"), grid: Sequence[str] = (),
+                parameters: Sequence[str] = (), html: bool = True, kernel_name: str | None = None,
+                timeout: float | None = None) -> GridPlan:
+    """Check the inputs of a report and plan its points (nothing is written); see :func:`run_report`."""
+    try:
+        src = resolve_notebook(notebook)
+    except FileNotFoundError as e:
+        raise ReportInputError(str(e)) from None
+    axes, fixed = parse_grid(list(grid)), parse_parameters(list(parameters))
+    both = sorted(set(axes) & set(fixed))
+    if both:
+        raise ReportInputError(f"parameters {both} are both on the grid and fixed")
+    known = notebook_parameters(src)
+    unknown = sorted((set(axes) | set(fixed)) - set(known))
+    if unknown:
+        raise ReportInputError(f"unknown parameter(s) {unknown} for {src.name}; its parameters are {sorted(known)}")
+    if "interactive" in known and "interactive" not in axes and "interactive" not in fixed:
+        fixed["interactive"] = False
+    points = grid_points(axes)
+    stems = [point_stem(src.stem, p) for p in points]
+    if len(set(stems)) < len(stems):
+        raise ReportInputError(f"grid values map to the same file names {stems}; make the values differ in "
+                               "letters/digits")
+    out_dir = Path(out) / report_name(src)
+    per_point_out = "out" in known and "out" not in axes and "out" not in fixed and len(points) > 1
+    planned = [GridPoint(stem, point, {**fixed, **point, **({"out": str(out_dir / stem)} if per_point_out else {})})
+               for point, stem in zip(points, stems)]
+    digest = hashlib.sha256(src.read_bytes()).hexdigest()
+    return GridPlan(str(src.resolve()), digest, str(out_dir), os.getcwd(), planned, html, kernel_name, timeout)
+
+
+def run_plan_point(plan: GridPlan, stem: str, where: str = "this process", stream: bool = False) -> ReportEntry:
+    """Execute one point of ``plan`` in the plan's working directory and record its outcome (what a worker
+    process or a Slurm job runs)."""
+    point = plan.point(stem)
+    old = os.getcwd()
+    os.chdir(plan.cwd)
+    try:
+        entry = execute_point(Path(plan.notebook), plan.dir, stem, point.parameters, plan.html, plan.kernel_name,
+                              plan.timeout, stream=stream)
+    finally:
+        os.chdir(old)
+    entry.grid, entry.where = point.grid, where
+    plan.write_record(point, entry)
+    return entry
+
+
+def point_line(point: GridPoint, entry: ReportEntry, name: str) -> str:
+    """The one-line outcome of a point printed as it finishes (the failing cell on the next lines)."""
+    where = f", {entry.where}" if entry.where and entry.where != "this process" else ""
+    line = f"[report] {name} {point.grid or ''}: {'ok' if entry.ok else 'FAILED'} ({entry.seconds:.0f} s{where})"
+    return line if entry.ok else f"{line}\n{entry.error}"
+
+
+def finish_report(plan: GridPlan) -> list[ReportEntry]:
+    """Rewrite the index, print the summary line; ReportError naming the failed points when any failed."""
+    entries = plan.write_index()
+    failed = [e for e in entries if e.state == "failed"]
+    waiting = [e for e in entries if e.state not in ("ok", "failed")]
+    more = f", {len(waiting)} not finished" if waiting else ""
+    print(f"[report] {plan.dir / 'index.html'}: {len(entries) - len(failed) - len(waiting)} ok, {len(failed)} "
+          f"failed{more}", file=sys.stderr)
+    if failed:
+        detail = "\n".join(f"- {e.grid or 'parameters'}: {e.error}" for e in failed)
+        raise ReportError(f"{len(failed)} of {len(entries)} notebook run(s) failed:\n{detail}", entries)
+    return entries
+
+
 def run_report(notebook: str | Path, out: Path = Path("reports"), grid: Sequence[str] = (),
                parameters: Sequence[str] = (), html: bool = True, kernel_name: str | None = None,
-               timeout: float | None = None) -> list[ReportEntry]:
+               timeout: float | None = None, *, jobs: int = 1, devices: Sequence[int] | str | None = None,
+               executor: str = "local", slurm: Any = None, wait: bool = True, rerun: bool = False
+               ) -> list[ReportEntry]:
     """Execute ``notebook`` over the cartesian ``grid`` (``["key=v1,v2", ...]``) with the fixed ``parameters``
     (``["key=value", ...]``) into ``out/<name>/`` (see the module docstring); returns the entries.
 
@@ -277,42 +509,41 @@ def run_report(notebook: str | Path, out: Path = Path("reports"), grid: Sequence
     ``interactive=False`` (static figures) unless it is given: widget cells can stall a headless kernel. ``timeout``
     limits each cell (seconds; None = no limit).
 
-    ValueError for unknown parameter names or a key both fixed and on the grid (before anything runs);
-    :class:`ReportError` after all points ran when any failed.
+    Scale-out (:mod:`workbench.scaleout`): ``jobs`` > 1 runs that many points at once, one process each (CPU threads
+    split between them); ``devices`` (``[0, 1]`` or ``"0,1"``) runs one point per CUDA device at a time
+    (CUDA_VISIBLE_DEVICES); ``executor="slurm"`` submits the points as a Slurm job array through submitit with the
+    :class:`workbench.scaleout.SlurmOptions` ``slurm`` and, with ``wait``, follows them to the end. Points that
+    finished before (same parameters and notebook source) are skipped unless ``rerun``.
+
+    ReportInputError (a ValueError) for unknown parameter names, a key both fixed and on the grid, or bad scale-out
+    options (before anything runs); :class:`ReportError` after all points ran when any failed.
     """
     from tqdm.auto import tqdm
 
-    src = resolve_notebook(notebook)
-    axes, fixed = parse_grid(list(grid)), parse_parameters(list(parameters))
-    both = sorted(set(axes) & set(fixed))
-    if both:
-        raise ValueError(f"parameters {both} are both on the grid and fixed")
-    known = notebook_parameters(src)
-    unknown = sorted((set(axes) | set(fixed)) - set(known))
-    if unknown:
-        raise ValueError(f"unknown parameter(s) {unknown} for {src.name}; its parameters are {sorted(known)}")
-    if "interactive" in known and "interactive" not in axes and "interactive" not in fixed:
-        fixed["interactive"] = False
-    points = grid_points(axes)
-    stems = [point_stem(src.stem, p) for p in points]
-    if len(set(stems)) < len(stems):
-        raise ValueError(f"grid values map to the same file names {stems}; make the values differ in letters/digits")
-    out_dir = Path(out) / report_name(src)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    entries = []
-    for point, stem in tqdm(list(zip(points, stems)), desc=f"report {src.stem}", disable=len(points) < 2):
-        entry = execute_point(src, out_dir, stem, {**fixed, **point}, html, kernel_name, timeout)
-        entry.grid = point
-        entries.append(entry)
-        status = "ok" if entry.ok else f"FAILED\n{entry.error}"
-        print(f"[report] {src.stem} {point or ''}: {status} ({entry.seconds:.0f} s)", file=sys.stderr)
-        (out_dir / "index.html").write_text(render_index(f"report: {report_name(src)}", entries, str(src)),
-                                            encoding="utf-8")
-        (out_dir / "index.json").write_text(json.dumps([asdict(e) for e in entries], indent=1, default=str) + "\n")
-    failed = [e for e in entries if not e.ok]
-    print(f"[report] {out_dir / 'index.html'}: {len(entries) - len(failed)} ok, {len(failed)} failed",
-          file=sys.stderr)
-    if failed:
-        detail = "\n".join(f"- {e.grid or 'parameters'}: {e.error}" for e in failed)
-        raise ReportError(f"{len(failed)} of {len(entries)} notebook run(s) failed:\n{detail}", entries)
-    return entries
+    plan = plan_report(notebook, out, grid, parameters, html, kernel_name, timeout)
+    if executor not in ("local", "slurm"):
+        raise ReportInputError(f"executor {executor!r}: expected 'local' or 'slurm'")
+    name = Path(plan.notebook).stem
+    runner = None
+    if executor == "slurm" or jobs != 1 or devices is not None:
+        from workbench import scaleout
+
+        runner = scaleout.prepare(plan, executor=executor, jobs=jobs, devices=devices, slurm=slurm)
+    plan.save()
+    todo = []
+    for p in plan.points:
+        if not rerun and plan.finished(p):
+            print(f"[report] {name} {p.grid or ''}: finished earlier, skipped (rerun to execute it again)",
+                  file=sys.stderr)
+        else:
+            todo.append(p)
+            (plan.state_dir / f"{p.stem}.json").unlink(missing_ok=True)  # its outcome is about to be replaced
+    plan.write_index()
+    if runner is not None:
+        runner(todo, wait=wait)
+        return plan.entries() if executor == "slurm" and not wait else finish_report(plan)
+    for p in tqdm(todo, desc=f"report {name}", disable=len(todo) < 2):
+        entry = run_plan_point(plan, p.stem)
+        print(point_line(p, entry, name), file=sys.stderr)
+        plan.write_index()
+    return finish_report(plan)
