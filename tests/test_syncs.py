@@ -277,3 +277,61 @@ def test_a_skipped_last_step_still_ends_the_run(tiny_cfg, monkeypatch, fused):
     assert [r["step"] for r in rd.read_metrics("eval")][-1] == 4
     assert [r["step"] for r in rd.read_metrics("train")] == [4]
     assert torch.load(rd.latest, weights_only=False)["step"] == 4
+
+
+def test_dynamic_threshold_update_is_sync_free():
+    """Pixels (softmax over 2 classes): (0, 0) conf 3/4 class 0, (0, 1) conf 9/10 class 0 but ignored, (0, 2) conf
+    3/5 class 1. Class maxima 3/4 and 3/5 -> tau = 0.5 * 0.85 + 0.5 * 0.675 = 0.7625; no host synchronisation
+    (the ignored pixel is masked, not selected: ``conf[keep]`` would be one per call)."""
+    from workbench.ops.threshold import DynamicThreshold, class_max_confidence
+
+    logits = torch.tensor([[math.log(3), math.log(9), 0.0], [0.0, 0.0, math.log(1.5)]]).reshape(1, 2, 1, 3)
+    ignore = torch.tensor([[[0, 255, 0]]])
+    thr = DynamicThreshold(0.85, 0.5)
+    with host_reads() as reads:
+        maxima = class_max_confidence(logits, ignore)
+        value = thr.update(logits, ignore == 255)
+    assert not reads, dict(reads)
+    assert maxima.tolist() == pytest.approx([0.75, 0.6])
+    assert value.item() == pytest.approx(0.7625)
+    all_ignored = class_max_confidence(logits, torch.full((1, 1, 3), 255))
+    assert all_ignored.tolist() == [-1.0, -1.0]
+
+
+def test_region_propagation_is_sync_free_and_equals_the_loop():
+    """At a realistic size (2 images of 65x65, 128 shapes, 21 classes, blocky labels) the step's call
+    (``check=False``) makes no host synchronisation and equals the authors' loop."""
+    from workbench.ops.correlation import region_propagation, region_propagation_reference
+
+    g = torch.Generator().manual_seed(0)
+    b, m, h, w, k = 2, 128, 65, 65, 21
+    pseudo = torch.randint(k, (b, 1, 4, 4), generator=g).float()
+    pseudo = F.interpolate(pseudo, size=(h, w), mode="nearest").long()[:, 0]
+    pseudo = torch.where(torch.rand(b, h, w, generator=g) < 0.03, torch.randint(k, (b, h, w), generator=g), pseudo)
+    confident = torch.rand(b, h, w, generator=g) < 0.9
+    yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    cx, cy = torch.rand(b, m, 1, 1, generator=g) * w, torch.rand(b, m, 1, 1, generator=g) * h
+    shapes = (xx - cx) ** 2 + (yy - cy) ** 2 <= (4 + torch.rand(b, m, 1, 1, generator=g) * 20) ** 2
+    tau = torch.tensor(0.8)
+    with host_reads() as reads:
+        got = region_propagation(pseudo, confident, shapes, tau, k, check=False)
+    assert not reads, dict(reads)
+    expected = region_propagation_reference(pseudo, confident, shapes, tau)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    assert not torch.equal(expected[0], pseudo)
+
+
+def test_ohem_is_sync_free():
+    """GT probabilities 0.5, 0.6, 0.8, 0.9 (one pixel ignored): min_kept 2 -> the 2nd smallest is 0.6, below
+    thresh 0.7, so t = 0.7 keeps 0.5 and 0.6: loss = -(ln 0.5 + ln 0.6) / 2; no host synchronisation."""
+    from workbench.ops.losses import ohem_ce_loss
+
+    p = torch.tensor([0.5, 0.6, 0.8, 0.9, 0.3])
+    logits = torch.stack([p.log(), (1 - p).log()]).reshape(1, 2, 1, 5)
+    target = torch.tensor([[[0, 0, 0, 0, 255]]])
+    with host_reads() as reads:
+        loss = ohem_ce_loss(logits, target, 0.7, 2)
+        none = ohem_ce_loss(logits, torch.full_like(target, 255), 0.7, 2)
+    assert not reads, dict(reads)
+    assert loss.item() == pytest.approx(-(math.log(0.5) + math.log(0.6)) / 2, rel=1e-5)
+    assert none.item() == 0.0
