@@ -204,18 +204,22 @@ def test_all_finite():
     assert bool(all_finite(torch.tensor(0.0), [c]))
 
 
-def test_fused_sgd_skips_on_device_from_a_zero_momentum_buffer():
+@pytest.mark.parametrize("fused", [True, None])
+def test_sgd_skips_on_device_from_a_zero_momentum_buffer(fused):
     """p = 1, lr 0.1, momentum 0.9, gradients 1, 2, 3, the first step flagged: step 2 gives buf = 2, p = 0.8;
-    step 3 buf = 0.9 * 2 + 3 = 4.8, p = 0.8 - 0.48 = 0.32 (the plain SGD run of the last two steps)."""
+    step 3 buf = 0.9 * 2 + 3 = 4.8, p = 0.8 - 0.48 = 0.32 (the plain SGD run of the last two steps). The fused
+    kernel skips by itself; the per-tensor kernel (``fused=None``) is undone on the device, with no host read."""
     p = torch.nn.Parameter(torch.ones(3))
-    opt = torch.optim.SGD([p], lr=0.1, momentum=0.9, fused=True)
+    opt = build_sgd([{"params": [p], "lr": 0.1}], momentum=0.9, weight_decay=0.0, fused=fused)
     zero_momentum_buffers(opt)
     pending = DeferredNonFinite(torch.device("cpu"))
     for i, g in enumerate((1.0, 2.0, 3.0)):
         p.grad = torch.full((3,), g if i else float("nan"))
-        good = pending.flag(opt, torch.tensor(0.5 * g), [p], i, {"loss": torch.tensor(0.5 * g)}, [f"id{i}"])
+        with host_reads() as reads:
+            good = pending.flag(opt, torch.tensor(0.5 * g), [p], i, {"loss": torch.tensor(0.5 * g)}, [f"id{i}"])
+            opt.step()
+        assert not reads, dict(reads)
         assert bool(good) == (i > 0)
-        opt.step()
         if i == 0:
             assert torch.equal(p.data, torch.ones(3)) and torch.equal(opt.state[p]["momentum_buffer"], torch.zeros(3))
     assert torch.allclose(p.data, torch.full((3,), 0.32))
@@ -335,3 +339,15 @@ def test_ohem_is_sync_free():
     assert not reads, dict(reads)
     assert loss.item() == pytest.approx(-(math.log(0.5) + math.log(0.6)) / 2, rel=1e-5)
     assert none.item() == 0.0
+
+
+@pytest.mark.parametrize("fused", [None, False, True])
+def test_the_non_finite_verdict_is_deferred_with_every_kernel(tiny_cfg, fused):
+    """With amp off the trainer never reads the verdict per step, whatever ``optim.fused``: the optimiser skips a
+    flagged step on the device (automatic = the fused kernel on CPU as on CUDA)."""
+    from workbench.engine.optim import SkippableSGD
+
+    t = Trainer(tiny_cfg(name=f"defer{fused}", **{"optim.fused": fused}))
+    t.setup()
+    assert t.deferred and isinstance(t.optimizer, SkippableSGD)
+    assert bool(t.optimizer.defaults.get("fused")) == (fused is not False)
