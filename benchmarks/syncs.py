@@ -5,7 +5,8 @@ counted with :func:`workbench.engine.syncs.host_reads` (every Python read and ev
 i.e. what synchronises on CUDA; the first two steps do the lazy set-up). The *confident* state multiplies every
 ``classifier`` convolution of the method (weights and bias) by ``--scale``, so that the softmax is peaked and pixels
 pass the confidence thresholds: the paths that only run on confident pixels (CorrMatch's region propagation, ...)
-then run too.
+then run too. ``--device cuda`` also counts the step's synchronisations with ``torch.cuda.set_sync_debug_mode``
+(the independent check of the counter: the script fails when the two counts differ).
 
     python benchmarks/syncs.py --label after --out reports/bench/syncs_after
     python benchmarks/syncs.py --label before --out /tmp/syncs_before      # with PYTHONPATH at older code
@@ -27,18 +28,24 @@ STATES = ("untrained", "confident")
 
 
 def count_method(method: str, state: str, crop: int, batch: int, classes: int, scale: float,
-                 overrides: list[str]) -> dict:
-    """Syncs of the third step of ``method`` in ``state``: ``{"total", "by_op", "sites"}``."""
+                 overrides: list[str], device: str = "cpu") -> dict:
+    """Syncs of the third step of ``method`` in ``state``: ``{"total", "by_op", "sites"}``, and on CUDA
+    ``cuda_sync_debug``: the synchronisations ``torch.cuda.set_sync_debug_mode("warn")`` reports for the same step.
+
+    The step is the trainer's with amp off: forward (the batch carries unlabeled ground truth, so the pseudo-label
+    diagnostics run), backward, the on-device non-finite flag, the fused SGD step, ``after_step``."""
+    import warnings
+
     from workbench.config import apply_overrides, config_from_dict
     from workbench.engine.bench import random_batch
-    from workbench.engine.optim import build_sgd
+    from workbench.engine.optim import DeferredNonFinite, build_sgd, zero_momentum_buffers
     from workbench.engine.syncs import host_reads
     from workbench.engine.trainer import build_from_config
     from workbench.methods import StepInfo
 
     torch.manual_seed(0)
     cfg = config_from_dict(apply_overrides({"method": {"name": method}}, overrides))
-    dev = torch.device("cpu")
+    dev = torch.device(device)
     m = build_from_config(cfg, classes, dev)
     if state == "confident":
         with torch.no_grad():
@@ -46,24 +53,42 @@ def count_method(method: str, state: str, crop: int, batch: int, classes: int, s
                 if name.split(".")[-1] == "classifier":
                     for p in mod.parameters():
                         p.mul_(scale)
-    opt = build_sgd(m.param_groups(1e-6), 0.9, 1e-4)
+    opt = build_sgd(m.param_groups(1e-6), 0.9, 1e-4, fused=True)
+    zero_momentum_buffers(opt)
+    pending = DeferredNonFinite(dev)
     g = torch.Generator().manual_seed(0)
     batches = [random_batch(classes, batch, crop, m.uses_unlabeled, dev, g) for _ in range(2)]
+    for b in batches:
+        if m.uses_unlabeled:
+            b.y_u = torch.randint(0, classes, (batch, crop, crop), generator=g).to(dev)
     m.train()
+    cuda_syncs = None
     for i in range(3):
         info = StepInfo(i, 0, 100, 100, False)
-        ctx = host_reads() if i == 2 else _null()
-        with ctx as reads:
+        counted = i == 2
+        if counted and dev.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("warn")
+        with host_reads() if counted else _null() as reads, warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             opt.zero_grad(set_to_none=True)
             out = m(batches[i % 2], info)
             out.loss.backward()
+            pending.flag(opt, out.loss, m.parameters(), i, {"loss": out.loss.detach()}, [])
             opt.step()
             m.after_step(info)
+        if counted and dev.type == "cuda":
+            torch.cuda.set_sync_debug_mode("default")
+            cuda_syncs = [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message)]
     by_op: dict[str, int] = {}
     for key, n in reads.items():
         op = key.split(" at ")[0]
         by_op[op] = by_op.get(op, 0) + n
-    return {"total": sum(reads.values()), "by_op": by_op, "sites": dict(reads)}
+    res = {"total": sum(reads.values()), "by_op": by_op, "sites": dict(reads)}
+    if cuda_syncs is not None:
+        res["cuda_sync_debug"] = len(cuda_syncs)
+        res["cuda_sync_debug_messages"] = sorted(set(cuda_syncs))
+    return res
 
 
 class _null:
@@ -117,6 +142,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--classes", type=int, default=6)
     p.add_argument("--scale", type=float, default=50.0, help="classifier factor of the confident state")
+    p.add_argument("--device", default="cpu", help="cpu, or cuda (adds torch.cuda.set_sync_debug_mode's count)")
     p.add_argument("--set", action="append", default=["model.aspp_rates=[2,4,6]"], dest="overrides")
     p.add_argument("--out", default="reports/bench/syncs_now")
     p.add_argument("--table", default=None, help="write a table of --inputs to this path instead of measuring")
@@ -130,14 +156,22 @@ def main() -> None:
     for m in args.methods:
         counts[m] = {}
         for s in STATES:
-            counts[m][s] = count_method(m, s, args.crop, args.batch, args.classes, args.scale, args.overrides)
-            print(f"{m} {s}: {counts[m][s]['total']} {counts[m][s]['by_op']}", flush=True)
+            counts[m][s] = count_method(m, s, args.crop, args.batch, args.classes, args.scale, args.overrides,
+                                        args.device)
+            cuda = counts[m][s].get("cuda_sync_debug")
+            print(f"{m} {s}: {counts[m][s]['total']} {counts[m][s]['by_op']}"
+                  + ("" if cuda is None else f"; torch.cuda sync debug: {cuda}"), flush=True)
+    mismatch = [f"{m} {s}" for m in counts for s in STATES
+                if counts[m][s].get("cuda_sync_debug", counts[m][s]["total"]) != counts[m][s]["total"]]
     res = {"label": args.label, "command": "python " + " ".join(sys.argv), "commit": git_commit(),
+           "device": args.device, "cuda_check_mismatches": mismatch,
            "crop": args.crop, "batch": f"{args.batch}+{args.batch}", "classes": args.classes, "scale": args.scale,
            "overrides": args.overrides, "counts": counts}
     out = Path(args.out).with_suffix(".json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1) + "\n")
+    if mismatch:   # the counter missed (or over-counted) what CUDA itself reports
+        raise SystemExit(f"host_reads and torch.cuda.set_sync_debug_mode disagree: {', '.join(mismatch)}")
 
 
 if __name__ == "__main__":
