@@ -9,6 +9,9 @@
 #   bash benchmarks/gpu_session.sh efficiency   # ~8 min on an H100: 9 methods x (fp32, bf16, bf16+channels_last) +
 #                                               # UniMatch toggles, DeepLabV3+ ResNet-101 321x321 batch 8+8, 1 round
 #   bash benchmarks/gpu_session.sh amp          # ~6 min: UniMatch, ResNet-101, bf16 vs fp32 curves, 2 seeds x 150 steps
+#   bash benchmarks/gpu_session.sh syncs        # ~2 min: every method's step, untrained and confident, ResNet-101
+#                                               # 321x321 batch 2+2: the counter of workbench/engine/syncs.py
+#                                               # against torch.cuda.set_sync_debug_mode("warn") on the same step
 #
 # Each writes <name>.json and <name>.md; efficiency also gives every method's step time and memory relative to
 # UniMatch at the same precision. More rounds/steps: edit the numbers below when the budget allows.
@@ -32,5 +35,10 @@ case "${1:-}" in
         "$py" benchmarks/amp_curves.py --iters 150 --seeds 0 1 \
             --set model.backbone=resnet101 --set model.width=1.0 --set model.head_width=1.0 \
             --set model.output_stride=16 --set model.aspp_rates=null --out "$out/amp_curves_cuda" 2>&1 | tee "$out/amp.log" ;;
-    *) echo "usage: bash benchmarks/gpu_session.sh efficiency|amp" >&2; exit 2 ;;
+    syncs)
+        # fails (after writing the JSON) when the CPU-side counter and CUDA's own sync report disagree on a step
+        "$py" benchmarks/syncs.py --device cuda --label cuda --crop 321 --batch 2 --classes 21 \
+            --set model.backbone=resnet101 --set model.stem=deep --set model.width=1.0 --set model.head_width=1.0 \
+            --set model.output_stride=16 --set model.aspp_rates=null --out "$out/syncs_cuda" 2>&1 | tee "$out/syncs.log" ;;
+    *) echo "usage: bash benchmarks/gpu_session.sh efficiency|amp|syncs" >&2; exit 2 ;;
 esac

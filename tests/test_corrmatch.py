@@ -160,6 +160,48 @@ def test_dynamic_threshold_two_steps_by_hand():
     assert out.logs["loss_s"].item() == 0.0
 
 
+@pytest.mark.parametrize("kl_target", ["unmixed", "mixed"])
+def test_soft_loss_target_inside_the_cutmix_box_by_hand(kl_target):
+    """Weak view (ln 3, 0): teacher (3/4, 1/4); mix batch (ln 9, 0): (9/10, 1/10), confident as well (tau 0.7);
+    strong view (0, 0): student (1/2, 1/2). 12 valid pixels (row 0 padded), 4 of them in the CutMix box, all
+    confident under the CutMixed mask. KL(p || uniform) = sum p ln(2p):
+    - ``unmixed`` (the reference compares with softmax(pred_u_w) everywhere): 12 KL(3/4) / 12 = KL(3/4);
+    - ``mixed``: (8 KL(3/4) + 4 KL(9/10)) / 12 with KL(9/10) = 0.9 ln 1.8 + 0.1 ln 0.2."""
+    kl_mix = 0.9 * LN(1.8) + 0.1 * LN(0.2)
+    expected = KL_UNIFORM if kl_target == "unmixed" else (8 * KL_UNIFORM + 4 * kl_mix) / 12
+    m = corrmatch(threshold="fixed", tau=0.7, pixel_propagation=False, region_propagation=False,
+                  kl_target=kl_target)
+    batch = make_batch(image(LN(3)), image(0.0))
+    batch.x_w_mix = image(LN(9))
+    out = m.training_step(batch, StepInfo(0, 0, 10, 10))
+    assert out.logs["loss_kl"].item() == pytest.approx(expected, rel=1e-5)
+    assert abs(KL_UNIFORM - (8 * KL_UNIFORM + 4 * kl_mix) / 12) > 0.03   # the two targets really differ here
+
+
+@pytest.mark.parametrize("threshold_ignore", ["mixed", "unmixed"])
+def test_dynamic_threshold_update_mask_by_hand(threshold_ignore):
+    """The weak view predicts class 0 at 3/4 everywhere except (3,3): class 0 at 9/10, and (2,2): class 1 at 4/5.
+    Both pixels lie in the CutMix box (rows/cols 2-3). The weak view pads (2,2) (and row 0); the mix image pads
+    (3,3) (and row 0).
+    - ``mixed`` (reference: the CutMixed ignore mask over the un-mixed prediction): (3,3) is hidden, (2,2) counts
+      -> class maxima 3/4 and 4/5, increment (0.75 + 0.8) / 2 = 0.775;
+    - ``unmixed`` (the weak view's own mask): (3,3) counts, (2,2) is hidden -> only class 0 is predicted on valid
+      pixels, with max 9/10, increment 0.9.
+    tau = 0.999 * 0.85 + 0.001 * increment."""
+    logit0 = torch.full((4, 4), LN(3))
+    logit0[3, 3] = LN(9)
+    logit0[2, 2] = 0.0
+    x_w = image(logit0)
+    x_w[:, 1, 2, 2] = LN(4)
+    batch = make_batch(x_w, image(0.0))
+    batch.ignore[:, 2, 2] = 255
+    batch.ignore_mix[:, 3, 3] = 255
+    m = corrmatch(threshold_ignore=threshold_ignore, pixel_propagation=False, region_propagation=False)
+    out = m.training_step(batch, StepInfo(0, 0, 10, 10))
+    increment = 0.775 if threshold_ignore == "mixed" else 0.9
+    assert out.logs["threshold"].item() == pytest.approx(0.999 * 0.85 + 0.001 * increment, abs=2e-7)
+
+
 def test_capture_without_region_propagation_draws_nothing_from_the_rng():
     """Capture-only rows are evenly spaced (linspace(0, 3, 3) rounded = 0, 2, 3), so a capturing step leaves the
     random generator exactly where a plain step does; nothing claims a propagation that did not happen."""
@@ -182,7 +224,8 @@ def test_capture_without_region_propagation_draws_nothing_from_the_rng():
 def test_config_checks_and_threshold_modules():
     with pytest.raises(ConfigError, match="method.region_propagation"):
         config_from_dict({"method": {"name": "corrmatch", "pixel_propagation": False}})
-    for key, value in (("feature", "layer2"), ("sampling", "grid"), ("threshold", "adaptive"), ("num_shapes", 0)):
+    for key, value in (("feature", "layer2"), ("sampling", "grid"), ("threshold", "adaptive"), ("num_shapes", 0),
+                       ("kl_target", "both"), ("threshold_ignore", "strong")):
         with pytest.raises(ConfigError, match=f"method.{key}"):
             config_from_dict({"method": {"name": "corrmatch", key: value}})
     assert corrmatch(threshold="fixed").dynamic is None

@@ -123,9 +123,10 @@ def test_missing_file_fails_before_writing(tiny_cfg, tmp_path, tiny_data):
     assert not cfg.run_dir.exists()
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["sync-check", "deferred-check"])
+@pytest.mark.parametrize("fused", [False, True], ids=["foreach-undone", "fused-skipped"])
 def test_nonfinite_policy(tiny_cfg, monkeypatch, fused):
-    """Both checks: the per-step host read (foreach SGD) and the deferred one (fused SGD skips on the device)."""
+    """Both kernels defer the verdict: the fused SGD skips the step on the device, the per-tensor step is undone
+    there from a copy."""
     from workbench.engine.trainer import NonFiniteError
     from workbench.methods.supervised import Supervised
 
@@ -177,7 +178,12 @@ def test_cli_bench_writes_json(tmp_path):
     assert res["seconds_per_iter"] > 0 and res["images_per_second"] > 0 and res["peak_rss_mb"] > 0
     assert "fixmatch" in (tmp_path / "bench.md").read_text()
     assert res["host_reads_per_step"] == 0 and res["host_read_sites"] == {}
-    assert res["amp"] == "off" and not res["channels_last"] and not res["fused_optimizer"]
+    assert res["amp"] == "off" and not res["channels_last"] and res["fused_optimizer"]   # automatic: fused on CPU
+    assert cli(["bench", "--method", "supervised", "--model", "quickstart", "--iters", "1", "--warmup", "0",
+                "--repeats", "1", "--crop", "32", "--batch", "2", "--out", str(tmp_path)]) == 0
+    assert json.loads((tmp_path / "supervised.json").read_text())["overrides"] == ["model.aspp_rates=[2,4,6]"]
+    with pytest.raises(ValueError, match="model must be one of"):
+        cli(["bench", "--method", "supervised", "--model", "resnet7", "--out", str(tmp_path)])
 
 
 def test_cli_bench_gpu_path_switches_run_on_cpu(tmp_path):

@@ -121,10 +121,11 @@ def _data_prepare(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from workbench.engine.bench import run_bench
+    from workbench.engine.bench import model_overrides, run_bench
 
     res = run_bench(args.method, iters=args.iters, warmup=args.warmup, repeats=args.repeats,
-                    crop=args.crop, batch=args.batch, num_classes=args.classes, overrides=args.set or [],
+                    crop=args.crop, batch=args.batch, num_classes=args.classes,
+                    overrides=model_overrides(args.model) + (args.set or []),
                     out_dir=Path(args.out),
                     data_root=args.data, workers=args.workers)
     print(json.dumps(res, indent=1))
@@ -241,8 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--iters", type=int, default=20)
     b.add_argument("--warmup", type=int, default=3)
     b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--model", default="config", help="network: config (the config's own), quickstart, "
+                                                      "deeplabv3plus-r50, deeplabv3plus-r101 (overrides before --set)")
     b.add_argument("--crop", type=int, default=64)
-    b.add_argument("--batch", type=int, default=8)
+    b.add_argument("--batch", type=int, default=8, help="labeled images per step (as many unlabeled)")
     b.add_argument("--classes", type=int, default=6, help="classes of the random batches (without --data)")
     b.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override")
     b.add_argument("--out", default="reports/bench")

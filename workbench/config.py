@@ -113,8 +113,9 @@ class OptimConfig:
     so it is opt-in until a GPU run of the paper model shows it within noise (benchmarks/amp_curves.py)."""
     nonfinite: str = "stop"
     """Non-finite loss or gradients: ``stop`` (error naming step, loss terms and batch ids) or ``skip`` (count).
-    With the fused optimiser the check costs no host synchronisation: the fused SGD kernel skips the update on the
-    device (its ``found_inf`` input) and the verdict is read at the next logging point, which is where ``stop``
+    The check costs no host synchronisation (except under fp16, where the gradient scaler decides): the optimiser
+    skips the update on the device (the fused SGD kernel's ``found_inf`` input; with the per-tensor kernel the step
+    is undone on the device from a copy) and the verdict is read at the next logging point, which is where ``stop``
     raises (naming the first bad step) and ``skip`` counts. A skipped step leaves no trace: BatchNorm running
     statistics, EMA teachers and every other buffer are restored to their values before the step (on the device,
     without a host read)."""
@@ -122,7 +123,8 @@ class OptimConfig:
     """Under ``nonfinite=skip``: stop (one-line error) once this many consecutive steps were skipped, a diverged run
     (0 = never stop). Read at the same points as the deferred verdict."""
     fused: bool | None = None
-    """Fused (one-kernel) SGD: ``null`` = on CUDA only, ``true`` (any device) or ``false`` (the per-tensor loop)."""
+    """Fused (one-kernel) SGD: ``null`` = on CUDA and CPU, ``true`` (any device) or ``false`` (the per-tensor loop,
+    which keeps one extra copy of the weights and momentum to undo a non-finite step)."""
 
 
 @dataclass

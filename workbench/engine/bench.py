@@ -32,6 +32,27 @@ from workbench.engine.trainer import amp_dtype, build_from_config, environment
 from workbench.methods import SemiBatch, StepInfo
 
 
+PAPER_MODEL = ["model.stem=deep", "model.width=1.0", "model.head_width=1.0", "model.output_stride=16",
+               "model.aspp_rates=null"]
+MODEL_PRESETS: dict[str, list[str]] = {
+    "config": [],
+    "quickstart": ["model.aspp_rates=[2,4,6]"],
+    "deeplabv3plus-r50": ["model.backbone=resnet50", *PAPER_MODEL],
+    "deeplabv3plus-r101": ["model.backbone=resnet101", *PAPER_MODEL],
+}
+"""``workbench bench --model``: config overrides naming the network. ``config``: the run config's model as it is;
+``quickstart``: the quickstart network (ResNet-18 at width 0.25, output stride 8) with ASPP rates for 8x8 maps;
+``deeplabv3plus-r50`` / ``-r101``: the papers' DeepLabV3+ (deep stem, full width, output stride 16, ASPP 6/12/18;
+random weights: the step costs the same)."""
+
+
+def model_overrides(preset: str) -> list[str]:
+    """The overrides of a :data:`MODEL_PRESETS` entry; ValueError naming ``model`` for an unknown one."""
+    if preset not in MODEL_PRESETS:
+        raise ValueError(f"model must be one of {', '.join(MODEL_PRESETS)}, got {preset!r}")
+    return list(MODEL_PRESETS[preset])
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident set size so far, in MiB (ru_maxrss; bytes on macOS, KiB elsewhere)."""
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -40,9 +40,44 @@ def set_poly_lr(optimizer: torch.optim.Optimizer, iteration: int, total: int, po
         g["lr"] = g["base_lr"] * (f if g.get("poly", True) else 1.0)
 
 
+class SkippableSGD(torch.optim.SGD):
+    """``torch.optim.SGD`` that skips a step flagged on the device with any kernel, without a host read.
+
+    Set ``found_inf`` (a float tensor of one element, nonzero = skip; :class:`DeferredNonFinite` does) before
+    :meth:`step`. The fused kernel reads it itself. The per-tensor (foreach) kernel cannot: there the step runs and
+    is then undone on the device where ``found_inf`` is set, from a copy of the parameters and momentum buffers taken
+    just before (one extra copy of each in memory; give every parameter a momentum buffer first, see
+    :func:`zero_momentum_buffers`). Without ``found_inf`` it is the plain SGD.
+    """
+
+    _copies: list[Tensor] | None = None
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: D102 (torch.optim.SGD.step)
+        found_inf = self.__dict__.get("found_inf")
+        if found_inf is None or self.defaults.get("fused"):
+            return super().step(closure)
+        live = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        live += [b for p in live if (b := self.state[p].get("momentum_buffer")) is not None]
+        if self._copies is None or [c.shape for c in self._copies] != [t.shape for t in live]:
+            self._copies = [torch.empty_like(t) for t in live]
+        if live:
+            torch._foreach_copy_(self._copies, live)
+        del self.found_inf   # torch's per-tensor kernel refuses it
+        try:
+            loss = super().step(closure)
+        finally:
+            self.found_inf = found_inf
+        keep = found_inf.reshape(()) == 0
+        for t, old in zip(live, self._copies):
+            t.copy_(torch.where(keep.to(t.device), t, old))
+        return loss
+
+
 def build_sgd(groups: list[dict[str, Any]], momentum: float, weight_decay: float,
               fused: bool | None = None) -> torch.optim.SGD:
-    """SGD over the method's param groups (each with ``lr``/``base_lr``); empty groups dropped."""
+    """SGD over the method's param groups (each with ``lr``/``base_lr``); empty groups dropped. A
+    :class:`SkippableSGD`: the same steps, plus the on-device skip of a flagged step with either kernel."""
     groups = [g for g in groups if g["params"]]
     seen: set[int] = set()
     for g in groups:
@@ -50,7 +85,7 @@ def build_sgd(groups: list[dict[str, Any]], momentum: float, weight_decay: float
             if id(p) in seen:
                 raise ValueError(f"parameter in two groups (group {g.get('name')})")
             seen.add(id(p))
-    return torch.optim.SGD(groups, lr=groups[0]["lr"], momentum=momentum, weight_decay=weight_decay, fused=fused)
+    return SkippableSGD(groups, lr=groups[0]["lr"], momentum=momentum, weight_decay=weight_decay, fused=fused)
 
 
 @torch.no_grad()
@@ -75,9 +110,9 @@ def count_parameters(params: Iterable[torch.nn.Parameter]) -> int:
 
 def fused_choice(fused: bool | None, device: torch.device) -> bool | None:
     """``optim.fused`` -> the ``fused`` argument of SGD: True, None for False (the foreach loop), and for None
-    (automatic) True on CUDA only."""
+    (automatic) True on CUDA and CPU, the devices whose fused SGD kernel is in every supported torch."""
     if fused is None:
-        return True if device.type == "cuda" else None
+        return True if device.type in ("cuda", "cpu") else None
     return True if fused else None
 
 
@@ -112,7 +147,8 @@ class DeferredNonFinite:
     """Non-finite training steps detected on the device and read by the host only at logging time.
 
     :meth:`flag` (once per step, no host read) computes :func:`all_finite`, hands the optimiser ``found_inf`` (the
-    fused SGD kernel then leaves weights and momentum untouched on a bad step) and remembers, on the device, how
+    fused SGD kernel, or :class:`SkippableSGD` with the per-tensor kernel, then leaves weights and momentum
+    untouched on a bad step) and remembers, on the device, how
     many steps were bad and the loss terms of the first; :meth:`read` (one host read) returns ``(first step, count,
     loss terms, batch ids of the first)`` since the previous read, or None when every step was finite.
 
@@ -140,7 +176,7 @@ class DeferredNonFinite:
         """Flag this step; returns the bool 0-d ``good`` tensor (True = finite, the update will be applied)."""
         good = all_finite(loss, params).to(self.device)
         bad = ~good
-        optimizer.found_inf = bad.float().reshape(1)   # read by the fused SGD kernel (torch.optim.SGD.step)
+        optimizer.found_inf = bad.float().reshape(1)   # read by the fused SGD kernel / SkippableSGD.step
         new_first = bad & (self.first < 0)
         self.first = torch.where(new_first, step, self.first)
         for k, v in logs.items():

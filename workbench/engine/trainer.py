@@ -331,9 +331,9 @@ class Trainer:
         self.optimizer = build_sgd(self.method.param_groups(self.lr, cfg.optim.head_lr_mult), cfg.optim.momentum,
                                    cfg.optim.weight_decay, fused=fused)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == torch.float16)
-        # fused SGD skips a step on the device when given ``found_inf``: the non-finite check then needs no host
-        # read per step (fp16 leaves the check to the GradScaler, which uses the same kernel input)
-        self.deferred = bool(fused) and self.amp != torch.float16
+        # the optimiser skips a step on the device when given ``found_inf`` (fused kernel or SkippableSGD): the
+        # non-finite check then needs no host read per step (fp16 leaves the check to the GradScaler)
+        self.deferred = self.amp != torch.float16
         if self.deferred:
             zero_momentum_buffers(self.optimizer)
         self.pending = DeferredNonFinite(self.device)
@@ -520,7 +520,7 @@ class Trainer:
             good = None   # deferred: a device bool; the synchronous check decides on the host
             if self.deferred:
                 good = self.pending.flag(self.optimizer, out.loss, self.method.parameters(), step, logs_step, ids)
-                applied = True   # handed to the fused kernel, which skips a bad step itself
+                applied = True   # handed to the optimiser, which skips a bad step on the device itself
             else:
                 applied = self._finite_step(out, logs_step, step, ids)
             if applied:

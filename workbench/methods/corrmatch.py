@@ -8,19 +8,21 @@ One training step (METHODS.md, "CorrMatch"; the authors' ``corrmatch.py`` for th
 3. the correlation head (:class:`CorrelationHead`) turns the features of both passes into correlation maps
    ``C = softmax(w1^T w2 / sqrt(K))`` and spreads the detached logits through them (pixel propagation), giving a
    second prediction ``z`` of every image;
-4. the threshold ``tau`` is the dynamic one (updated from the weak logits, then used) or a fixed value;
+4. the threshold ``tau`` is the dynamic one (updated from the un-mixed weak logits over the CutMixed ignore mask,
+   then used, as in the reference) or a fixed value;
 5. region propagation: sampled rows of the weak view's correlation map become binary shapes (cleared of the CutMix
    box and of padding); confident shapes dominated by one class relabel the whole shape and join the confident mask;
 6. losses (reference weights) ``(0.5 L_x + 0.5 L_x_corr + 0.25 L_s + 0.25 L_kl + 0.25 L_fp + 0.25 L_corr_u) / 2``:
    ``L_s`` hard CE of the strong view against the propagated (CutMixed) pseudo-label and mask, ``L_kl`` the soft
-   loss (KL(teacher || student) summed over classes, masked by the confident mask *before* propagation, as in the
-   reference), ``L_fp`` CE of the perturbed weak prediction against the plain weak pseudo-label,
-   ``L_corr_u = (CE(z_s, propagated targets) + CE(z_w, weak targets)) / 2`` and ``L_x_corr`` the supervised loss
-   of ``z_l``. Every unlabeled loss keeps the UniMatch normalisation (divided by the non-ignored pixels).
+   loss (KL(teacher || student) summed over classes, masked by the CutMixed confident mask *before* propagation;
+   the teacher is the *un-mixed* weak softmax, as in the reference), ``L_fp`` CE of the perturbed weak prediction
+   against the plain weak pseudo-label, ``L_corr_u = (CE(z_s, propagated targets) + CE(z_w, weak targets)) / 2``
+   and ``L_x_corr`` the supervised loss of ``z_l``. Every unlabeled loss keeps the UniMatch normalisation (divided by the non-ignored pixels).
 
-Deviation from the reference, on purpose: the soft loss's teacher probabilities are CutMixed like the hard
-pseudo-labels (inside the box they are the mix batch's); the authors' code compares the CutMixed strong prediction
-with the *un-mixed* weak probabilities there.
+Two quirks of the authors' code are the defaults, each with a switch for the consistent variant:
+``kl_target`` (the soft loss compares the CutMixed strong prediction with the *un-mixed* weak probabilities, so
+inside the box the mix image's prediction is pulled towards another image's softmax) and ``threshold_ignore`` (the
+dynamic threshold reads the un-mixed weak prediction through the *CutMixed* ignore mask).
 
 Switches for the paper's ablations: Table 5 (``threshold`` dynamic/fixed, ``hard_loss``, ``soft_loss``, propagation
 ``P`` = ``pixel_propagation`` + ``region_propagation``), Table 6 (pixel, pixel + region), Table 7 (``feature``:
@@ -61,6 +63,16 @@ class CorrMatchConfig(FixMatchConfig):
     resolution). ``proj_channels``: width of the projection before the two 1x1 convs. ``num_shapes`` rows of the
     correlation map per image, drawn ``random`` (uniform with replacement, per image) or ``uniform`` (evenly spaced
     flat indices, the same for every image). ``capture_shapes``: rows/shapes kept in captured artifacts.
+
+    Reference quirks (defaults) and their switches (no effect without ``cutmix``):
+
+    - ``kl_target``: ``unmixed`` (reference) = the soft loss's teacher is the un-mixed weak softmax everywhere, also
+      inside the CutMix box where the strong view shows the mix image (the authors' ``softmax(pred_u_w)``);
+      ``mixed`` (our fix, off by default) = CutMixed like the hard pseudo-labels (the mix batch's softmax in the box).
+    - ``threshold_ignore``: ``mixed`` (reference) = the dynamic threshold is updated from the un-mixed weak logits
+      over the CutMixed ignore mask (the authors pass ``ignore_mask_cutmixed1``, so padding pasted from the mix
+      image hides weak pixels inside the box and the weak view's own padding there counts); ``unmixed`` (our fix,
+      off by default) = the weak view's own ignore mask, matching the prediction it masks.
     """
 
     name: str = "corrmatch"
@@ -82,6 +94,8 @@ class CorrMatchConfig(FixMatchConfig):
     weight_fp: float = 0.25
     weight_corr_u: float = 0.25
     capture_shapes: int = 8
+    kl_target: str = "unmixed"
+    threshold_ignore: str = "mixed"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -95,6 +109,8 @@ class CorrMatchConfig(FixMatchConfig):
             (self.num_shapes > 0, "num_shapes", "must be positive"),
             (self.sampling in ("random", "uniform"), "sampling", "must be 'random' or 'uniform'"),
             (self.capture_shapes >= 0, "capture_shapes", "must be >= 0"),
+            (self.kl_target in ("unmixed", "mixed"), "kl_target", "must be 'unmixed' or 'mixed'"),
+            (self.threshold_ignore in ("mixed", "unmixed"), "threshold_ignore", "must be 'mixed' or 'unmixed'"),
             (not self.region_propagation or self.pixel_propagation, "region_propagation",
              "needs the correlation map: set method.pixel_propagation=true or method.region_propagation=false"),
         ]
@@ -179,8 +195,9 @@ class CorrMatch(WeakStrong):
         return groups
 
     def current_threshold(self, logits_w: Tensor, ignore: Tensor) -> Tensor | float:
-        """This step's ``tau``: the dynamic threshold after its update from the weak logits [B,K,H,W] (a 0-d
-        tensor; the update happens here, before use, as in the reference: once per call, i.e. per micro-batch
+        """This step's ``tau``: the dynamic threshold after its update from the weak logits [B,K,H,W] over the
+        ``ignore`` mask [B,H,W] (``threshold_ignore`` picks which one the step passes; a 0-d tensor; the update
+        happens here, before use, as in the reference: once per call, i.e. per micro-batch
         under gradient accumulation), or the fixed ``cfg.tau``."""
         if self.dynamic is None:
             return self.cfg.tau
@@ -221,7 +238,14 @@ class CorrMatch(WeakStrong):
         out_s = self.model(x_s)
         logits_l, logits_w = out["logits"].split([n, batch.x_w.shape[0]])
         logits_fp, logits_s = out["logits_fp"][n:], out_s["logits"]
-        tau = self.current_threshold(logits_w, batch.ignore)
+        def mixed(value: Tensor, value_mix: Tensor) -> Tensor:  # CutMix a per-pixel target like the images
+            if not c.cutmix:
+                return value
+            box = batch.box1 if value.dim() == 3 else batch.box1[:, None]
+            return torch.where(box, value_mix, value)
+
+        ignore_s = mixed(batch.ignore, batch.ignore_mix)
+        tau = self.current_threshold(logits_w, ignore_s if c.threshold_ignore == "mixed" else batch.ignore)
         weak = Targets(*pseudo_label(logits_w), batch.ignore)
         mix = Targets(*pseudo_label(mix_logits), batch.ignore_mix)
         q_w, q_mix = weak.confident(tau), mix.confident(tau)
@@ -237,13 +261,7 @@ class CorrMatch(WeakStrong):
                 pseudo_p, q_p, corr["rows"], corr["shapes"] = self.propagate_regions(
                     corr["map"], corr["size"], weak, q_w, tau, batch.box1 if c.cutmix else None)
 
-        def mixed(value: Tensor, value_mix: Tensor) -> Tensor:  # CutMix a per-pixel target like the images
-            if not c.cutmix:
-                return value
-            box = batch.box1 if value.dim() == 3 else batch.box1[:, None]
-            return torch.where(box, value_mix, value)
-
-        pseudo_s, q_s, ignore_s = mixed(pseudo_p, mix.pseudo), mixed(q_p, q_mix), mixed(weak.ignore, mix.ignore)
+        pseudo_s, q_s = mixed(pseudo_p, mix.pseudo), mixed(q_p, q_mix)
         terms: dict[str, tuple[float, Tensor]] = {
             "loss_x": (c.weight_x if self.corr_head is not None else c.weight_x + c.weight_x_corr,
                        supervised_loss(c, logits_l, batch.y_l))}
@@ -251,7 +269,9 @@ class CorrMatch(WeakStrong):
             terms["loss_s"] = (c.weight_hard, masked_ce_loss(logits_s, pseudo_s, q_s, ignore_s))
             terms["loss_fp"] = (c.weight_fp, masked_ce_loss(logits_fp, weak.pseudo, q_w, weak.ignore))
         if c.soft_loss:
-            probs_s = mixed(logits_w.detach().float().softmax(1), mix_logits.float().softmax(1))
+            probs_s = logits_w.detach().float().softmax(1)
+            if c.kl_target == "mixed":
+                probs_s = mixed(probs_s, mix_logits.float().softmax(1))
             terms["loss_kl"] = (c.weight_soft, masked_kl_loss(logits_s, probs_s, mixed(q_w, q_mix), ignore_s))
         if self.corr_head is not None:
             terms["loss_x_corr"] = (c.weight_x_corr, supervised_loss(c, z_l, batch.y_l))

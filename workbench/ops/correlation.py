@@ -8,7 +8,7 @@ Conventions (all functions are pure; nothing here keeps state):
 - Pixel propagation follows the authors' code, ``pred @ C`` with ``pred`` reshaped ``[B, K, HW]``:
   ``out[b, :, j] = sum_i pred[b, :, i] * C[b, i, j]``.
 - Region propagation follows Eqs. (7)-(10) with the sequential semantics of the reference loop, vectorised over
-  batch and pixels (one Python loop over the shapes only).
+  batch and pixels (one Python loop over the shapes only), with fixed sizes and no host synchronisation.
 """
 
 from __future__ import annotations
@@ -187,15 +187,6 @@ def shapes_from_rows(
     return shapes.reshape(b, m, out_h, out_w)
 
 
-# columns of region_propagation's list of moved pixels
-_PIXEL = 0  # flat index in [B, HW]
-_IN_SHAPE_0 = 1  # the same pixel in shape 0 of its image, flat in [B, M, HW] (add j * HW for shape j)
-_IMAGE_BIN = 2  # first histogram bin of its image, b * K
-_INPUT_BIN = 3  # histogram bin of its input class, b * K + class
-_PAINT_ROW = 4  # first entry of its image in the flattened painted-class table, b * (M + 1)
-_MOVED_COLUMNS = 5
-
-
 def region_propagation(
     pseudo: Tensor,
     confident: Tensor,
@@ -215,19 +206,15 @@ def region_propagation(
     - if ``r2 > tau``, every pixel of ``S`` takes class ``k*`` and joins the output confident mask.
 
     Ratios are float32 quotients of exact integer counts, as in the authors' loop, so every comparison with ``tau``
-    agrees bit for bit with a per-image, per-shape loop using ``torch.unique``.
+    agrees bit for bit with a per-image, per-shape loop using ``torch.unique`` (:func:`region_propagation_reference`).
 
-    How it is vectorised (one Python loop over ``m``, each step batched over images and pixels):
-
-    1. One integer matrix product per image gives every shape's class histogram over ``S & Q`` under the *input*
-       labels, and ``|S|``. Relabelling moves pixels between classes, never in or out of ``S & Q``, so ``r1`` is
-       known for all shapes up front.
-    2. Repainting is recorded, not applied: ``stamp[p]`` = 1 + index of the last shape that repainted pixel ``p``
-       (shapes come in increasing order, so one ``maximum`` per step keeps it), and the class each shape painted is
-       kept per image. The current label of ``p`` is the class painted by shape ``stamp[p] - 1``, or its input label.
-    3. Confident pixels whose class has changed are kept in a short index list. Shape ``m``'s histogram is the
-       precomputed one, corrected over the listed pixels that lie in ``S``. The exact counts say when a repainting
-       changes the class of confident pixels not listed yet; only then are those pixels searched for and listed.
+    How it runs without a host synchronisation (every size is fixed by the input shapes; nothing is selected, so no
+    value is read back on a GPU): ``r1`` needs only the input mask, so it is known for all shapes up front (two
+    reductions). Then one Python loop over ``m``, each step batched over the images and masked rather than
+    branched: the class histogram of ``S & Q`` under the current labels (one ``scatter_add`` of the pixels into
+    ``B * K`` bins), ``k*`` by ``argmax``, the verdict ``apply`` per image as a bool tensor, and the repaint as a
+    ``where`` over the shape's pixels for the images where ``apply`` holds (a no-op elsewhere). The cost is a few
+    passes over ``B x H x W`` per shape, whatever the data.
 
     Args:
         pseudo: int64 ``[B, H, W]`` pseudo-label (values under ``confident`` must lie in ``[0, num_classes)``;
@@ -236,6 +223,8 @@ def region_propagation(
         shapes: bool ``[B, M, H, W]``, already cleared of CutMix-box and ignored pixels.
         tau: the threshold (python float or 0-d tensor), used for both ``r1`` and ``r2``.
         num_classes: number of classes ``K`` (at most 32767); inferred as ``pseudo[confident].max() + 1`` when None.
+        check: validate the label values (device-to-host reads; the training step passes False, with
+            ``num_classes``).
 
     Returns:
         ``(pseudo_out, confident_out)``: new int64 ``[B, H, W]`` and bool ``[B, H, W]`` tensors (inputs untouched).
@@ -247,72 +236,33 @@ def region_propagation(
     n, k, device = h * w, num_classes, pseudo.device
     orig = pseudo.reshape(b, n)
     conf = confident.reshape(b, n)
-    flat_shapes = shapes.reshape(b, m, n).contiguous()
-    table = _shape_histograms(flat_shapes, orig, conf, k)  # [B, M, K + 1]: classes of S & Q, then |S|
-    n_inside = table[..., :k].sum(dim=2)
-    usable = (n_inside > 0) & ~(n_inside / table[..., k] < tau)
-    steps = usable.any(dim=0).tolist()
-
-    label_dtype = torch.uint8 if k <= 256 else torch.int16
-    stamp_dtype = torch.uint8 if m < 256 else torch.int32
-    labels = orig.to(label_dtype)  # exact on confident pixels, the only ones read
-    fresh = conf.to(label_dtype)  # 1 on confident pixels not listed as moved
-    stamp = torch.zeros(b, n, dtype=stamp_dtype, device=device)
-    painted_class = torch.zeros(b, m + 1, dtype=torch.long, device=device)  # [:, 1 + j]: class painted by shape j
-    shape_bytes = flat_shapes.view(torch.uint8)
-    shape_flat, stamp_flat = shape_bytes.view(-1), stamp.view(-1)
-    ones = torch.ones(1, dtype=torch.long, device=device).expand(b * n)
-    # the list of moved pixels (confident pixels whose class has changed), one row each, ``count`` rows in use
-    moved = torch.empty(1024, _MOVED_COLUMNS, dtype=torch.long, device=device)
-    count = 0
+    flat_shapes = shapes.reshape(b, m, n)
+    # r1 for every shape: |S & Q| and |S| (exact integer counts; the labels do not enter)
+    n_inside = (flat_shapes & conf[:, None]).sum(dim=2)
+    usable = (n_inside > 0) & ~(n_inside / flat_shapes.sum(dim=2) < tau)
+    # the current label of every pixel as its histogram bin b * K + class; pixels off Q (whose label is never
+    # counted) sit in bin b * K until a shape paints them
+    offset = torch.arange(b, device=device)[:, None] * k
+    bins = (offset + torch.where(conf, orig, 0)).reshape(-1)
+    # uint8 views of the masks: a broadcast product of uint8 is several times faster than one of bool on the CPU
+    shape_bytes = flat_shapes.contiguous().view(torch.uint8)
+    conf_bytes = conf.to(torch.uint8)
+    painted = torch.zeros(b, n, dtype=torch.uint8, device=device)
+    counts = torch.zeros(b * k, dtype=torch.int32, device=device)
     for j in range(m):
-        if not steps[j]:
-            continue
-        counts = table[:, j, :k]
-        moved_hist = None  # [B, K] current classes of the moved pixels inside shape j
-        if count:
-            hit = torch.index_select(shape_flat, 0, moved[:count, _IN_SHAPE_0] + j * n).nonzero().squeeze(1)
-            if hit.numel():
-                rows = torch.index_select(moved[:count], 0, hit).t()
-                source = torch.index_select(stamp_flat, 0, rows[_PIXEL]).long() + rows[_PAINT_ROW]
-                now = rows[_IMAGE_BIN] + torch.index_select(painted_class.view(-1), 0, source)
-                moved_hist = torch.zeros(b * k, dtype=torch.long, device=device).index_add_(0, now, ones[: hit.numel()])
-                was_hist = torch.zeros_like(moved_hist).index_add_(0, rows[_INPUT_BIN], ones[: hit.numel()])
-                counts = counts + (moved_hist - was_hist).view(b, k)
-                moved_hist = moved_hist.view(b, k)
-        top = counts.argmax(dim=1)  # first maximum = smallest class id on ties
-        best = counts.gather(1, top[:, None]).squeeze(1)
+        shape = shape_bytes[:, j]
+        counts.zero_().scatter_add_(0, bins, (shape * conf_bytes).view(-1).to(torch.int32))
+        per_image = counts.view(b, k)
+        top = per_image.argmax(dim=1)  # first maximum = smallest class id on ties
+        best = per_image.gather(1, top[:, None]).squeeze(1).long()
         apply = usable[:, j] & (best / n_inside[:, j] > tau)
-        if not bool(apply.any()):
-            continue
-        painted_class[:, j + 1] = top
-        painted_by_j = shape_bytes[:, j].to(stamp_dtype) * (apply * (j + 1)).to(stamp_dtype)[:, None]
-        torch.maximum(stamp, painted_by_j, out=stamp)
-        # confident pixels of S that change class: n_inside - best; minus those already listed -> new ones to list
-        changed = n_inside[:, j] - best
-        if moved_hist is not None:
-            changed = changed - (moved_hist.sum(dim=1) - moved_hist.gather(1, top[:, None]).squeeze(1))
-        critical = (apply & (changed > 0)).nonzero().squeeze(1)  # the images that have such pixels
-        if critical.numel():
-            flips = torch.index_select(labels, 0, critical) ^ top.to(label_dtype)[critical, None]
-            flips *= torch.index_select(fresh, 0, critical)
-            flips *= torch.index_select(shape_bytes[:, j], 0, critical).to(label_dtype)
-            local = _sparse_nonzero(flips)
-            img = torch.index_select(critical, 0, torch.div(local, n, rounding_mode="floor"))
-            pixel = img * n + local % n
-            new = torch.stack(
-                (pixel, pixel + img * (m - 1) * n, img * k, img * k + orig.reshape(-1)[pixel], img * (m + 1)), dim=1
-            )
-            if count + new.shape[0] > moved.shape[0]:  # grow the list geometrically
-                grown = moved.new_empty(max(2 * moved.shape[0], count + new.shape[0]), _MOVED_COLUMNS)
-                grown[:count] = moved[:count]
-                moved = grown
-            moved[count : count + new.shape[0]] = new
-            count += new.shape[0]
-            fresh.view(-1).index_fill_(0, pixel, 0)
-    painted = stamp > 0
-    out = torch.where(painted, painted_class.gather(1, stamp.long()), orig)
+        paint = (shape * apply.to(torch.uint8)[:, None]).view(-1)
+        bins = torch.where(paint.view(torch.bool), (offset + top[:, None]).expand(b, n).reshape(-1), bins)
+        painted |= paint.view(b, n)
+    painted = painted.view(torch.bool)
+    out = torch.where(painted, bins.view(b, n) - offset, orig)
     return out.reshape(b, h, w), (conf | painted).reshape(b, h, w)
+
 
 
 def region_propagation_reference(
@@ -382,53 +332,3 @@ def _check_region_inputs(
     if num_classes > 32767:
         raise ValueError(f"num_classes={num_classes} is above the supported 32767")
     return tau, num_classes
-
-
-def _shape_histograms(flat_shapes: Tensor, labels: Tensor, conf: Tensor, num_classes: int) -> Tensor:
-    """Exact per-shape histograms: int64 ``[B, M, K + 1]``, ``[..., k] = |S & Q & (labels == k)|``, ``[..., K] = |S|``.
-
-    One integer matrix product per image, ``[K+1, HW] x [HW, M]`` (one-hot labels under ``Q``, plus a row of ones):
-    ``torch._int_mm`` (int8 x int8 -> int32, exact) on the CPU, a float32 product elsewhere and for tiny images
-    (exact as well: every partial sum is an integer below 2**24). Reading the shapes once this way is the cost floor
-    of the whole op.
-    """
-    b, m, n = flat_shapes.shape
-    rows = -(-(num_classes + 1) // 8) * 8  # a multiple of 8 rows suits the matrix kernels
-    onehot = torch.zeros(b, rows, n, dtype=torch.int8, device=flat_shapes.device)
-    onehot.scatter_(1, labels.clamp(0, num_classes - 1)[:, None], conf[:, None].to(torch.int8))
-    onehot[:, num_classes] = 1
-    if flat_shapes.device.type == "cpu" and n >= 8:  # torch 2.14's CPU _int_mm is wrong for an inner size of 1
-        table = torch.stack([torch._int_mm(onehot[i], flat_shapes[i].view(torch.int8).t()) for i in range(b)])
-    else:
-        if n >= 2**24:
-            raise ValueError(f"images of {n} pixels are too large for exact float32 counting")
-        with torch.autocast(flat_shapes.device.type, enabled=False):
-            table = torch.cat(
-                [torch.bmm(onehot.float(), chunk.float().transpose(1, 2)) for chunk in flat_shapes.split(32, dim=1)],
-                dim=2,
-            )
-    return table[:, : num_classes + 1].transpose(1, 2).long()
-
-
-def _sparse_nonzero(values: Tensor) -> Tensor:
-    """Flat indices (int64, ascending) of the nonzero entries of a contiguous, mostly-zero integer tensor.
-
-    Equal to ``values.reshape(-1).nonzero().squeeze(1)``, but reads the bytes as 64-bit words and ORs eight
-    interleaved eighths of them together first, so only the few words (then bytes) behind a nonzero OR are searched.
-    """
-    flat = values.reshape(-1)
-    raw = flat.view(torch.uint8)
-    head = raw.numel() // 64 * 64
-    words = raw[:head].view(torch.int64)
-    eighths = words.view(8, -1)
-    merged = eighths[0].clone()
-    for part in eighths[1:]:
-        merged |= part
-    eight = torch.arange(8, device=flat.device)
-    word_ids = (merged.nonzero() + eight * eighths.shape[1]).reshape(-1)
-    word_ids = torch.index_select(word_ids, 0, torch.index_select(words, 0, word_ids).nonzero().squeeze(1))
-    byte_ids = (word_ids[:, None] * 8 + eight).reshape(-1)
-    byte_ids = torch.index_select(byte_ids, 0, torch.index_select(raw, 0, byte_ids).nonzero().squeeze(1))
-    byte_ids = torch.cat((byte_ids.sort().values, raw[head:].nonzero().squeeze(1) + head))
-    size = flat.element_size()
-    return byte_ids if size == 1 else torch.unique_consecutive(torch.div(byte_ids, size, rounding_mode="floor"))

@@ -76,24 +76,25 @@ def ohem_ce_loss(logits: Tensor, target: Tensor, thresh: float = 0.7, min_kept: 
     """Online hard example mining CE (Cityscapes baseline of the reference code).
 
     Pixels whose probability of the ground-truth class is <= t are kept, with t = max(thresh, the min_kept-th
-    smallest GT probability). When fewer than ``min_kept`` pixels are valid, every valid pixel is kept. With
-    ``min_kept_images`` set, ``min_kept`` is a count per that many images and is scaled to the B images of ``logits``
-    (:func:`ohem_min_kept_for`), as the reference applies it per process.
+    smallest GT probability). When fewer than ``min_kept`` pixels are valid, every valid pixel is kept (and the loss
+    is 0 without any). With ``min_kept_images`` set, ``min_kept`` is a count per that many images and is scaled to
+    the B images of ``logits`` (:func:`ohem_min_kept_for`), as the reference applies it per process.
+
+    Sizes never depend on the data (no host synchronisation on a GPU): the ``min_kept``-th smallest valid
+    probability is taken over all pixels with the ignored ones set to +inf (they sort last), and the choice between
+    the two masks is a ``where`` on the device.
     """
     min_kept = ohem_min_kept_for(min_kept, logits.shape[0], min_kept_images)
     valid = target != ignore_index
-    n_valid = int(valid.sum())
-    if n_valid == 0:
-        return logits.sum() * 0.0
     with torch.no_grad():
         prob = logits.float().softmax(1)
-        safe = target.clone()
-        safe[~valid] = 0
+        safe = torch.where(valid, target, 0)
         p_gt = prob.gather(1, safe.unsqueeze(1)).squeeze(1)
         keep = valid
-        if n_valid > min_kept > 0:
-            kth = p_gt[valid].kthvalue(min_kept).values
-            keep = valid & (p_gt <= torch.clamp(kth, min=thresh))
+        if 0 < min_kept < valid.numel():   # otherwise n_valid > min_kept cannot hold
+            kth = torch.where(valid, p_gt, float("inf")).reshape(-1).kthvalue(min_kept).values
+            mined = valid & (p_gt <= torch.clamp(kth, min=thresh))
+            keep = torch.where(valid.sum() > min_kept, mined, valid)
     per_pixel = F.cross_entropy(logits, safe, reduction="none")
     return (per_pixel * keep).sum() / keep.sum().clamp(min=1)
 

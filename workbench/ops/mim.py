@@ -111,12 +111,20 @@ def class_prototypes(fea: Tensor, labels: Tensor, weights: Tensor, valid: Tensor
     _check(fea, labels)
     d = fea.shape[1]
     flat = fea.permute(0, 2, 3, 1).reshape(-1, d)
-    keep = valid.reshape(-1)
-    idx, w = labels.reshape(-1)[keep], weights.reshape(-1)[keep].to(fea.dtype)
-    num = fea.new_zeros(num_classes, d).index_add_(0, idx, flat[keep] * w[:, None])
+    keep, idx, w = _kept(labels, weights, valid, fea.dtype)
+    num = fea.new_zeros(num_classes, d).index_add_(0, idx, torch.where(keep[:, None], flat * w[:, None], 0.0))
     den = fea.new_zeros(num_classes).index_add_(0, idx, w)
-    count = torch.zeros(num_classes, device=fea.device).index_add_(0, idx, torch.ones_like(w, dtype=torch.float))
+    count = torch.zeros(num_classes, device=fea.device).index_add_(0, idx, keep.float())
     return num, den, count
+
+
+def _kept(labels: Tensor, weights: Tensor, valid: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """Flat ``(keep, class index, weight)`` over every position, without selecting (a boolean-mask index would
+    synchronise on a GPU): dropped positions get class 0 and weight 0, so they add exact zeros."""
+    keep = valid.reshape(-1)
+    idx = torch.where(keep, labels.reshape(-1), 0)
+    w = torch.where(keep, weights.reshape(-1).to(dtype), 0.0)
+    return keep, idx, w
 
 
 def ema_prototypes(dictionary: Tensor, prototypes: Tensor, present: Tensor, alpha: float) -> Tensor:
@@ -139,13 +147,12 @@ def aggregation_loss(fea: Tensor, labels: Tensor, weights: Tensor, valid: Tensor
     _check(fea, labels)
     c, d = prototypes.shape
     flat = fea.permute(0, 2, 3, 1).reshape(-1, d)
-    keep = valid.reshape(-1)
-    idx, w = labels.reshape(-1)[keep], weights.reshape(-1)[keep].to(fea.dtype)
-    cos = F.cosine_similarity(flat[keep], prototypes.to(fea.dtype)[idx], dim=1, eps=1e-8)
+    keep, idx, w = _kept(labels, weights, valid, fea.dtype)
+    cos = F.cosine_similarity(flat, prototypes.to(fea.dtype)[idx], dim=1, eps=1e-8)
     per = (1 - cos) / temperature
-    num = fea.new_zeros(c).index_add(0, idx, per * w)
+    num = fea.new_zeros(c).index_add(0, idx, torch.where(keep, per * w, 0.0))
     den = fea.new_zeros(c).index_add(0, idx, w)
-    count = torch.zeros(c, device=fea.device).index_add_(0, idx, torch.ones_like(w, dtype=torch.float))
+    count = torch.zeros(c, device=fea.device).index_add_(0, idx, keep.float())
     classes = (count > 0) & available & (den > 0)
     n = classes.sum()
     loss = torch.where(classes, num / den.clamp(min=1e-12), torch.zeros_like(num)).sum() / n.clamp(min=1)

@@ -67,9 +67,12 @@ def pseudo_label_diagnostics(pseudo: Tensor, confident: Tensor, ignore: Tensor |
     out["mining_ratio"] = (correct & conf_v).sum() / correct.sum().clamp(min=1)
     out["effective_ratio"] = (correct & conf_v).sum() / v.sum().clamp(min=1)
     k = num_classes
-    cm = torch.bincount(gt[v] * k + pseudo[v], minlength=k * k).view(k, k).float()
+    # the confusion matrix by index_add over every pixel (others add 0 to bin 0): fixed sizes, no host read
+    cells = torch.where(v, gt * k + pseudo, 0).reshape(-1)
+    cm = torch.zeros(k * k, dtype=torch.long, device=pseudo.device).index_add_(0, cells, v.reshape(-1).long())
+    cm = cm.view(k, k).float()
     inter = cm.diag()
     union = cm.sum(0) + cm.sum(1) - inter
     present = union > 0
-    out["pl_miou"] = (inter[present] / union[present]).sum() / present.sum().clamp(min=1)
+    out["pl_miou"] = torch.where(present, inter / union.clamp(min=1), 0.0).sum() / present.sum().clamp(min=1)
     return out

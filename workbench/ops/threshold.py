@@ -37,7 +37,9 @@ def class_max_confidence(logits: Tensor, ignore_mask: Tensor | None = None, igno
                              f"{getattr(ignore_mask, 'shape', ignore_mask)!r}")
         ignore_mask = ignore_mask.to(pred.device)
         keep = ~ignore_mask if ignore_mask.dtype == torch.bool else ignore_mask != ignore_index
-        conf, pred = conf[keep], pred[keep]
+        # ignored pixels take confidence -1, the initial value of every maximum, so they never raise one (a
+        # softmax maximum is > 0); masking instead of selecting keeps the shapes fixed: no host synchronisation
+        conf = torch.where(keep, conf, -1.0)
     maxima = torch.full((logits.shape[1],), -1.0, device=logits.device)
     return maxima.scatter_reduce(0, pred.reshape(-1), conf.reshape(-1), reduce="amax", include_self=True)
 

@@ -571,8 +571,12 @@ def corrmatch_trace(session: StepSession, step: int = 0, seed: int = 0, num_shap
         logits_fp, logits_s = out["logits_fp"][n:], out_s["logits"]
         # 2. the threshold (Eq. 11: EMA of the mean per-class maximum confidence), then the weak targets
         before = float(m.dynamic.value) if m.dynamic is not None else None
-        class_max = class_max_confidence(logits_w, batch.ignore)
-        tau = m.current_threshold(logits_w, batch.ignore)
+        # the reference updates it over the CutMixed ignore mask (method.threshold_ignore=mixed)
+        thr_ignore = batch.ignore
+        if c.cutmix and c.threshold_ignore == "mixed":
+            thr_ignore = paste_in_box(batch.box1, (batch.ignore, batch.ignore_mix))[0]
+        class_max = class_max_confidence(logits_w, thr_ignore)
+        tau = m.current_threshold(logits_w, thr_ignore)
         weak = Targets(*pseudo_label(logits_w), batch.ignore)
         mix = Targets(*pseudo_label(mix_logits), batch.ignore_mix)
         q_w, q_mix = weak.confident(tau), mix.confident(tau)
@@ -594,7 +598,9 @@ def corrmatch_trace(session: StepSession, step: int = 0, seed: int = 0, num_shap
             pseudo_s, q_s, ignore_s = paste_in_box(batch.box1, (pseudo_p, mix.pseudo), (q_p, q_mix),
                                                    (weak.ignore, mix.ignore))
             q_soft = paste_in_box(batch.box1, (q_w, q_mix))[0]
-            probs_s = cutmix_images(logits_w.float().softmax(1), mix_logits.float().softmax(1), batch.box1)
+            probs_s = logits_w.float().softmax(1)   # the reference's soft target: the un-mixed weak softmax
+            if c.kl_target == "mixed":
+                probs_s = cutmix_images(probs_s, mix_logits.float().softmax(1), batch.box1)
         else:
             pseudo_s, q_s, ignore_s, q_soft = pseudo_p, q_p, weak.ignore, q_w
             probs_s = logits_w.float().softmax(1)
