@@ -57,9 +57,9 @@ def one_step(method, batch: SemiBatch, seed: int, info: StepInfo) -> tuple[float
     return float(out.loss.detach()), grads, logs
 
 
-def student_state(run: Path) -> tuple[dict, int]:
+def student_state(run: Path, trust_pickle: bool = False) -> tuple[dict, int]:
     """The ``model.*`` entries of a run's latest checkpoint (the student of any method) and its step."""
-    ck = load_checkpoint(RunDir(run).latest)
+    ck = load_checkpoint(RunDir(run).latest, trust_pickle=trust_pickle)
     return {k: v for k, v in ck["method"].items() if k.startswith("model.")}, ck["step"]
 
 
@@ -112,19 +112,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=3, help="batches compared")
     p.add_argument("--first-step", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="load a checkpoint written before checkpoints became plain data (only your own files)")
     p.add_argument("--out", type=Path, default=Path("reports/fidelity"))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
     state, ck_step = None, None
     if args.run is not None:
-        cfg = load_run_config(args.run)
-        ck = load_checkpoint(RunDir(args.run).latest)
+        cfg = load_run_config(args.run, trust_pickle=args.trust_pickle)
+        ck = load_checkpoint(RunDir(args.run).latest, trust_pickle=args.trust_pickle)
         state, ck_step = ck["method"], ck["step"]
     else:
         cfg = load_config(args.config)
         if args.weights is not None:
-            state, ck_step = student_state(args.weights)
+            state, ck_step = student_state(args.weights, args.trust_pickle)
     base = config_to_dict(cfg)
     if args.method:
         base["method"] = {"name": args.method}
