@@ -141,17 +141,25 @@ def sliding_window_logits(fn: LogitsFn, image: torch.Tensor, window: int | Seque
     count = torch.zeros(1, 1, ph, pw, device=image.device)
     for y in window_starts(h, wh, sh):
         for x in window_starts(w, ww, sw):
-            logits = fn(image[:, :, y:y + wh, x:x + ww])
-            k = num_classes if num_classes is not None else logits.shape[1] if logits.dim() == 4 else -1
-            if logits.shape != (b, k, wh, ww):
-                raise ValueError(f"fn returned logits of shape {tuple(logits.shape)} for a window of "
-                                 f"{(b, wh, ww)}; expected {(b, k, wh, ww)}")
+            logits = _tile_logits(fn, image[:, :, y:y + wh, x:x + ww], num_classes)
+            k = logits.shape[1]
             if total is None:
                 total = torch.zeros(b, k, ph, pw, device=image.device, dtype=torch.float32)
             total[:, :, y:y + wh, x:x + ww] += logits.float()
             count[:, :, y:y + wh, x:x + ww] += 1
     assert total is not None  # at least one window always exists
     return (total / count)[:, :, :h, :w]
+
+
+def _tile_logits(fn: LogitsFn, tile: torch.Tensor, num_classes: int | None) -> torch.Tensor:
+    """``fn(tile)``, checked to be logits [B, K, h, w] of the tile's size (K = ``num_classes`` when given)."""
+    b, _, th, tw = tile.shape
+    logits = fn(tile)
+    k = num_classes if num_classes is not None else logits.shape[1] if logits.dim() == 4 else -1
+    if logits.shape != (b, k, th, tw):
+        raise ValueError(f"fn returned logits of shape {tuple(logits.shape)} for a window of "
+                         f"{(b, th, tw)}; expected {(b, k, th, tw)}")
+    return logits
 
 
 def sliding_window_probs(fn: LogitsFn, image: torch.Tensor, window: int | Sequence[int],
@@ -180,11 +188,8 @@ def sliding_window_probs(fn: LogitsFn, image: torch.Tensor, window: int | Sequen
     for y in clipped_window_starts(h, wh, sh):
         for x in clipped_window_starts(w, ww, sw):
             th, tw = min(h, y + wh) - y, min(w, x + ww) - x
-            logits = fn(image[:, :, y:y + th, x:x + tw])
-            k = num_classes if num_classes is not None else logits.shape[1] if logits.dim() == 4 else -1
-            if logits.shape != (b, k, th, tw):
-                raise ValueError(f"fn returned logits of shape {tuple(logits.shape)} for a tile of "
-                                 f"{(b, th, tw)}; expected {(b, k, th, tw)}")
+            logits = _tile_logits(fn, image[:, :, y:y + th, x:x + tw], num_classes)
+            k = logits.shape[1]
             if total is None:
                 total = torch.zeros(b, k, h, w, device=image.device, dtype=torch.float32)
             total[:, :, y:y + th, x:x + tw] += logits.float().softmax(1)

@@ -205,17 +205,7 @@ class Trainer:
     def _saved_config(self) -> dict[str, Any]:
         """The run's recorded config: config.yaml, or the checkpoint's copy when the file is missing, empty or
         unreadable (a kill while it was written by an older version); the file is then rewritten at setup."""
-        import yaml
-
-        why = None
-        try:
-            old = yaml.safe_load(self.run.config.read_text())
-            if not isinstance(old, dict) or not old:
-                why = "is empty" if not old else "is not a mapping"
-        except FileNotFoundError:
-            why = "is missing"
-        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-            why = f"is unreadable ({str(e).splitlines()[0]})"
+        old, why = read_config_file(self.run.config)
         if why is None:
             return old
         ck = self._load_resume_checkpoint()
@@ -706,21 +696,27 @@ def train(cfg: RunConfig, stop_at: int | None = None, trust_pickle: bool = False
     return Trainer(cfg, trust_pickle=trust_pickle).fit(stop_at)
 
 
+def read_config_file(path: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """A run's config.yaml as a dict, or ``(None, why)`` when it is missing, empty, not a mapping or unreadable
+    (``why`` completes "<path> ...", e.g. "is empty")."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        return None, "is missing"
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        return None, f"is unreadable ({str(e).splitlines()[0]})"
+    if not isinstance(data, dict) or not data:
+        return None, "is empty" if not data else "is not a mapping"
+    return data, None
+
+
 def load_run_config(run_dir: str | Path, trust_pickle: bool = False) -> RunConfig:
     """The resolved config of an existing run directory: config.yaml, or, when that file is missing, empty or not
     valid YAML, the config saved in the run's checkpoint (with a warning). CheckpointError when neither exists."""
-    import yaml
-
     rd = RunDir(run_dir)
-    why = None
-    try:
-        data = yaml.safe_load(rd.config.read_text())
-        if not isinstance(data, dict) or not data:
-            why = "is empty" if not data else "is not a mapping"
-    except FileNotFoundError:
-        why = "is missing"
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        why = f"is unreadable ({str(e).splitlines()[0]})"
+    data, why = read_config_file(rd.config)
     if why is None:
         return config_from_dict(data)
     for path in (rd.latest, rd.best):

@@ -28,11 +28,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from workbench.data.recipes.common import (BuildContext, BuildResult, IGNORE_INDEX, Recipe, RecipeError, Requirement,
-                                           Sample, Source, describe_sources, encode_label_png, fraction_size,
-                                           generated_splits, label_splits, load_published_splits, load_user_splits,
-                                           palette_bytes, parallel_map, published_source, safe_path, split_lines,
-                                           split_lists_option)
+from workbench.data.recipes.common import (BuildContext, BuildResult, describe_sources, encode_label_png, fraction_size,
+                                           generated_splits, IGNORE_INDEX, label_splits, load_user_splits,
+                                           palette_bytes, parallel_map, Recipe, RecipeError, Requirement, safe_path,
+                                           Sample, Source, split_lines, use_published_splits)
 
 LEFT = Requirement(
     "left", "leftImg8bit_trainvaltest.zip", "Cityscapes images, 11 GB (cityscapes-dataset.com, packageID=3)",
@@ -152,15 +151,8 @@ def build(out: Path, sources: dict[str, Source], ctx: BuildContext) -> BuildResu
     splits = {"train": split_lines(train), "val": split_lines(val)}
     sizes = {n: fraction_size(len(train), *f) for n, f in FRACTIONS.items()}
     sources_of = generated_splits(splits, train, sizes, ctx.seed)
-    if split_lists_option(ctx) == "published":
-        published = load_published_splits(PUBLISHED, {s.key: s for s in train}, train, cityscapes_key,
-                                           check_lists={"val.txt": {s.key for s in val}})
-        for name in sources_of:
-            if name not in published:
-                sources_of[name] = f"generated, seed {ctx.seed} (no published list)"
-        for name, (lab, unl) in published.items():
-            label_splits(splits, name, lab, unl)
-            sources_of[name] = published_source(PUBLISHED)
+    use_published_splits(ctx, PUBLISHED, splits, sources_of, train, cityscapes_key,
+                         check_lists={"val.txt": {s.key for s in val}})
     if ctx.splits_dir is not None:
         for name, (lab, unl) in load_user_splits(ctx.splits_dir, {s.key: s for s in train}, train,
                                                  cityscapes_key).items():

@@ -29,11 +29,10 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from workbench.data.recipes.common import (BuildContext, BuildResult, Recipe, RecipeError, Requirement, Sample, Source,
-                                           describe_sources, encode_label_png, fraction_size, generated_splits,
-                                           label_splits, load_published_splits, load_user_splits, palette_bytes,
-                                           parallel_map, published_source, safe_path, split_lines, split_lists_option,
-                                           voc_palette)
+from workbench.data.recipes.common import (BuildContext, BuildResult, describe_sources, encode_label_png, fraction_size,
+                                           generated_splits, label_splits, load_user_splits, palette_bytes,
+                                           parallel_map, Recipe, RecipeError, Requirement, safe_path, Sample, Source,
+                                           split_lines, use_published_splits, voc_palette)
 
 _SRC = "md5 published with COCO's download links (images.cocodataset.org), e.g. in PaddleDetection's dataset list"
 TRAIN = Requirement("train", "train2017.zip", "COCO train2017 images, 18 GB", md5="cced6f7f71b7629ddf16f17bbcfab6b2",
@@ -201,15 +200,8 @@ def build(out: Path, sources: dict[str, Source], ctx: BuildContext) -> BuildResu
     splits = {"train": split_lines(train), "val": split_lines(samples["val"])}
     sizes = {n: fraction_size(len(train), *f) for n, f in FRACTIONS.items()}
     sources_of = generated_splits(splits, train, sizes, ctx.seed)
-    if split_lists_option(ctx) == "published":
-        published = load_published_splits(PUBLISHED, {s.key: s for s in train}, train,
-                                           check_lists={"val.txt": {s.key for s in samples["val"]}})
-        for name in sources_of:
-            if name not in published:
-                sources_of[name] = f"generated, seed {ctx.seed} (no published list)"
-        for name, (lab, unl) in published.items():
-            label_splits(splits, name, lab, unl)
-            sources_of[name] = published_source(PUBLISHED)
+    use_published_splits(ctx, PUBLISHED, splits, sources_of, train,
+                         check_lists={"val.txt": {s.key for s in samples["val"]}})
     if ctx.splits_dir is not None:
         for name, (lab, unl) in load_user_splits(ctx.splits_dir, {s.key: s for s in train}, train).items():
             label_splits(splits, name, lab, unl)

@@ -599,6 +599,24 @@ def load_published_splits(dataset: str, samples: dict[str, Sample], train: list[
     return result
 
 
+def use_published_splits(ctx: "BuildContext", dataset: str, splits: dict[str, list[str]],
+                         sources_of: dict[str, str], train: list[Sample],
+                         key_fn: Callable[[str], str] = default_key,
+                         check_lists: dict[str, set[str]] | None = None) -> None:
+    """When the build asks for the published lists (:func:`split_lists_option`): replace the generated splits of
+    ``splits`` by the shipped published ones of ``dataset`` (:func:`load_published_splits`) and record each split's
+    source in ``sources_of``; generated splits without a published list say so."""
+    if split_lists_option(ctx) != "published":
+        return
+    published = load_published_splits(dataset, {s.key: s for s in train}, train, key_fn, check_lists=check_lists)
+    for name in sources_of:
+        if name not in published:
+            sources_of[name] = f"generated, seed {ctx.seed} (no published list)"
+    for name, (lab, unl) in published.items():
+        label_splits(splits, name, lab, unl)
+        sources_of[name] = published_source(dataset)
+
+
 def split_lists_option(ctx: "BuildContext") -> str:
     """The build's ``split_lists`` option: ``published`` or ``generated`` (:func:`run_recipe` sets ``published``
     for a recipe with published lists unless asked otherwise)."""

@@ -33,11 +33,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from workbench.data.recipes.common import (BuildContext, BuildResult, Recipe, RecipeError, Requirement, Sample, Source,
-                                           complement, describe_sources, encode_label_png, fraction_size, image_size,
-                                           label_splits, load_published_splits, load_user_splits, nested_prefixes,
-                                           palette_bytes, permuted, published_source, safe_path, split_lines,
-                                           split_lists_option, voc_palette)
+from workbench.data.recipes.common import (BuildContext, BuildResult, complement, describe_sources, encode_label_png,
+                                           fraction_size, image_size, label_splits, load_user_splits, nested_prefixes,
+                                           palette_bytes, permuted, Recipe, RecipeError, Requirement, safe_path, Sample,
+                                           Source, split_lines, use_published_splits, voc_palette)
 
 CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
            "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor")
@@ -189,16 +188,8 @@ def build(out: Path, sources: dict[str, Source], ctx: BuildContext) -> BuildResu
         for name, lab in labeled_sets.items():
             label_splits(splits, prefix + name, lab, complement(train, lab))
             sources_of[prefix + name] = f"generated, seed {ctx.seed}"
-    if split_lists_option(ctx) == "published":
-        by_key = {s.key: s for s in train}
-        published = load_published_splits(PUBLISHED, by_key, train,
-                                           check_lists={"val.txt": set(voc_val), "train_aug.txt": set(aug)})
-        for name in sources_of:
-            if name not in published:
-                sources_of[name] = f"generated, seed {ctx.seed} (no published list)"
-        for name, (lab, unl) in published.items():
-            label_splits(splits, name, lab, unl)
-            sources_of[name] = published_source(PUBLISHED)
+    use_published_splits(ctx, PUBLISHED, splits, sources_of, train,
+                         check_lists={"val.txt": set(voc_val), "train_aug.txt": set(aug)})
     if ctx.splits_dir is not None:
         for name, (lab, unl) in load_user_splits(ctx.splits_dir, {s.key: s for s in train}, train).items():
             label_splits(splits, name, lab, unl)
