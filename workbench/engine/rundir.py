@@ -1,4 +1,4 @@
-"""The run directory: the one place that knows its layout (DESIGN.md, "Run directory").
+"""The run directory: the one place that knows its layout (README, "Run directory").
 
 ::
 

@@ -1,6 +1,8 @@
-"""CorrMatch (CVPR 2024): label propagation through correlation matching, with a dynamic confidence threshold.
+"""CorrMatch ("CorrMatch: Label Propagation via Correlation Matching for Semi-Supervised Semantic Segmentation",
+CVPR 2024): label propagation through correlation matching, with a dynamic confidence threshold.
 
-One training step (METHODS.md, "CorrMatch"; the authors' ``corrmatch.py`` for the loss weights):
+One training step (the paper's Sec. 3; the authors' public ``corrmatch.py`` for the loss weights and quirks, see
+``docs/fidelity.md``):
 
 1. the mix batch is predicted in eval mode without gradients (its pseudo-labels, confidences and probabilities
    fill the CutMix box of the strong view);
