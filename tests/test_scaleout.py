@@ -264,13 +264,24 @@ def test_slurm_grid_on_a_real_cluster(slurm, tmp_path, tiny_data):
     r = _cli([*base, "--partition", "debug"], env=env, cwd=tmp_path)
     assert r.returncode == 0 and r.stderr.count("finished earlier, skipped") == 2 and "submitted" not in r.stderr
 
-    # --rerun --no-wait: submitted again (the finished runs just report), --status follows the grid to the end
+    # --rerun --no-wait: submitted again (the finished runs just report), --status follows the grid to the end. The
+    # partition is down while they are submitted and first looked at, so that look sees them queued whatever the
+    # machine's speed; it is brought up again before the loop
+    def partition(state: str) -> None:
+        subprocess.run(["scontrol", "update", "PartitionName=debug", f"State={state}"], env=env, check=True,
+                       capture_output=True, timeout=60)
+
+    partition("DOWN")
     r = _cli([*base, "--rerun", "--no-wait"], env=env, cwd=tmp_path)
     assert r.returncode == 0 and "submitted 2 point(s) as Slurm job array" in r.stderr, r.stderr
     again = r.stderr.split("job array ")[1].split()[0]
     assert again != array and json.loads((d / ".grid" / "slurm.json").read_text())[
         "00_quickstart__seed-1"]["job"] == f"{again}_1"
-    seen, deadline = [], time.monotonic() + 300
+    st = _cli(["report", "00_quickstart", "--out", str(tmp_path / "reports"), "--status"], env=env, cwd=tmp_path)
+    print(st.stdout)
+    seen = [[ln.split()[1] for ln in st.stdout.splitlines()[:2]]]
+    partition("UP")
+    deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         st = _cli(["report", "00_quickstart", "--out", str(tmp_path / "reports"), "--status"], env=env, cwd=tmp_path)
         seen.append([ln.split()[1] for ln in st.stdout.splitlines()[:2]])
