@@ -31,7 +31,7 @@ from workbench.engine.checkpoint import (CheckpointError, latest_exists, load_ch
 from workbench.engine.evaluate import EvalSettings, evaluate
 from workbench.engine.optim import (DeferredNonFinite, all_finite, build_sgd, fused_choice, scaled_lr, set_poly_lr,
                                     zero_momentum_buffers)
-from workbench.engine.rundir import RunDir, RunLock, RunLockedError, atomic_write_text
+from workbench.engine.rundir import RunDir, RunLock, atomic_write_text
 from workbench.methods import METHODS, Method, SemiBatch, StepInfo, build_method
 from workbench.models import build_model
 
