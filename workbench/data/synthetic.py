@@ -17,7 +17,14 @@ later ones occluding earlier ones, and the mask shows the visible object. Masks 
 One scalar, ``difficulty`` in [0, 1], moves every difficulty knob along a fixed law (``DIFFICULTY_LAW``); any knob
 set explicitly overrides the law. On-disk layout (the contract of every workbench dataset)::
 
-    <root>/images/<id>.jpg   <root>/masks/<id>.png (palette PNG)   <root>/splits/<split>.txt   <root>/manifest.json
+    <root>/images/<id>.png   <root>/masks/<id>.png (palette PNG)   <root>/splits/<split>.txt   <root>/manifest.json
+
+Bit-reproducible: the same spec gives byte-identical files whatever numpy, Pillow or zlib is installed. Pixels are
+computed in float64 and rounded once to uint8 (no resampling, no lossy encoder), and the PNG files are written by
+``png_bytes`` with uncompressed (stored) deflate blocks, so no compressor's version enters the bytes. The manifest
+records the generator's version and ``fingerprint``, a sha256 over every file's relative path and bytes
+(``dataset_fingerprint``); runs record it (summary.json ``data.fingerprint``) and run tables refuse to mix runs
+trained on different data unless told to.
 
 Splits: ``train``, ``val`` and, per label fraction ``1-d``, ``labeled_1-d`` (the first ``ceil(N / d)`` images of one
 seeded order, hence nested, and chosen so every class appears in the smallest one) and ``unlabeled_1-d`` (the rest of
@@ -32,8 +39,11 @@ import math
 import os
 import re
 import shutil
+import hashlib
+import struct
 import tempfile
 import uuid
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -43,9 +53,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 FORMAT = "workbench-dataset/1"
-GENERATOR_VERSION = 2  # bump whenever the same spec would render different pixels
+GENERATOR_VERSION = 3  # bump whenever the same spec would render different files (3: lossless PNG images)
 IGNORE_INDEX = 255
-JPEG_QUALITY = 95  # written without chroma subsampling
 SHAPES = ("ellipse", "rectangle", "triangle", "blob", "cross", "diamond")
 
 
@@ -476,15 +485,60 @@ def _sample_id(split: str, index: int, total: int) -> str:
     return f"{split}_{index:0{max(5, len(str(total - 1)))}d}"
 
 
+def png_bytes(pixels: np.ndarray, palette: list[tuple[int, int, int]] | None = None) -> bytes:
+    """A PNG file's bytes for uint8 ``pixels`` [H, W, 3] (RGB) or [H, W] with ``palette`` (indexed, 256 entries).
+
+    The image data is one zlib stream of stored (uncompressed) deflate blocks, filter type 0 on every row, and the
+    checksums come from zlib's adler32/crc32 (fixed functions), so the bytes depend on the pixels alone: no
+    compressor or library version enters them. Any PNG reader decodes the file.
+    """
+    pixels = np.ascontiguousarray(pixels)
+    if pixels.dtype != np.uint8 or pixels.ndim not in (2, 3) or (pixels.ndim == 3 and pixels.shape[2] != 3):
+        raise ValueError(f"pixels must be uint8 [H, W, 3] or [H, W], got {pixels.dtype} {list(pixels.shape)}")
+    if (pixels.ndim == 2) != (palette is not None):
+        raise ValueError("a palette is given with [H, W] index pixels, and only then")
+    height, width = pixels.shape[:2]
+    rows = pixels.reshape(height, -1)
+    raw = np.concatenate([np.zeros((height, 1), np.uint8), rows], axis=1).tobytes()  # filter byte 0 per row
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    stream = [b"\x78\x01"]  # zlib header: deflate, 32K window, no preset dictionary (31 divides 0x7801)
+    blocks = [raw[i:i + 65535] for i in range(0, len(raw), 65535)] or [b""]
+    for n, block in enumerate(blocks):
+        stream.append(struct.pack("<BHH", n == len(blocks) - 1, len(block), 0xFFFF ^ len(block)) + block)
+    stream.append(struct.pack(">I", zlib.adler32(raw)))
+    header = struct.pack(">IIBBBBB", width, height, 8, 2 if palette is None else 3, 0, 0, 0)
+    parts = [b"\x89PNG\r\n\x1a\n", chunk(b"IHDR", header)]
+    if palette is not None:
+        table = [tuple(c) for c in palette] + [(0, 0, 0)] * (256 - len(palette))
+        if len(table) != 256:
+            raise ValueError(f"palette must have at most 256 colours, got {len(palette)}")
+        parts.append(chunk(b"PLTE", bytes(v for rgb in table for v in rgb)))
+    parts += [chunk(b"IDAT", b"".join(stream)), chunk(b"IEND", b"")]
+    return b"".join(parts)
+
+
+def dataset_fingerprint(root: str | Path) -> str:
+    """``"sha256:<hex>"`` over every file of a dataset root except manifest.json, in sorted relative-path order
+    (path and bytes of each), so two roots share it exactly when they hold the same files."""
+    root = Path(root)
+    total = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.relative_to(root).as_posix() != "manifest.json"):
+        rel = path.relative_to(root).as_posix().encode()
+        total.update(struct.pack(">I", len(rel)) + rel)
+        total.update(hashlib.sha256(path.read_bytes()).digest())
+    return f"sha256:{total.hexdigest()}"
+
+
 def _write_dataset(out: Path, spec: SyntheticSpec, progress: bool) -> None:
     """Render every image into the empty directory ``out`` and write split lists and the manifest."""
     for sub in ("images", "masks", "splits"):
         (out / sub).mkdir()
-    png_palette = [0] * 768
-    for i, colour in enumerate(spec.palette):
-        png_palette[3 * i: 3 * i + 3] = colour
-    png_palette[3 * IGNORE_INDEX: 3 * IGNORE_INDEX + 3] = _IGNORE_COLOUR
-    height, width = spec.image_size
+    png_palette = [(0, 0, 0)] * 256
+    png_palette[:len(spec.palette)] = [tuple(c) for c in spec.palette]
+    png_palette[IGNORE_INDEX] = _IGNORE_COLOUR
     lines: dict[str, list[str]] = {"train": [], "val": []}
     presence = np.zeros((spec.num_train, spec.num_classes), bool)
     jobs = [("train", 0, spec.num_train), ("val", 1, spec.num_val)]
@@ -493,12 +547,9 @@ def _write_dataset(out: Path, spec: SyntheticSpec, progress: bool) -> None:
             for i in range(total):
                 sample = render_sample_detailed(np.random.default_rng([spec.seed, code, i]), spec)
                 sid = _sample_id(split, i, total)
-                Image.fromarray(sample.image, "RGB").save(out / "images" / f"{sid}.jpg", quality=JPEG_QUALITY,
-                                                          subsampling=0)  # 4:4:4, keeps colour detail
-                png = Image.frombytes("P", (width, height), np.ascontiguousarray(sample.mask).tobytes())
-                png.putpalette(png_palette)
-                png.save(out / "masks" / f"{sid}.png")
-                lines[split].append(f"images/{sid}.jpg masks/{sid}.png")
+                (out / "images" / f"{sid}.png").write_bytes(png_bytes(sample.image))
+                (out / "masks" / f"{sid}.png").write_bytes(png_bytes(sample.mask, png_palette))
+                lines[split].append(f"images/{sid}.png masks/{sid}.png")
                 if split == "train":
                     presence[i, np.unique(sample.mask)] = True
                 bar.update(1)
@@ -506,12 +557,14 @@ def _write_dataset(out: Path, spec: SyntheticSpec, progress: bool) -> None:
         lines[name] = [lines["train"][i] for i in idx]
     for name, rows in lines.items():
         (out / "splits" / f"{name}.txt").write_text("".join(r + "\n" for r in rows))
+    height, width = spec.image_size
     manifest = {
         "format": FORMAT, "name": "synthetic", "num_classes": spec.num_classes,
         "class_names": list(spec.class_names), "palette": spec.palette, "ignore_index": IGNORE_INDEX,
         "image_size": [height, width], "splits": {name: f"splits/{name}.txt" for name in lines},
         "label_fractions": list(spec.label_fractions), "unlabeled_gt": "diagnostics-only",
         "counts": {name: len(rows) for name, rows in lines.items()}, "generator": _generator_record(spec),
+        "fingerprint": dataset_fingerprint(out),
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
 
