@@ -44,7 +44,7 @@ def run_row(run_dir: Path) -> dict:
         raise SystemExit(f"{run_dir} is not finished")
     last = rd.read_metrics("train")[-1]
     return {**{k: summary["final"].get(k) for k in EVAL_KEYS}, **{k: last.get(k) for k in TRAIN_KEYS},
-            "seconds": summary["timing"]["seconds_total"]}
+            "seconds": summary["timing"]["seconds_total"], "data": (summary.get("dataset") or {}).get("fingerprint")}
 
 
 def included_rows(folders: list[Path], seeds: list[int]) -> list[dict]:

@@ -68,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
             cfg = config_from_dict(apply_overrides(base, [f"data.split={split}", *a.set]))
             s = train(cfg)
             row = {"method": method, "split": split, "seed": seed, "best_miou": s["best"]["miou"],
-                   **{k: s["final"].get(k) for k in KEYS}, "seconds": s["timing"]["seconds_total"]}
+                   **{k: s["final"].get(k) for k in KEYS}, "seconds": s["timing"]["seconds_total"],
+                   "data": (s.get("dataset") or {}).get("fingerprint")}
             rows.append(row)
             print(json.dumps(row), flush=True)
     out = Path(a.out)

@@ -35,6 +35,9 @@ def test_parse_parameters_and_grid_yaml_values():
     assert parse_grid(["seed=0,1", "method=fixmatch,unimatch,supervised"]) == {
         "seed": [0, 1], "method": ["fixmatch", "unimatch", "supervised"]}
     assert parse_grid(["methods=[a],[a, b]"]) == {"methods": [["a"], ["a", "b"]]}
+    # a glob starting with '*' is a string (YAML would read an undefined alias): no quoting needed
+    assert parse_parameters(["pattern=*-s0", "other=&x"]) == {"pattern": "*-s0", "other": "&x"}
+    assert parse_grid(["pattern=*unimatch*,quickstart-*"]) == {"pattern": ["*unimatch*", "quickstart-*"]}
 
 
 @pytest.mark.parametrize("bad,fn,msg", [

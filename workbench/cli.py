@@ -133,9 +133,10 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _quickstart(args: argparse.Namespace) -> int:
-    from workbench.quickstart import run_quickstart
+    from workbench.quickstart import render_report, run_quickstart
 
-    run_quickstart(out=Path(args.out), iters=args.iters, methods=args.methods.split(","), seed=args.seed)
+    summary = run_quickstart(out=Path(args.out), iters=args.iters, methods=args.methods.split(","), seed=args.seed)
+    print(render_report(summary))
     return 0
 
 
@@ -158,7 +159,8 @@ def _report(args: argparse.Namespace) -> int:
     try:
         run_report(args.notebook, out=Path(args.out), grid=args.grid or [], parameters=args.param or [],
                    html=not args.no_html, timeout=args.timeout, jobs=args.jobs, devices=args.devices,
-                   executor=args.executor, slurm=slurm, wait=not args.no_wait, rerun=args.rerun)
+                   executor=args.executor, slurm=slurm, wait=not args.no_wait, rerun=args.rerun,
+                   progress=not args.no_progress)
     except (ReportError, ReportInputError):
         raise
     except (ValueError, FileNotFoundError) as e:   # bad notebook name, grid or parameter
@@ -266,6 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--grid", action="append", metavar="KEY=V1,V2", help="parameter grid axis, e.g. seed=0,1")
     r.add_argument("--param", action="append", metavar="KEY=VALUE", help="fixed parameter")
     r.add_argument("--no-html", action="store_true")
+    r.add_argument("--no-progress", action="store_true", help="do not print the progress of the training runs the "
+                                                              "notebooks write (step, loss, val mIoU, ETA)")
     r.add_argument("--timeout", type=float, default=None, help="seconds one cell may run (default: no limit)")
     r.add_argument("--rerun", action="store_true", help="execute points that finished before again (default: skip "
                                                         "them; unfinished ones always run, their trainings resume)")

@@ -117,7 +117,11 @@ _EXP_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 def _yaml(raw: str, what: str) -> Any:
-    """YAML value of ``raw``; exponent floats without a dot (``1e-3``, a string in YAML 1.1) become floats."""
+    """YAML value of ``raw``; exponent floats without a dot (``1e-3``, a string in YAML 1.1) become floats, and a
+    value starting with ``*`` or ``&`` (a glob such as ``*-s0``; YAML would read an alias or anchor) is the string
+    itself, so globs need no quoting."""
+    if raw.strip()[:1] in ("*", "&"):
+        return raw.strip()
     try:
         v = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
@@ -500,8 +504,8 @@ def finish_report(plan: GridPlan) -> list[ReportEntry]:
 def run_report(notebook: str | Path, out: Path = Path("reports"), grid: Sequence[str] = (),
                parameters: Sequence[str] = (), html: bool = True, kernel_name: str | None = None,
                timeout: float | None = None, *, jobs: int = 1, devices: Sequence[int] | str | None = None,
-               executor: str = "local", slurm: Any = None, wait: bool = True, rerun: bool = False
-               ) -> list[ReportEntry]:
+               executor: str = "local", slurm: Any = None, wait: bool = True, rerun: bool = False,
+               progress: bool = True) -> list[ReportEntry]:
     """Execute ``notebook`` over the cartesian ``grid`` (``["key=v1,v2", ...]``) with the fixed ``parameters``
     (``["key=value", ...]``) into ``out/<name>/`` (see the module docstring); returns the entries.
 
@@ -517,6 +521,10 @@ def run_report(notebook: str | Path, out: Path = Path("reports"), grid: Sequence
 
     ReportInputError (a ValueError) for unknown parameter names, a key both fixed and on the grid, or bad scale-out
     options (before anything runs); :class:`ReportError` after all points ran when any failed.
+
+    ``progress``: while points execute, print the progress of the training runs they write (step, loss, latest
+    validation mIoU, ETA; :class:`workbench.progress.RunWatcher`) under each point's ``runs`` parameter (the
+    notebook's default when not given; ``runs`` when the notebook has none).
     """
     from tqdm.auto import tqdm
 
@@ -539,11 +547,38 @@ def run_report(notebook: str | Path, out: Path = Path("reports"), grid: Sequence
             todo.append(p)
             (plan.state_dir / f"{p.stem}.json").unlink(missing_ok=True)  # its outcome is about to be replaced
     plan.write_index()
-    if runner is not None:
-        runner(todo, wait=wait)
-        return plan.entries() if executor == "slurm" and not wait else finish_report(plan)
-    for p in tqdm(todo, desc=f"report {name}", disable=len(todo) < 2):
-        entry = run_plan_point(plan, p.stem)
-        print(point_line(p, entry, name), file=sys.stderr)
-        plan.write_index()
+    with _watch_runs(plan, todo if progress and (wait or executor == "local") else []):
+        if runner is not None:
+            runner(todo, wait=wait)
+            return plan.entries() if executor == "slurm" and not wait else finish_report(plan)
+        for p in tqdm(todo, desc=f"report {name}", disable=len(todo) < 2):
+            entry = run_plan_point(plan, p.stem)
+            print(point_line(p, entry, name), file=sys.stderr)
+            plan.write_index()
     return finish_report(plan)
+
+
+@contextmanager
+def _watch_runs(plan: GridPlan, points: Sequence[GridPoint]) -> Iterator[None]:
+    """Follow the training runs of ``points`` (their ``runs`` directories) while the body executes them."""
+    from contextlib import ExitStack
+
+    from workbench.progress import RunWatcher
+
+    roots: list[Path] = []
+    if points:
+        try:
+            default = notebook_parameters(Path(plan.notebook)).get("runs", {}).get("default")
+            default = yaml.safe_load(default) if isinstance(default, str) else None
+        except Exception:  # an unreadable default: the usual folder
+            default = None
+        for p in points:
+            runs = p.parameters.get("runs", default if isinstance(default, str) else "runs")
+            root = Path(runs) if Path(runs).is_absolute() else Path(plan.cwd) / runs
+            if root not in roots:
+                roots.append(root)
+    start = time.time()
+    with ExitStack() as stack:
+        for root in roots:
+            stack.enter_context(RunWatcher(root, since=start))
+        yield

@@ -13,11 +13,12 @@ several processes sees exactly the samples (and augmentations) one process would
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -73,6 +74,24 @@ def load_manifest(root: str | Path) -> Manifest:
         raise DataError(f"{path}: format {raw.get('format')!r}, expected {MANIFEST_FORMAT!r}")
     return Manifest(root, raw.get("name", root.name), int(raw["num_classes"]), list(raw["class_names"]),
                     [list(c) for c in raw["palette"]], int(raw.get("ignore_index", IGNORE)), dict(raw["splits"]), raw)
+
+
+def data_identity(manifest: Manifest, splits: Sequence[str]) -> dict[str, Any]:
+    """What a run records of the data it trained on (summary.json ``dataset``): the dataset's name and root, the
+    splits it read, and ``fingerprint``. When the manifest carries a content fingerprint (the embedded dataset:
+    a sha256 over every file, see ``workbench.data.synthetic.dataset_fingerprint``) that is it
+    (``fingerprint_of: "files"``); otherwise a sha256 over manifest.json and the split lists read
+    (``"lists"``: the same image list, not a check of the pixels)."""
+    fingerprint = manifest.raw.get("fingerprint")
+    if isinstance(fingerprint, str) and fingerprint.startswith("sha256:"):
+        of = "files"
+    else:
+        h = hashlib.sha256((manifest.root / "manifest.json").read_bytes())
+        for split in sorted(set(splits)):
+            h.update(split.encode() + b"\0" + manifest.split_path(split).read_bytes())
+        fingerprint, of = f"sha256:{h.hexdigest()}", "lists"
+    return {"name": manifest.name, "root": str(manifest.root), "splits": sorted(set(splits)),
+            "fingerprint": fingerprint, "fingerprint_of": of}
 
 
 def read_split(manifest: Manifest, split: str, check_files: bool = True) -> list[tuple[Path, Path | None]]:

@@ -23,7 +23,7 @@ Bit-reproducible: the same spec gives byte-identical files whatever numpy, Pillo
 computed in float64 and rounded once to uint8 (no resampling, no lossy encoder), and the PNG files are written by
 ``png_bytes`` with uncompressed (stored) deflate blocks, so no compressor's version enters the bytes. The manifest
 records the generator's version and ``fingerprint``, a sha256 over every file's relative path and bytes
-(``dataset_fingerprint``); runs record it (summary.json ``data.fingerprint``) and run tables refuse to mix runs
+(``dataset_fingerprint``); runs record it (summary.json ``dataset.fingerprint``) and run tables refuse to mix runs
 trained on different data unless told to.
 
 Splits: ``train``, ``val`` and, per label fraction ``1-d``, ``labeled_1-d`` (the first ``ceil(N / d)`` images of one

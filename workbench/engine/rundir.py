@@ -8,7 +8,7 @@
                                   with its X.pt.sha256 (see workbench.engine.checkpoint)
                .lock              held (fcntl.flock) by the one trainer writing the run: pid and host
                artifacts/         step_<000123>.pt (dict of CPU tensors) + index.jsonl (one line per capture)
-               summary.json       final metrics, timings, environment
+               summary.json       final metrics, timings, environment, dataset (its fingerprint)
 
 Artifact format (read by notebooks and the dashboard): ``artifacts/step_<N>.pt`` is ``torch.save`` of a flat
 ``dict[str, Tensor]`` (load with ``torch.load(path, weights_only=True)``). Images are uint8 [B,3,H,W] (denormalised),

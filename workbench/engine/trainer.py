@@ -21,8 +21,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 
 from workbench.config import ConfigError, RunConfig, config_from_dict, config_to_dict, dump_config
-from workbench.data.dataset import (DataError, EvalDataset, SegDataset, StepDataset, StepPlan, load_manifest,
-                                    read_split, verify_files)
+from workbench.data.dataset import (DataError, EvalDataset, SegDataset, StepDataset, StepPlan, data_identity,
+                                    load_manifest, read_split, verify_files)
 from workbench.data.transforms import denormalize, normalize
 from workbench.engine import distributed as D
 from workbench.engine.checkpoint import (CheckpointError, latest_exists, load_checkpoint, load_latest,
@@ -182,6 +182,7 @@ class Trainer:
     def __init__(self, cfg: RunConfig, trust_pickle: bool = False) -> None:
         self.cfg = cfg
         self.trust_pickle = trust_pickle
+        self.bar_loss: float | None = None  # the progress bar's last logged loss
         self.lock: RunLock | None = None
         self._ck: dict[str, Any] | None = None   # the checkpoint to resume from, once read
         self.device = D.local_device(cfg.train.device)
@@ -299,6 +300,8 @@ class Trainer:
         check_splits(self.labeled, self.unlabeled)
         self.num_classes = self.labeled.num_classes
         self.val = EvalDataset(root, cfg.data.val_split)
+        self.data_record = data_identity(self.labeled.manifest, [lab_split, *([unl_split] if unl_split else []),
+                                                                 cfg.data.val_split])
         if self.rank == 0:
             self._verify_data()
         bl = cfg.data.batch_size
@@ -539,7 +542,7 @@ class Trainer:
                 rec.update({k: float(v / n_read) if n_read else None for k, v in sums.items()})
                 self._log(rec)
                 if pbar:
-                    pbar.set_postfix(loss=f"{rec.get('loss', float('nan')):.3f}")
+                    pbar.set_postfix(self._bar_fields(rec, last_eval))
                 sums, n_sum = {}, 0
                 self.log_sums, self.log_n = sums, n_sum
             do_eval = step == self.total or (cfg.train.eval_every and step % cfg.train.eval_every == 0) or (
@@ -549,6 +552,8 @@ class Trainer:
                 last_eval = {"kind": "eval", "step": step, "epoch": (step - 1) // self.ipe, **res}
                 self._log(last_eval)
                 miou = res["miou"] if res["miou"] is not None else 0.0
+                if pbar:
+                    pbar.set_postfix(self._bar_fields(None, last_eval))
                 if miou > self.best["miou"]:
                     self.best = {"miou": miou, "step": step}
                     if self.rank == 0:
@@ -638,6 +643,15 @@ class Trainer:
         raise NonFiniteError(f"non-finite loss/gradients at step {step}: loss terms {terms}; batch ids {ids}. "
                              "Set optim.nonfinite=skip to skip such steps, or lower optim.lr.")
 
+    def _bar_fields(self, rec: dict[str, Any] | None, last_eval: dict[str, Any] | None) -> dict[str, str]:
+        """The progress bar's postfix: the logged loss and the latest validation mIoU with its step."""
+        if rec is not None:
+            self.bar_loss = rec.get("loss")
+        fields = {"loss": "-" if self.bar_loss is None else f"{self.bar_loss:.3f}"}
+        if last_eval is not None and last_eval.get("miou") is not None:
+            fields["val_mIoU"] = f"{last_eval['miou']:.3f}@{last_eval['step']}"
+        return fields
+
     def _summary(self, step: int, last_eval: dict[str, Any] | None, data_time: float) -> dict[str, Any]:
         if last_eval is None:
             evals = self.run.read_metrics("eval") if self.rank == 0 else []
@@ -652,7 +666,7 @@ class Trainer:
             "nonfinite_tensors": nonfinite_tensors(self.method.state_dict()),
             "timing": {"seconds_total": self.elapsed, "steps_this_session": done,
                        "data_wait_seconds_this_session": data_time},
-            "environment": environment(),
+            "dataset": self.data_record, "environment": environment(),
         }
         if summary["nonfinite_tensors"]:
             warn(f"the trained state holds non-finite values in {len(summary['nonfinite_tensors'])} tensor(s), e.g. "
