@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -38,9 +39,34 @@ def write_table(out: Path, result_files: list[Path]) -> str:
                          [("mIoU (final, mean)", "miou", ".3f"), ("fg IoU", "fg_iou", ".3f"),
                           ("fg class acc", "fg_class_acc", ".3f"), ("best mIoU", "best_miou", ".3f"),
                           ("train s", "seconds", ".0f")])]
+    lines += ["", *gain_lines(rows)]
     text = "\n".join(lines) + "\n"
     atomic_write_text(out / "table.md", text)
     return text
+
+
+def gain_lines(rows: list[dict]) -> list[str]:
+    """Markdown of the per-seed gain of each semi-supervised method over supervised-only at the same labels (final
+    mIoU, paired by seed), with mean, sample std, min and max over the seeds."""
+    by = {(r["method"], r["split"], r["seed"]): r for r in rows}
+    out: list[str] = []
+    for method, split in dict.fromkeys((r["method"], r["split"]) for r in rows):
+        if method == "supervised":
+            continue
+        pairs = [(seed, by[("supervised", split, seed)], r) for (m, sp, seed), r in by.items()
+                 if (m, sp) == (method, split) and ("supervised", split, seed) in by]
+        if not pairs:
+            continue
+        gains = [r["miou"] - s["miou"] for _, s, r in pairs]
+        out += [f"Gain of {method} over supervised-only, labels {split} (final mIoU, paired by seed):", "",
+                "| seed | supervised | " + method + " | gain | train s (sup + semi) |", "|---|---|---|---|---|"]
+        for (seed, s, r), g in zip(pairs, gains):
+            out.append(f"| {seed} | {s['miou']:.3f} | {r['miou']:.3f} | {g:+.3f} | "
+                       f"{s['seconds']:.0f} + {r['seconds']:.0f} |")
+        sd = statistics.stdev(gains) if len(gains) > 1 else float("nan")
+        out += ["", f"Over {len(gains)} seeds: mean {statistics.mean(gains):+.3f}, std {sd:.3f}, "
+                    f"min {min(gains):+.3f}, max {max(gains):+.3f}.", ""]
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,12 +15,12 @@ from workbench.data.transforms import normalize
 from workbench.engine.rundir import RunDir, atomic_write_text
 from workbench.engine.trainer import load_method, train
 
-QUICKSTART_ITERS = 1000
+QUICKSTART_ITERS = 1500
 
 
 def quickstart_config(method: str, iters: int, seed: int, runs: str = "runs", data_root: str = "data/synthetic",
-                      split: str = "1-128", synthetic: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The quickstart run config (a plain dict) for ``method``: embedded dataset, 1/128 labels (16 images), the tiny
+                      split: str = "1-256", synthetic: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The quickstart run config (a plain dict) for ``method``: embedded dataset, 1/256 labels (8 images), the tiny
     default model (quarter-width ResNet-18, output stride 8, ASPP rates 2/4/6 for the 8x8 feature maps of 64-pixel
     crops)."""
     return {
@@ -44,7 +44,7 @@ def predict_images(run_dir: Path, images: torch.Tensor) -> torch.Tensor:
 
 def run_quickstart(out: Path = Path("reports/quickstart"), iters: int | None = None,
                    methods: list[str] | None = None, seed: int = 0, runs: str = "runs",
-                   data_root: str = "data/synthetic", num_figure: int = 6, split: str = "1-128",
+                   data_root: str = "data/synthetic", num_figure: int = 6, split: str = "1-256",
                    synthetic: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train each method on the embedded dataset and write the report; returns the summary dict.
 

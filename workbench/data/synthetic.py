@@ -133,7 +133,7 @@ class SyntheticSpec:
     num_train: int = 2000
     num_val: int = 300
     seed: int = 0
-    label_fractions: tuple[str, ...] = ("1-128", "1-64", "1-32", "1-16", "1-8")
+    label_fractions: tuple[str, ...] = ("1-256", "1-128", "1-64", "1-32", "1-16", "1-8")
     objects_per_image: tuple[int, int] = (1, 6)
     object_area: tuple[float, float] = (0.025, 0.35)
     difficulty: float = 0.3
