@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.workbench-installed
 
-.PHONY: demo test venv bench clean-runs
+.PHONY: demo test venv bench clean-runs strip-notebooks
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,3 +28,8 @@ bench: $(STAMP)
 
 clean-runs:
 	rm -rf runs
+
+# the notebooks as the repository keeps them: no outputs, execution counts or widget state (after saving a notebook
+# run in JupyterLab; tests/test_notebooks.py fails on a notebook stored with outputs)
+strip-notebooks: $(STAMP)
+	$(PY) -c "from workbench.viz.notebook import strip_notebooks; print('stripped:', *strip_notebooks('notebooks') or ['nothing'])"

@@ -3,7 +3,9 @@ executed copy holds the expected figures (image/png outputs) and tables, not onl
 import ast
 import base64
 import json
+import os
 import re
+import shutil
 from pathlib import Path
 
 import nbformat
@@ -13,8 +15,12 @@ from papermill.inspection import inspect_notebook
 from conftest import tiny_config_dict
 from workbench.config import config_from_dict
 from workbench.engine.trainer import train
-from workbench.report import NOTEBOOKS, report_name, resolve_notebook, run_report
+from workbench.paths import ENV, describe_root, project_path, project_root, require_dir, require_run
+from workbench.report import NOTEBOOKS, ReportError, report_name, resolve_notebook, run_report
 from workbench.runs import flatten
+from workbench.viz.notebook import strip_notebook, strip_notebooks
+
+REPO = Path(__file__).resolve().parents[1]
 
 TESTED = {"00_quickstart", "01_train", "10_maskmatch", "11_s4mim", "12_scalematch", "13_corrmatch", "14_rankmatch",
           "20_pseudo_label_quality", "21_feature_space", "30_compare_runs"}
@@ -40,7 +46,7 @@ def outputs(path: Path) -> dict:
             if o.output_type == "error":
                 out["errors"].append(f"{o.ename}: {o.evalue}")
             elif o.output_type == "stream":
-                out["stdout"] += o.text
+                out["stdout"] += o.text  # stdout and stderr (warnings) in order
             else:
                 data = o.get("data", {})
                 if "image/png" in data:
@@ -82,6 +88,103 @@ def test_every_notebook_is_tested_and_parametrised():
         assert set(inspect_notebook(str(path))) == assigned, f"papermill misreads a parameter of {name}"
 
 
+def test_notebooks_are_stored_without_outputs():
+    # what JupyterLab adds on save (outputs, counts, widget state, timings) must not reach the repository:
+    # `make strip-notebooks` removes it
+    for path in sorted(NOTEBOOKS.glob("*.ipynb")):
+        nb = nbformat.read(str(path), as_version=4)
+        dirty = [i for i, c in enumerate(nb.cells) if c.cell_type == "code" and (c.outputs or c.execution_count)]
+        assert not dirty, f"{path.name}: cells {dirty} are stored with outputs or execution counts; run make strip-notebooks"
+        extra = [(i, k) for i, c in enumerate(nb.cells) for k in c.metadata if k != "tags"]
+        assert not extra, f"{path.name}: cell metadata {extra} (widget state, timings); run make strip-notebooks"
+        assert set(nb.metadata) <= {"kernelspec", "language_info"}, f"{path.name}: metadata {sorted(nb.metadata)}"
+    assert strip_notebooks(str(NOTEBOOKS), check=True) == []
+
+
+def test_strip_notebook_removes_what_a_saved_run_adds(tmp_path):
+    src = NOTEBOOKS / "20_pseudo_label_quality.ipynb"
+    dirty = tmp_path / "nb.ipynb"
+    nb = nbformat.read(str(src), as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    code[1].outputs = [nbformat.v4.new_output("stream", name="stdout", text="hello\n")]
+    code[1].execution_count = 3
+    code[1].metadata["execution"] = {"iopub.status.busy": "2024-01-01T00:00:00"}
+    nb.metadata["widgets"] = {"application/vnd.jupyter.widget-state+json": {"state": {}}}
+    nb.metadata["language_info"] = {"name": "python", "version": "3.11.7"}
+    nbformat.write(nb, str(dirty))
+    assert strip_notebook(str(dirty), check=True) and "hello" in dirty.read_text()  # check leaves the file
+    assert strip_notebook(str(dirty)) is True
+    assert dirty.read_text() == src.read_text()  # byte for byte the stored form
+    assert strip_notebook(str(dirty)) is False
+
+
+# -------------------------------------------------------------------------- paths resolve against the project root
+
+
+@pytest.fixture
+def no_root_env(monkeypatch):
+    monkeypatch.delenv(ENV, raising=False)
+
+
+def fake_project(root: Path, name: str = "workbench") -> Path:
+    """A folder that looks like a checkout: pyproject.toml naming ``name`` and a workbench/ package."""
+    (root / "workbench").mkdir(parents=True)
+    (root / "workbench" / "__init__.py").write_text("")
+    (root / "pyproject.toml").write_text(f'[project]\nname = "{name}"\nversion = "0"\n')
+    return root
+
+
+def test_project_path_from_the_notebooks_folder(monkeypatch, no_root_env):
+    monkeypatch.chdir(NOTEBOOKS)  # where JupyterLab starts a notebook's kernel
+    assert project_root() == REPO
+    assert project_path("runs/quickstart-unimatch-s0") == str(REPO / "runs" / "quickstart-unimatch-s0")
+    assert project_path(Path("data/synthetic")) == REPO / "data" / "synthetic"  # a Path stays a Path
+    assert project_path("/abs/runs") == "/abs/runs"
+    assert project_path("~/x") == str(Path.home() / "x")
+    assert project_path("") == "" and project_path(None) is None  # the notebooks' "not given"
+    with pytest.raises(TypeError, match="str or a path"):
+        project_path(3)
+
+
+def test_project_root_walks_up_to_this_project_only(tmp_path, monkeypatch, no_root_env):
+    proj = fake_project(tmp_path / "proj")
+    (proj / "a" / "b").mkdir(parents=True)
+    monkeypatch.chdir(proj / "a" / "b")
+    assert project_root() == proj and project_path("runs") == str(proj / "runs")
+    other = fake_project(tmp_path / "other", name="workbench-plugin")  # another project's pyproject.toml
+    monkeypatch.chdir(other)
+    assert project_root() == REPO  # the checkout holding the imported package
+    assert "outside it" in describe_root()
+
+
+def test_workbench_root_overrides(tmp_path, monkeypatch):
+    monkeypatch.chdir(NOTEBOOKS)
+    monkeypatch.setenv(ENV, str(tmp_path))
+    assert project_root() == tmp_path.resolve() and project_path("runs") == str(tmp_path.resolve() / "runs")
+    monkeypatch.setenv(ENV, str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match=f"{ENV}=.*missing.* is not a directory"):
+        project_root()
+
+
+def test_missing_run_names_path_root_and_remedy(tmp_path, monkeypatch, no_root_env):
+    monkeypatch.chdir(NOTEBOOKS)
+    with pytest.raises(FileNotFoundError) as e:
+        require_run("runs/no-such-run")
+    msg = str(e.value)
+    assert msg.startswith(f"run: {REPO / 'runs' / 'no-such-run'} does not exist")
+    assert f"'runs/no-such-run' resolved against the project root {REPO}, found at or above the working " \
+           f"directory {NOTEBOOKS}" in msg
+    assert "make demo" in msg and "run=<a run directory>" in msg
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"run_a: .*empty is not a run directory \(no config.yaml\)\. Run"):
+        require_run(str(tmp_path / "empty"), "run_a")
+    with pytest.raises(ValueError, match="run is empty"):
+        require_run("")
+    with pytest.raises(FileNotFoundError, match="runs_dir: .*nowhere does not exist"):
+        require_dir(str(tmp_path / "nowhere"), "runs_dir")
+    assert require_dir(str(tmp_path), "runs_dir") == tmp_path
+
+
 def test_quickstart_notebook(tmp_path, tiny_data):
     # the tiny dataset and one step of supervised-only keep it short
     from conftest import TINY_SPEC
@@ -114,13 +217,34 @@ def test_train_notebook(tmp_path, tiny_data):
     assert (d / "01_train.html").is_file()
 
 
-def test_pseudo_label_quality_notebook(tmp_path, tiny_runs, tiny_data):
-    _, o = report(tmp_path, "20_pseudo_label_quality", run=str(tiny_runs / "tiny-unimatch"), step=None,
-                  num_images=2)
+@pytest.fixture
+def from_notebooks_folder(monkeypatch):
+    """Run with the working directory JupyterLab gives a kernel (notebooks/); nothing may appear there."""
+    before = {p for p in NOTEBOOKS.rglob("*") if ".ipynb_checkpoints" not in p.parts}
+    monkeypatch.chdir(NOTEBOOKS)
+    yield
+    after = {p for p in NOTEBOOKS.rglob("*") if ".ipynb_checkpoints" not in p.parts}
+    assert after == before, f"written under notebooks/: {sorted(map(str, after - before))}"
+
+
+def test_pseudo_label_quality_notebook(tmp_path, tiny_runs, tiny_data, monkeypatch, from_notebooks_folder):
+    # started in notebooks/ (as JupyterLab does) with a path relative to the project root
+    monkeypatch.setenv(ENV, str(tiny_runs.parent))
+    _, o = report(tmp_path, "20_pseudo_label_quality", run="runs/tiny-unimatch", step=None, num_images=2)
     t = table(o["html"], "per-class pseudo-label quality at step 4")
     names = json.loads((tiny_data / "manifest.json").read_text())["class_names"]
     assert all(f"<td>{n}</td>" in t for n in names) and "<th>mining_ratio</th>" in t
     assert len(o["png"]) == 4  # diagnostics curves, per-class curves, per-class bars, example panel
+
+
+def test_pseudo_label_quality_notebook_explains_a_missing_run(tmp_path, monkeypatch, from_notebooks_folder):
+    monkeypatch.delenv(ENV, raising=False)
+    with pytest.raises(ReportError) as e:
+        run_report("20_pseudo_label_quality", out=tmp_path / "reports", parameters=['run="runs/no-such-run"'])
+    err = e.value.entries[0].error
+    assert f"FileNotFoundError: run: {REPO / 'runs' / 'no-such-run'} does not exist" in err
+    assert f"resolved against the project root {REPO}, found at or above the working directory {NOTEBOOKS}" in err
+    assert "make demo" in err
 
 
 def test_feature_space_notebook(tmp_path, tiny_runs):
@@ -132,9 +256,22 @@ def test_feature_space_notebook(tmp_path, tiny_runs):
 
 
 def test_compare_runs_notebook(tmp_path, tiny_runs):
-    _, o = report(tmp_path, "30_compare_runs", runs_dir=str(tiny_runs), pattern="tiny-*")
+    runs = tmp_path / "runs"
+    shutil.copytree(tiny_runs, runs)
+    shutil.copytree(runs / "tiny-unimatch", runs / "tiny-broken")
+    (runs / "tiny-broken" / "summary.json").write_text('{"best": ')  # cut short
+    _, o = report(tmp_path, "30_compare_runs", runs_dir=str(runs), pattern="tiny-*")
+    # the unreadable run is named and skipped; the others are compared
+    assert f"skipping run tiny-broken: {runs / 'tiny-broken' / 'summary.json'}: unreadable (JSONDecodeError" in o["stdout"]
+    assert "tiny-broken" not in table(o["html"], "runs")
     assert "tiny-supervised" in table(o["html"], "runs") and "tiny-unimatch" in table(o["html"], "runs")
-    assert "<th>method.name</th>" in table(o["html"], "ablation")
+    ablation = table(o["html"], "ablation")
+    assert "<th>method.name</th>" in ablation
+    # across methods, settings that only come with a method (UniMatch's tau, missing from the supervised config)
+    # leave the ablation table for one of their own: a row per setting, a column per method
+    assert "<th>method.tau</th>" not in ablation
+    settings = table(o["html"], "settings that come with each method")
+    assert "<th>supervised</th><th>unimatch</th>" in settings and "<tr><td>method.tau</td><td>-</td><td>0.95" in settings
     assert "<th>background</th>" in table(o["html"], "per-class IoU")
     assert "config keys that differ between runs: ['method.name'" in o["stdout"]
     assert len(o["png"]) == 2
@@ -189,13 +326,21 @@ def test_maskmatch_notebook(tmp_path, tiny_maskmatch_run):
     assert float(ms["mean (L_MS)"]) == pytest.approx(sum(float(ms[k]) for k in ("0.7", "1", "1.5")) / 3, abs=2e-3)
 
 
-def test_corrmatch_notebook(tmp_path, tiny_data):
-    # a fresh model on the tiny dataset with the default (dynamic) threshold
-    _, o = report(tmp_path, "13_corrmatch", data_root=str(tiny_data), split="1-4",
+def test_corrmatch_notebook(tmp_path, tiny_data, monkeypatch, from_notebooks_folder):
+    # a fresh model on the tiny dataset with the default (dynamic) threshold, started in notebooks/ with the default
+    # data_root: the config's data/synthetic of the project root (here a stand-in holding the tiny dataset), no
+    # second dataset generated under notebooks/
+    root = tmp_path / "project"
+    (root / "data").mkdir(parents=True)
+    (root / "data" / "synthetic").symlink_to(tiny_data, target_is_directory=True)
+    monkeypatch.setenv(ENV, str(root))
+    _, o = report(tmp_path, "13_corrmatch", split="1-4",
                   overrides=stepthrough_overrides(tmp_path, tiny_data), pixels=[[4, 4], [20, 28]], num_shapes=8,
                   image=1, device="cpu", interactive=False)
     assert len(o["png"]) == 4  # predictions, correlation rows + shapes, sampled shapes, propagation
-    assert cells(table(o["html"], "step-through setup"))["weights"] == "fresh initialisation (seed 0)"
+    setup = cells(table(o["html"], "step-through setup"))
+    assert setup["weights"] == "fresh initialisation (seed 0)"
+    assert setup["dataset"] == f"{root.resolve() / 'data' / 'synthetic'} (split 1-4)"
     th = cells(table(o["html"], "dynamic threshold"))
     # Eq. 11 from the initial 0.85 with momentum 0.999: tau = 0.999 * 0.85 + 0.001 * mean of the class maxima
     assert th["threshold before"] == "0.850000" and th["momentum"] == "0.999"

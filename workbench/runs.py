@@ -181,24 +181,45 @@ def lookup(run: Run, key: str, default: Any = None) -> Any:
 
 
 def load_run(path: str | Path) -> Run:
-    """Read one run directory (ValueError when ``path`` has no config.yaml)."""
+    """Read one run directory (ValueError when ``path`` has no config.yaml, or when its config.yaml or
+    summary.json cannot be read: the message names the file)."""
     rd = RunDir(path)
     if not rd.config.is_file():
         raise ValueError(f"path: {rd.path} is not a run directory (no config.yaml)")
-    config = yaml.safe_load(rd.config.read_text()) or {}
-    summary = json.loads(rd.summary.read_text()) if rd.summary.is_file() else None
+    try:
+        config = yaml.safe_load(rd.config.read_text()) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise ValueError(f"{rd.config}: unreadable ({type(e).__name__}: {e})") from None
+    try:
+        summary = json.loads(rd.summary.read_text()) if rd.summary.is_file() else None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"{rd.summary}: unreadable ({type(e).__name__}: {e})") from None
     return Run(rd.path, config, summary)
 
 
-def load_runs(runs_dir: str | Path = "runs", pattern: str = "*") -> list[Run]:
+def load_runs(runs_dir: str | Path = "runs", pattern: str = "*", errors: str = "raise") -> list[Run]:
     """Every run directory ``runs_dir/<pattern>`` (those with a config.yaml), sorted by name.
 
-    FileNotFoundError when ``runs_dir`` does not exist; an empty list when it holds no run.
+    FileNotFoundError when ``runs_dir`` does not exist; an empty list when it holds no run. A run whose
+    config.yaml or summary.json cannot be read raises (``errors="raise"``) or is skipped with a warning naming
+    the file (``errors="warn"``).
     """
+    if errors not in ("raise", "warn"):
+        raise ValueError(f"errors must be 'raise' or 'warn', got {errors!r}")
     root = Path(runs_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"runs_dir: {root} is not a directory")
-    return [load_run(p) for p in sorted(root.glob(pattern)) if (p / "config.yaml").is_file()]
+    out = []
+    for p in sorted(root.glob(pattern)):
+        if not (p / "config.yaml").is_file():
+            continue
+        try:
+            out.append(load_run(p))
+        except ValueError as e:
+            if errors == "raise":
+                raise
+            warnings.warn(f"skipping run {p.name}: {e}", stacklevel=2)
+    return out
 
 
 def metrics_frame(run: Run, kind: str = "train", keys: Sequence[str] | None = None) -> dict[str, list[Any]]:
@@ -313,13 +334,22 @@ def ablation_table(runs: Sequence[Run], by: Sequence[str] | None = None,
     return Table([*by, "runs", "seeds", *metrics], rows, title)
 
 
+def _data_root(run: Run) -> str | None:
+    """The run's ``data.root``, a relative one resolved against the project root (:mod:`workbench.paths`), so that
+    a notebook started in ``notebooks/`` finds the dataset the run trained on."""
+    from workbench.paths import project_path
+
+    root = lookup(run, "data.root")
+    return project_path(root) if isinstance(root, str) else root
+
+
 def dataset_info(run: Run) -> tuple[list[str], list[list[int]]]:
     """(class names, palette) from the manifest of the run's dataset. When the dataset is not on this machine:
     a warning, ``class k`` names and the VOC palette, with the class count taken from the run's final IoU list."""
     from workbench.data.dataset import DataError, load_manifest
 
     try:
-        m = load_manifest(lookup(run, "data.root"))
+        m = load_manifest(_data_root(run))
         return list(m.class_names), [list(c) for c in m.palette]
     except (DataError, FileNotFoundError, OSError, TypeError) as e:
         from workbench.viz.figures import voc_palette
@@ -457,7 +487,7 @@ def val_samples(run: Run, n: int = 6) -> tuple[Tensor, Tensor]:
 
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
-    val = EvalDataset(lookup(run, "data.root"), lookup(run, "data.val_split", "val"))
+    val = EvalDataset(_data_root(run), lookup(run, "data.val_split", "val"))
     items = [val[i] for i in range(min(n, len(val)))]
     return torch.stack([i for i, _ in items]), torch.stack([m for _, m in items])
 

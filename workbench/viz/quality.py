@@ -12,10 +12,9 @@ from typing import Sequence
 import numpy as np
 import torch
 from matplotlib.patches import Patch
-from matplotlib.ticker import MaxNLocator
 from torch import Tensor
 
-from workbench.viz.figures import IGNORE, colorize, legend_handles, plt, to_hwc
+from workbench.viz.figures import IGNORE, colorize, fit_tick_labels, legend_handles, plt, step_axis, to_hwc
 
 # error map colours: confident and right, confident and wrong, below the threshold, padding / ignored
 ERROR_COLORS = {"confident, correct": (70, 220, 70), "confident, wrong": (214, 39, 40),
@@ -101,7 +100,7 @@ def class_quality_bars(quality: dict[str, Tensor], class_names: Sequence[str], p
         ax.grid(axis="y", alpha=0.3)
     if title:
         fig.suptitle(title, fontsize=10)
-    return fig
+    return fit_tick_labels(fig)
 
 
 def class_quality_curves(series: Sequence[tuple[int, dict[str, Tensor]]], class_names: Sequence[str],
@@ -124,7 +123,7 @@ def class_quality_curves(series: Sequence[tuple[int, dict[str, Tensor]]], class_
                     transform=ax.transAxes)
         pad = 0.5 if len(steps) == 1 else 0.02 * (steps[-1] - steps[0])
         ax.set_xlim(steps[0] - pad, steps[-1] + pad)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        step_axis(ax)
         ax.set_title(key, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
         ax.set_ylim(-0.02, 1.02)
@@ -133,4 +132,4 @@ def class_quality_curves(series: Sequence[tuple[int, dict[str, Tensor]]], class_
                fontsize=8, frameon=False)
     if title:
         fig.suptitle(title, fontsize=10)
-    return fig
+    return fit_tick_labels(fig)

@@ -253,13 +253,15 @@ def open_session(method: str, run_dir: str | Path | None = "", config: str | Pat
         device: ``auto`` (CUDA when present), ``cpu``, ``cuda``...
 
     A missing dataset root is prepared as training would (the embedded synthetic dataset is generated); an existing
-    one is used as it is.
+    one is used as it is. A relative dataset root resolves against the project root
+    (:func:`workbench.paths.project_path`), wherever the kernel started.
     """
     from workbench.config import apply_overrides, config_from_dict, config_to_dict, load_config
     from workbench.data.dataset import SegDataset, StepDataset, StepPlan
     from workbench.engine.checkpoint import load_checkpoint, load_state_checked
     from workbench.engine.rundir import RunDir
     from workbench.engine.trainer import build_from_config, check_splits, load_run_config, prepare_dataset, split_names
+    from workbench.paths import project_path
 
     if method not in STEP_METHODS:
         raise ValueError(f"method must be one of {STEP_METHODS}, got {method!r}")
@@ -289,8 +291,11 @@ def open_session(method: str, run_dir: str | Path | None = "", config: str | Pat
             raise ValueError(f"config {config} is for method {data['method']['name']!r}, not {method!r}")
         data = apply_overrides(data, {"method.name": method}) if not config else data
         cfg = config_from_dict(apply_overrides(data, over))
-    root = Path(cfg.data.root)
+    root = Path(project_path(cfg.data.root))  # relative roots (a run's, the config's) mean the project root's
+    cfg.data.root = str(root)
     if not (root / "manifest.json").is_file():
+        print(f"workbench: no dataset at {root} yet; preparing it as training would (the embedded synthetic dataset "
+              "is generated once: a few minutes)", flush=True)
         prepare_dataset(cfg)
     lab_split, unl_split = split_names(cfg, True)
     labeled, unlabeled = SegDataset(root, lab_split), SegDataset(root, unl_split)
