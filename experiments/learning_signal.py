@@ -42,30 +42,46 @@ def write_table(out: Path, result_files: list[Path]) -> str:
     lines += ["", *gain_lines(rows)]
     text = "\n".join(lines) + "\n"
     atomic_write_text(out / "table.md", text)
+    gains = [{"iters": sorted(iters), **g} for g in gain_records(rows)]
+    atomic_write_text(out / "gain.json", json.dumps(gains, indent=1) + "\n")
     return text
 
 
-def gain_lines(rows: list[dict]) -> list[str]:
-    """Markdown of the per-seed gain of each semi-supervised method over supervised-only at the same labels (final
-    mIoU, paired by seed), with mean, sample std, min and max over the seeds."""
+def gain_records(rows: list[dict]) -> list[dict]:
+    """Per semi-supervised method and label split: the seeds and the final-mIoU gain over supervised-only on each
+    (paired by seed), with mean, sample std, min and max; the best-mIoU gains alongside."""
     by = {(r["method"], r["split"], r["seed"]): r for r in rows}
-    out: list[str] = []
+    out = []
     for method, split in dict.fromkeys((r["method"], r["split"]) for r in rows):
-        if method == "supervised":
-            continue
         pairs = [(seed, by[("supervised", split, seed)], r) for (m, sp, seed), r in by.items()
-                 if (m, sp) == (method, split) and ("supervised", split, seed) in by]
+                 if method != "supervised" and (m, sp) == (method, split) and ("supervised", split, seed) in by]
         if not pairs:
             continue
         gains = [r["miou"] - s["miou"] for _, s, r in pairs]
-        out += [f"Gain of {method} over supervised-only, labels {split} (final mIoU, paired by seed):", "",
-                "| seed | supervised | " + method + " | gain | train s (sup + semi) |", "|---|---|---|---|---|"]
-        for (seed, s, r), g in zip(pairs, gains):
-            out.append(f"| {seed} | {s['miou']:.3f} | {r['miou']:.3f} | {g:+.3f} | "
-                       f"{s['seconds']:.0f} + {r['seconds']:.0f} |")
-        sd = statistics.stdev(gains) if len(gains) > 1 else float("nan")
-        out += ["", f"Over {len(gains)} seeds: mean {statistics.mean(gains):+.3f}, std {sd:.3f}, "
-                    f"min {min(gains):+.3f}, max {max(gains):+.3f}.", ""]
+        best = [r["best_miou"] - s["best_miou"] for _, s, r in pairs]
+        out.append({"method": method, "split": split, "seeds": [seed for seed, _, _ in pairs],
+                    "supervised": [s["miou"] for _, s, _ in pairs], "semi": [r["miou"] for _, _, r in pairs],
+                    "gain": gains, "mean": statistics.mean(gains),
+                    "std": statistics.stdev(gains) if len(gains) > 1 else None, "min": min(gains),
+                    "max": max(gains), "best_gain": best, "best_mean": statistics.mean(best),
+                    "best_min": min(best), "seconds": [s["seconds"] + r["seconds"] for _, s, r in pairs],
+                    "data": sorted({x.get("data") or "" for _, s, r in pairs for x in (s, r)})})
+    return out
+
+
+def gain_lines(rows: list[dict]) -> list[str]:
+    """Markdown of :func:`gain_records`: one table per semi-supervised method and label split."""
+    out: list[str] = []
+    for g in gain_records(rows):
+        out += [f"Gain of {g['method']} over supervised-only, labels {g['split']} (final mIoU, paired by seed):", "",
+                f"| seed | supervised | {g['method']} | gain | gain in best mIoU | train s (both) |",
+                "|---|---|---|---|---|---|"]
+        for i, seed in enumerate(g["seeds"]):
+            out.append(f"| {seed} | {g['supervised'][i]:.3f} | {g['semi'][i]:.3f} | {g['gain'][i]:+.3f} | "
+                       f"{g['best_gain'][i]:+.3f} | {g['seconds'][i]:.0f} |")
+        std = "-" if g["std"] is None else f"{g['std']:.3f}"
+        out += ["", f"Over {len(g['seeds'])} seeds: gain mean {g['mean']:+.3f}, std {std}, min {g['min']:+.3f}, max "
+                    f"{g['max']:+.3f} (best mIoU: mean {g['best_mean']:+.3f}, min {g['best_min']:+.3f}).", ""]
     return out
 
 

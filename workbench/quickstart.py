@@ -16,6 +16,7 @@ from workbench.engine.rundir import RunDir, atomic_write_text
 from workbench.engine.trainer import load_method, train
 
 QUICKSTART_ITERS = 1500
+CALIBRATION = "reports/calibration/gain.json"  # the main job's gain over seeds (experiments/learning_signal.py)
 
 
 def quickstart_config(method: str, iters: int, seed: int, runs: str = "runs", data_root: str = "data/synthetic",
@@ -85,12 +86,37 @@ def run_quickstart(out: Path = Path("reports/quickstart"), iters: int | None = N
     if len(set(fingerprints.values())) > 1:
         raise ValueError(f"the quickstart's runs trained on different data ({fingerprints}); delete {runs} and "
                          "run it again")
-    summary = {"dataset": data_root, "data_fingerprint": next(iter(fingerprints.values()), None), "split": split,
-               "iters": iters, "seed": seed, "methods": results, "class_names": names,
+    summary = {"dataset": str(data_root), "data_fingerprint": next(iter(fingerprints.values()), None),
+               "split": split, "iters": iters, "seed": seed, "methods": results, "class_names": names,
                "command": "make demo (workbench report 00_quickstart), or python -m workbench quickstart"}
+    summary["calibration"] = calibration_text(summary)
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     atomic_write_text(out / "report.md", render_report(summary))
     return summary
+
+
+def calibration_text(summary: dict[str, Any], path: str | Path = CALIBRATION) -> str | None:
+    """One line per semi-supervised method of ``summary`` that the calibration record ``path`` (a ``gain.json`` of
+    experiments/learning_signal.py, relative to the project root) holds for the same labels and steps: its gain over
+    supervised-only across seeds. None when there is no such record; a note when it was made on other data."""
+    from workbench.paths import project_path
+
+    try:
+        records = json.loads(Path(project_path(str(path))).read_text())
+    except (OSError, ValueError):
+        return None
+    lines = []
+    for g in records if isinstance(records, list) else []:
+        if (g.get("method") in summary["methods"] and g.get("split") == summary["split"]
+                and summary["iters"] in g.get("iters", [])):
+            std = "" if g.get("std") is None else f", std {g['std']:.3f}"
+            text = (f"Calibration ({Path(str(path)).parent.as_posix()}/table.md): over {len(g['seeds'])} seeds "
+                    f"{g['method']} gains {g['mean']:+.3f} on average{std}, from {g['min']:+.3f} to {g['max']:+.3f}.")
+            fp = summary.get("data_fingerprint")
+            if fp and fp not in g.get("data", []):
+                text += f" It was measured on other data than this run's ({fp[:19]}...): compare with care."
+            lines.append(text)
+    return "\n".join(lines) or None
 
 
 def render_report(summary: dict[str, Any]) -> str:

@@ -572,11 +572,16 @@ def _watch_runs(plan: GridPlan, points: Sequence[GridPoint]) -> Iterator[None]:
             default = yaml.safe_load(default) if isinstance(default, str) else None
         except Exception:  # an unreadable default: the usual folder
             default = None
+        from workbench.paths import project_root
+
         for p in points:
             runs = p.parameters.get("runs", default if isinstance(default, str) else "runs")
-            root = Path(runs) if Path(runs).is_absolute() else Path(plan.cwd) / runs
-            if root not in roots:
-                roots.append(root)
+            # a notebook resolves a relative path against the project root (workbench.paths) or, if it does not
+            # use that helper, against its working directory: follow both when they differ
+            candidates = [Path(runs)] if Path(runs).is_absolute() else [Path(plan.cwd) / runs, project_root() / runs]
+            for root in candidates:
+                if root.resolve() not in [r.resolve() for r in roots]:
+                    roots.append(root)
     start = time.time()
     with ExitStack() as stack:
         for root in roots:
