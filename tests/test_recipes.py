@@ -927,3 +927,20 @@ def test_protocol_configs_load_and_name_real_splits() -> None:
     for dataset, splits in PROTOCOL_SPLITS.items():
         assert {s for d, s in seen if d == dataset} == splits, dataset
     assert set(RECIPES) == {"voc", "cityscapes", "coco", "lucchi", "folder"}
+
+
+def test_folder_prepare_message_names_every_split_source(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`workbench data prepare folder` ends with one line: counts, the label splits and where each came from (it
+    once read "user-provided lists from None for ")."""
+    from workbench.cli import main
+    build_folder(tmp_path / "mine")
+    assert main(["data", "prepare", "folder", "--root", str(tmp_path / "root"), "--archives", str(tmp_path / "mine"),
+                 "--quiet"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    m = load_manifest(tmp_path / "root")
+    splits = ", ".join(m.raw["label_splits"])
+    assert line == (f"folder dataset prepared at {tmp_path / 'root'}: {m.num_classes} classes, "
+                    f"{m.raw['counts']['train']} train / {m.raw['counts']['val']} val images, label splits {splits} "
+                    "(generated, seed 0 for 1-4, 1-2; all labeled training images; unlabeled = the images without "
+                    "masks for full)")  # the fixture has mask-less images: split "full" uses them all
+    assert "None" not in line
