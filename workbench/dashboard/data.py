@@ -37,8 +37,12 @@ corr_points       int [B,M]                   CorrMatch: flat index (y*w + x) of
 shapes            bool [B,M,H,W]              CorrMatch: binary shapes from the rows (Eq. 7), or uint8 [B,H,W] ids
 agents            int [B,N]                   RankMatch: flat index of each agent on the grid of ``agent_maps``
 agent_maps        float [B,n,h,w]             RankMatch: activation (agent correlation) maps of the first n agents
-features          float [B,D,h,w] or [N,D]    t-SNE of pixel features
-feature_labels    int [B,h,w] or [N]          t-SNE colours (default: y_u, else pseudo, resized to h x w)
+features          float [n,D,h,w] or [N,D]    t-SNE of pixel features (every method captures them: the evaluated
+                                              network's ASPP map of the first n <= 4 weak views, or labeled views
+                                              for supervised-only training, on <= 32 x 32 cells)
+feature_labels    int [n,h,w] or [N]          t-SNE colours: captured with ``features`` (the images' ground truth,
+                                              else the network's prediction; 255 = ignore); when absent, y_u
+                                              else pseudo (when their batch is n), resized to h x w
 ================  ==========================  =====================================================================
 
 Other keys are drawn too, under their own names: a per-sample map [B,H,W] (H, W >= 4; bool as a mask, integers as
