@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import runpy
 import shutil
@@ -21,8 +22,8 @@ from workbench.config import config_from_dict
 from workbench.dashboard import app as app_mod
 from workbench.dashboard.app import Dashboard, build_app, curve_keys, default_curves, serve
 from workbench.dashboard.data import (ArtifactCache, ArtifactError, JsonlTail, RunData, discover_runs,
-                                      feature_points, generic_meta, per_class_quality, sample_stats, select_samples,
-                                      spread_steps, tsne_embedding)
+                                      feature_points, generic_meta, most_recent_run, per_class_quality, run_updated,
+                                      sample_stats, select_samples, spread_steps, tsne_embedding)
 from workbench.dashboard.render import (ERROR_COLOR, LOW_CONF_COLOR, auto_map, error_map, extra_maps, gallery_views,
                                         heat, ignored_map, mark_points, method_views_html, outline, undrawn)
 from workbench.engine.rundir import RunDir
@@ -327,6 +328,8 @@ def test_dashboard_components(runs_dir):
 
     keys = list(dash.curves.value)
     assert {"loss", "loss_x", "loss_s", "loss_fp", "miou", "mask_ratio", "pl_acc", "mining_ratio"} <= set(keys)
+    assert dash.curves_pane.objects == []  # lazy: nothing drawn before the tab is opened
+    dash.tabs.active = 1
     pngs = [p.object for p in dash.curves_pane.objects]
     assert len(pngs) == -(-len(keys) // 4) and all(p.startswith(PNG_MAGIC) for p in pngs)
     dash.compare.value = ["other"]
@@ -335,9 +338,11 @@ def test_dashboard_components(runs_dir):
     dash.tabs.active = 2  # per-class quality: read on demand
     assert dash.quality_pane.objects[0].object.startswith(PNG_MAGIC)
     assert "4 of 4 captured steps read" in dash.quality_pane.objects[1].object
+    assert dash.method_views.object == ""
+    dash.tabs.active = 3
     assert "no method-specific maps" in dash.method_views.object
-    dash.render_tsne()
-    assert "no &#x27;features&#x27; tensor" in dash.tsne_pane.objects[0].object
+    dash.render_tsne()  # a run with the default capture has the t-SNE's features
+    assert dash.tsne_pane.objects[0].object.startswith(PNG_MAGIC)
 
     dash.run.value = "other"
     assert list(dash.step.options.values()) == [1, 2, 3] and dash.step.value == 3
@@ -358,7 +363,9 @@ def test_corrupt_truncated_and_missing_captures_show_messages(run_copy):
     assert n_samples(dash.gallery.object) == 0
     assert 'class="wb-error"' in dash.gallery.object
     assert "could not read capture file step_0000002.pt" in dash.gallery.object
+    dash.tabs.active = 3
     assert "could not read capture file step_0000002.pt" in dash.method_views.object
+    dash.tabs.active = 0
     assert "metrics.jsonl: 1 unreadable line(s) skipped" in dash.messages.object
     assert "step_0000002" not in dash.messages.object  # said once, in the gallery
     dash.step.value = 3
@@ -401,6 +408,7 @@ def test_runs_without_captures_and_runs_that_appear_later(tmp_path):
     dash.refresh()
     assert dash.run.value == "fresh"
     assert "no captures yet" in dash.gallery.object
+    dash.tabs.active = 1
     assert dash.curves.value == ["loss"] and dash.curves_pane.objects[0].object.startswith(PNG_MAGIC)
     assert "class 0" in dash.cls.options  # no config.yaml: generic class names
     dash.tabs.active = 2
@@ -411,6 +419,41 @@ def test_runs_without_captures_and_runs_that_appear_later(tmp_path):
         Dashboard(runs, refresh_ms=None, max_quality_points=1)
 
 
+def test_opens_on_the_most_recently_updated_run(tmp_path):
+    runs = tmp_path / "runs"
+
+    def touch(rel: str, t: float) -> None:
+        p = runs / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        if not p.exists():
+            p.write_text(json.dumps({"kind": "train", "step": 1, "loss": 1.0}) + "\n" if p.suffix == ".jsonl" else "{}")
+        os.utime(p, (t, t))
+
+    # "a_killed" sorts first but stopped at t=1000; "b" logged at 2000 and finished (summary) at 3000; "c" logged at
+    # 2500 and its capture folder changed at 2800; deeper folders (the artifacts folder itself) count too
+    touch("a_killed/metrics.jsonl", 1000)
+    touch("a_killed/config.yaml", 5000)  # the config is written once at the start: not an update
+    touch("b/metrics.jsonl", 2000)
+    touch("b/summary.json", 3000)
+    touch("c/metrics.jsonl", 2500)
+    touch("c/artifacts/index.jsonl", 2800)
+    os.utime(runs / "c" / "artifacts", (2800, 2800))
+    os.utime(runs / "a_killed", (6000, 6000))
+    names = discover_runs(runs)
+    assert names == ["a_killed", "b", "c"]
+    assert [run_updated(runs / n) for n in names] == [1000, 3000, 2800]
+    assert most_recent_run(runs, names) == "b" and most_recent_run(runs, []) is None
+    dash = Dashboard(runs, refresh_ms=None, cache=ArtifactCache())
+    assert list(dash.run.options) == names and dash.run.value == "b"
+    touch("c/artifacts/index.jsonl", 4000)  # c captures again: the choice made stays while b exists
+    touch("d/metrics.jsonl", 4500)
+    dash.refresh()
+    assert dash.run.value == "b"
+    shutil.rmtree(runs / "b")  # the selected run is gone: the most recently updated one left
+    dash.refresh()
+    assert dash.run.value == "d"
+
+
 def test_method_specific_captures_in_the_app(run_copy):
     rd = RunDir(run_copy)
     arts = dict(rd.load_artifacts(4))
@@ -419,11 +462,13 @@ def test_method_specific_captures_in_the_app(run_copy):
                 corr_rows=torch.rand(b, 3, 8, 8).half(), shapes=torch.rand(b, 3, h, w) > 0.5,
                 agents=torch.randint(0, 64, (b, 2)), agent_maps=torch.rand(b, 2, 8, 8).half(),
                 features=torch.randn(b, 4, 2, 2).half())
+    del arts["feature_labels"]  # a method's own features (RankMatch's) come without labels: y_u colours them
     rd.save_artifacts(5, 1, arts)
     dash = Dashboard(run_copy.parent, refresh_ms=None, cache=ArtifactCache())
     assert dash.step.value == 5
     for caption in ("masked input", "prediction (masked)", "gate"):
         assert f"<figcaption>{caption}</figcaption>" in dash.gallery.object
+    dash.tabs.active = 3
     assert dash.method_views.object.count('class="wb-sample-method"') == b
     assert "<figcaption>CorrMatch row 2</figcaption>" in dash.method_views.object
     assert "<figcaption>RankMatch agent 1</figcaption>" in dash.method_views.object

@@ -244,6 +244,37 @@ def discover_runs(runs_dir: str | Path, max_depth: int = 3) -> list[str]:
     return sorted(found)
 
 
+#: files whose modification time says when a run was last updated (the artifacts folder changes with each capture)
+UPDATE_MARKERS = ("metrics.jsonl", "summary.json", "artifacts", "artifacts/index.jsonl")
+
+
+def run_updated(run_path: str | Path) -> float:
+    """When a run directory was last updated: the newest modification time (seconds since the epoch) of its
+    ``metrics.jsonl``, ``summary.json``, ``artifacts/`` folder and ``artifacts/index.jsonl``; the folder's own time
+    when none exists (a run that has just started); -inf when the folder is gone."""
+    root = Path(run_path)
+    times = []
+    for name in UPDATE_MARKERS:
+        try:
+            times.append((root / name).stat().st_mtime)
+        except OSError:
+            pass
+    if times:
+        return max(times)
+    try:
+        return root.stat().st_mtime
+    except OSError:
+        return -math.inf
+
+
+def most_recent_run(runs_dir: str | Path, names: list[str]) -> str | None:
+    """The name in ``names`` (run paths relative to ``runs_dir``) of the most recently updated run
+    (:func:`run_updated`; a tie goes to the name sorted last); None when ``names`` is empty."""
+    if not names:
+        return None
+    return max(names, key=lambda n: (run_updated(Path(runs_dir) / n), n))
+
+
 @dataclass
 class DatasetMeta:
     """Class names and palette of a run's dataset (from its manifest when found, else generic)."""
