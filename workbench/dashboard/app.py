@@ -2,8 +2,9 @@
 
 Three ways to open it:
 
-- ``workbench dashboard [RUNS_DIR] --port 5006`` (:func:`serve`, bound to 127.0.0.1 unless ``--address`` says
-  otherwise);
+- ``workbench dashboard [RUNS_DIR] --port 5006`` (:func:`~workbench.dashboard.server.serve`, bound to 127.0.0.1
+  unless ``--address`` says otherwise; it listens before this module is imported, see
+  :mod:`workbench.dashboard.server`);
 - ``panel serve workbench/dashboard/app.py --args RUNS_DIR`` (or ``WORKBENCH_RUNS_DIR``; default ``runs``);
 - in a notebook: ``pn.extension(); build_app("runs")``.
 
@@ -29,6 +30,7 @@ from workbench.dashboard.data import (CACHE, ORDERS, ArtifactCache, ArtifactErro
                                       tsne_embedding)
 from workbench.dashboard.render import (GALLERY_CSS, curves_png, gallery_html, labeled_html, message_html,
                                         method_views_html, quality_png, tsne_png)
+from workbench.dashboard.server import serve  # noqa: F401 (re-exported: the server lives in a light module)
 
 #: metric keys drawn by default when a run logs them (any key containing "thresh" or "tau" is added too)
 DEFAULT_CURVES = ("loss", "miou", "mask_ratio", "pl_acc", "pl_miou", "mining_ratio")
@@ -435,25 +437,6 @@ def build_app(runs_dir: str | Path = "runs", refresh_ms: int | None = 2000) -> p
         refresh_ms: poll period in milliseconds; None/0 to disable.
     """
     return Dashboard(runs_dir, refresh_ms).layout
-
-
-def serve(runs_dir: Path, port: int = 5006, address: str = "127.0.0.1", show: bool = False,
-          refresh_ms: int = 2000) -> None:
-    """Serve the dashboard at ``http://{address}:{port}/`` until interrupted (one app instance per session).
-
-    Binds to localhost by default; any other address makes the page reachable from other machines (the server
-    accepts websocket connections for any host name then).
-    """
-    runs_dir = Path(runs_dir)
-    if runs_dir.exists() and not runs_dir.is_dir():
-        raise ValueError(f"runs_dir {runs_dir} is a file, expected a directory of runs")
-    if not 0 <= int(port) <= 65535:
-        raise ValueError(f"port must be in [0, 65535], got {port}")
-    local = address in ("127.0.0.1", "localhost", "::1")
-    origins = sorted({f"{address}:{port}", f"localhost:{port}", f"127.0.0.1:{port}"}) if local else ["*"]
-    print(f"workbench dashboard: serving {runs_dir.resolve()} at http://{address}:{port}/", flush=True)
-    pn.serve(lambda: build_app(runs_dir, refresh_ms), port=int(port), address=address, show=show,
-             websocket_origin=origins, title="workbench dashboard", threaded=False, start=True)
 
 
 if __name__.startswith("bokeh"):  # `panel serve workbench/dashboard/app.py --args RUNS_DIR`
