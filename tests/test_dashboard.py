@@ -21,7 +21,7 @@ from conftest import tiny_config_dict
 from workbench.config import config_from_dict
 from workbench.dashboard import app as app_mod
 from workbench.dashboard.app import Dashboard, build_app, curve_keys, default_curves, serve
-from workbench.dashboard.data import (ArtifactCache, ArtifactError, JsonlTail, RunData, discover_runs,
+from workbench.dashboard.data import (ArtifactCache, ArtifactError, JsonlTail, RunData, dataset_meta, discover_runs,
                                       feature_points, generic_meta, most_recent_run, per_class_quality, run_updated,
                                       sample_stats, select_samples, spread_steps, tsne_embedding)
 from workbench.dashboard.render import (ERROR_COLOR, LOW_CONF_COLOR, auto_map, error_map, extra_maps, gallery_views,
@@ -211,6 +211,46 @@ def test_feature_points_and_tsne_separate_two_clusters():
 
 
 # ---------------------------------------------------------------------------------------------------- pictures
+def test_colours_agree_with_viz_figures():
+    """The dashboard restates colorize / to_hwc (so its first page does not import torchvision); they must draw
+    exactly what workbench.viz.figures draws."""
+    from workbench.dashboard import render
+    from workbench.viz import figures
+
+    palette = figures.voc_palette(6)
+    lab = torch.tensor([[0, 1, 5], [255, 2, 7]], dtype=torch.uint8)  # 7: beyond the palette (black), 255 white
+    assert np.array_equal(render.colorize(lab, palette), figures.colorize(lab, palette))
+    assert render.colorize(lab, palette)[1, 0].tolist() == [255, 255, 255]
+    assert render.colorize(lab, palette)[1, 2].tolist() == [0, 0, 0]
+    assert render.colorize(lab, palette)[0, 1].tolist() == [128, 0, 0]  # VOC class 1: bit 0 -> R 128
+    for img in (torch.randint(0, 256, (3, 4, 5), dtype=torch.uint8), torch.rand(3, 4, 5), torch.rand(4, 5, 3) * 200):
+        assert np.array_equal(render.to_hwc(img), figures.to_hwc(img))
+    assert render.to_hwc(torch.full((3, 2, 2), 0.5))[0, 0].tolist() == [127, 127, 127]  # 0.5 * 255, truncated
+    with pytest.raises(ValueError, match="labels"):
+        render.colorize(torch.tensor([[256]]), palette)
+
+
+def test_dataset_meta_reads_the_manifest_and_falls_back(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    root = tmp_path / "data"
+    root.mkdir()
+    (run / "config.yaml").write_text(f"data:\n  root: {root}\n")
+    (root / "manifest.json").write_text(json.dumps({"num_classes": 3, "class_names": ["sky", "road", "car"],
+                                                    "palette": [[1, 2, 3], [4, 5, 6]]}))
+    meta = dataset_meta(run)
+    # two colours given; the third class gets the VOC colour of class 2 (bit 1 -> G 128)
+    assert meta.class_names == ["sky", "road", "car"] and meta.palette == [[1, 2, 3], [4, 5, 6], [0, 128, 0]]
+    assert meta.source == str(root / "manifest.json")
+    (root / "manifest.json").write_text(json.dumps({"num_classes": 3, "class_names": ["sky"], "palette": []}))
+    meta = dataset_meta(run, num_classes_hint=4)
+    assert meta.class_names == [f"class {k}" for k in range(4)] and "num_classes = 3" in meta.source
+    (root / "manifest.json").write_text("{broken")
+    assert "manifest not readable" in dataset_meta(run).source and dataset_meta(run).num_classes == 21
+    (root / "manifest.json").unlink()
+    assert "manifest.json" in dataset_meta(run).source
+
+
 def test_maps_by_hand():
     # viridis end points (matplotlib's table): (0.267, 0.005, 0.329) and (0.993, 0.906, 0.144)
     assert heat(np.array([[0.0, 1.0]])).tolist() == [[[68, 1, 84], [253, 231, 37]]]

@@ -296,6 +296,26 @@ def generic_meta(num_classes: int, why: str) -> DatasetMeta:
     return DatasetMeta([f"class {k}" for k in range(num_classes)], voc_palette(max(num_classes, 1)), why)
 
 
+def manifest_classes(root: str | Path) -> tuple[list[str], list[list[int]]]:
+    """(class names, palette) of the dataset at ``root``, read from its ``manifest.json`` (the keys
+    ``class_names``, ``palette`` and ``num_classes`` that :func:`workbench.data.dataset.load_manifest` requires;
+    read here without that module, which imports torchvision). ValueError naming the file when it is missing, not
+    JSON, lacks a key or its class names do not number ``num_classes``."""
+    path = Path(root) / "manifest.json"
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: {getattr(e, 'strerror', None) or e}") from None
+    missing = [k for k in ("num_classes", "class_names", "palette") if not isinstance(raw, dict) or k not in raw]
+    if missing:
+        raise ValueError(f"{path}: missing key(s) {missing}")
+    names, palette = raw["class_names"], raw["palette"]
+    if not isinstance(names, list) or len(names) != raw["num_classes"] or not isinstance(palette, list):
+        raise ValueError(f"{path}: class_names must list num_classes = {raw['num_classes']!r} names and palette "
+                         "must be a list of colours")
+    return [str(n) for n in names], [list(c) for c in palette]
+
+
 def dataset_meta(run_path: str | Path, num_classes_hint: int | None = None) -> DatasetMeta:
     """Class names and palette of the dataset of a run: ``config.yaml`` -> ``data.root`` -> ``manifest.json``.
 
@@ -303,8 +323,6 @@ def dataset_meta(run_path: str | Path, num_classes_hint: int | None = None) -> D
     manifest cannot be read (e.g. the run was copied from another machine).
     """
     import yaml
-
-    from workbench.data.dataset import load_manifest
 
     n = num_classes_hint or 21
     cfg_path = RunDir(run_path).config
@@ -315,15 +333,14 @@ def dataset_meta(run_path: str | Path, num_classes_hint: int | None = None) -> D
     if not root:
         return generic_meta(n, "config.yaml has no data.root")
     try:
-        man = load_manifest(root)
-    except Exception as e:  # noqa: BLE001 - DataError, OSError: the dataset is elsewhere
+        names, palette = manifest_classes(root)
+    except ValueError as e:  # the dataset is elsewhere, or its manifest is damaged
         return generic_meta(n, f"manifest not readable: {e}")
-    palette = [list(c) for c in man.palette]
-    if len(palette) < man.num_classes:
+    if len(palette) < len(names):
         from workbench.viz.figures import voc_palette
 
-        palette += voc_palette(man.num_classes)[len(palette):]
-    return DatasetMeta(list(man.class_names), palette, str(Path(root) / "manifest.json"))
+        palette += voc_palette(len(names))[len(palette):]
+    return DatasetMeta(names, palette, str(Path(root) / "manifest.json"))
 
 
 class RunData:
