@@ -119,7 +119,7 @@ class Dashboard:
         self.method_views = html_pane("wb-method-pane")
         self.curves_pane = pn.Column(sizing_mode="stretch_width", css_classes=["wb-curves"])
         self.quality_pane = pn.Column(sizing_mode="stretch_width")
-        self.tsne_pane = pn.Column(sizing_mode="stretch_width")
+        self.tsne_pane = pn.Column(sizing_mode="stretch_width", css_classes=["wb-tsne-pane"])
         self.tabs = pn.Tabs(
             ("Gallery", pn.Column(self.gallery, self.labeled, sizing_mode="stretch_width")),
             ("Curves", self.curves_pane),
