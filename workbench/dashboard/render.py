@@ -17,9 +17,7 @@ from typing import Callable, Sequence
 
 import matplotlib
 
-matplotlib.use("Agg", force=False)
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+matplotlib.use("Agg", force=False)  # pyplot itself is imported by the figures (lazy tabs), not by the first page
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 import torch  # noqa: E402
@@ -444,8 +442,10 @@ def method_views_html(arts: dict[str, Tensor], order: list[int], meta: DatasetMe
 
 
 # ---------------------------------------------------------------------------------------------------- figures
-def fig_png(fig: plt.Figure, dpi: int = 90) -> bytes:
+def fig_png(fig: "matplotlib.figure.Figure", dpi: int = 90) -> bytes:
     """PNG bytes of a matplotlib figure, which is closed afterwards."""
+    import matplotlib.pyplot as plt
+
     buf = io.BytesIO()
     try:
         fig.savefig(buf, format="png", dpi=dpi)
@@ -476,6 +476,9 @@ def quality_png(steps: list[int], values: list[dict[str, list[float]]], meta: Da
     panels = [p for p in panels if p[1]]
     if not panels:
         return None
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.0), squeeze=False)
     for ax, (title, xs, rows) in zip(axes[0], panels):
         arr = np.asarray(rows, dtype=np.float64)
@@ -496,6 +499,8 @@ def quality_png(steps: list[int], values: list[dict[str, list[float]]], meta: Da
 
 def tsne_png(xy: Tensor, labels: Tensor, meta: DatasetMeta, title: str) -> bytes:
     """Scatter of 2-D points coloured by class (label -1: grey, "unlabelled")."""
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(5.2, 4.4))
     pts, lab = xy.numpy(), labels.numpy()
     for c in sorted(set(lab.tolist())):
