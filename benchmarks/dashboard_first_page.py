@@ -5,7 +5,8 @@ its port accepts connections (``listen_s``: imports and server start) and then, 
 by Playwright (launched before the clock starts), opens the page and waits until the status line and the gallery
 pane show their content (``first_page_s``: the session's first render, its transfer and the browser's layout,
 counted from the command's start: what a user waits). Without chromium/Playwright only the HTML document is
-fetched (``html_s``: the server builds the session's page for that request).
+fetched (``html_s``). ``server_cpu_s`` is the CPU time the server process used until then: on a shared machine the
+wall-clock times grow with the load, the CPU time much less.
 
 Several code checkouts can be compared on the same runs, interleaved repetition by repetition (a shared machine's
 load then hits both alike): ``--code LABEL=PATH`` puts PATH first on PYTHONPATH for that label.
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import socket
 import statistics
@@ -35,6 +37,8 @@ REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+#: in <out>.md, the text after this line (written by hand: what the numbers mean) is kept when the table is rewritten
+NOTES = "<!-- notes (kept when the benchmark rewrites the table above) -->"
 #: the first page is there when the status line names the runs and the gallery pane shows samples or a note
 READY = (".wb-status .wb-note", ".wb-gallery-pane .wb-sample, .wb-gallery-pane .wb-note, "
          ".wb-gallery-pane .wb-error")
@@ -57,6 +61,16 @@ def browser() -> tuple[object, object] | None:
         return None
     pw = sync_playwright().start()
     return pw, pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds process ``pid`` has used so far (Linux /proc; None elsewhere): a measure of the
+    server's work that a loaded machine does not inflate the way it inflates wall-clock time."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return round((int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"), 2)
 
 
 def wait_listen(port: int, proc: subprocess.Popen, timeout: float) -> None:
@@ -93,6 +107,7 @@ def one(runs: Path, code: Path, cwd: Path, chrome: object | None, timeout: float
             with urllib.request.urlopen(url, timeout=timeout) as r:
                 r.read()
             rec["html_s"] = round(time.perf_counter() - t0, 3)
+            rec["server_cpu_s"] = cpu_seconds(proc.pid)
         else:
             page = chrome.new_page(viewport={"width": 1500, "height": 1000})
             try:
@@ -101,6 +116,7 @@ def one(runs: Path, code: Path, cwd: Path, chrome: object | None, timeout: float
                 for sel in READY:
                     page.locator(sel).first.wait_for()
                 rec["first_page_s"] = round(time.perf_counter() - t0, 3)
+                rec["server_cpu_s"] = cpu_seconds(proc.pid)
                 rec["run_shown"] = page.locator(".wb-run select").input_value()
             finally:
                 page.close()
@@ -165,7 +181,10 @@ def main() -> None:
     res = {"command": argv, "measure": key, "browser": str(CHROMIUM) if chrome else None, "runs_dir": str(a.runs),
            "runs": runs, "cpus": os.cpu_count(), "python": sys.version.split()[0],
            "labels": {label: {"code": str(path), "listen_s": summary([x["listen_s"] for x in reps[label]]),
-                              key: summary([x[key] for x in reps[label]]), "repetitions": reps[label]}
+                              key: summary([x[key] for x in reps[label]]),
+                              "server_cpu_s": summary([x["server_cpu_s"] for x in reps[label]
+                                                       if x.get("server_cpu_s") is not None] or [math.nan]),
+                              "repetitions": reps[label]}
                       for label, path in codes}}
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n")
@@ -173,14 +192,17 @@ def main() -> None:
     lines = [f"# `workbench dashboard`: seconds from the command's start to the {what}", "",
              f"Command: `{argv}`. Runs directory: {len(runs)} run(s). {a.repeats} repetition(s) per label, "
              "interleaved, each in a fresh process; median (min-max).", "",
-             f"| label | port open (s) | {what} (s) | 1-min load average |", "|---|---|---|---|"]
+             f"| label | port open (s) | {what} (s) | server CPU until then (s) | 1-min load average |",
+             "|---|---|---|---|---|"]
     for label, _ in codes:
         d = res["labels"][label]
         loads = [x["load1"] for x in reps[label]]
-        lines.append(f"| {label} | {d['listen_s']['median']:.2f} ({d['listen_s']['min']:.2f}-"
-                     f"{d['listen_s']['max']:.2f}) | {d[key]['median']:.2f} ({d[key]['min']:.2f}-{d[key]['max']:.2f})"
-                     f" | {min(loads):.1f}-{max(loads):.1f} |")
-    a.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+        cpu = d["server_cpu_s"]
+        cells = [f"{x['median']:.2f} ({x['min']:.2f}-{x['max']:.2f})" for x in (d["listen_s"], d[key], cpu)]
+        lines.append(f"| {label} | {' | '.join(cells)} | {min(loads):.1f}-{max(loads):.1f} |")
+    md = a.out.with_suffix(".md")
+    notes = md.read_text().partition(NOTES)[2] if md.is_file() and NOTES in md.read_text() else ""
+    md.write_text("\n".join(lines) + "\n" + (f"\n{NOTES}{notes}" if notes else ""))
     print("\n".join(lines))
 
 
