@@ -536,6 +536,43 @@ def test_serve_binds_localhost_and_cli_calls_it(monkeypatch, tmp_path):
         serve(tmp_path, port=70000)
 
 
+def test_session_page_is_replaced_by_the_dashboard_on_load(monkeypatch, runs_dir):
+    from workbench.dashboard import server
+
+    monkeypatch.setattr(app_mod.pn.state, "add_periodic_callback", lambda fn, period: None)
+    page = server.session_page(runs_dir, None)  # outside a server, "on load" is at once
+    assert len(page.objects) == 1 and isinstance(page.objects[0], app_mod.pn.Row)  # the dashboard's layout
+    assert "wb-loading" not in str(getattr(page.objects[0], "object", ""))
+
+    def broken(*_):
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(app_mod, "build_app", broken)
+    page = server.session_page(runs_dir, None)
+    assert "the dashboard could not start: OSError: disk gone" in page.objects[0].object
+
+
+def test_dashboard_command_listens_before_importing_torch(tmp_path):
+    """The first page's speed: `workbench dashboard` reaches the server without importing torch, torchvision,
+    matplotlib or the dashboard app (a background thread imports them once the server listens)."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "import workbench.dashboard.server as server\n"
+            "def fake_serve(*args, **kw):\n"
+            "    print(sorted(m for m in ('torch', 'torchvision', 'matplotlib', 'workbench.dashboard.app')\n"
+            "                 if m in sys.modules))\n"
+            "server.serve = fake_serve\n"
+            "from workbench.cli import main\n"
+            f"sys.exit(main(['dashboard', {str(tmp_path)!r}, '--port', '0']))\n")
+    repo = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(repo)})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
 def test_panel_serve_entry_point(monkeypatch, runs_dir):
     """`panel serve workbench/dashboard/app.py --args RUNS_DIR` runs the module under a bokeh_app name."""
     polls = []
