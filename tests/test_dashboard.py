@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import runpy
 import shutil
@@ -20,9 +21,9 @@ from conftest import tiny_config_dict
 from workbench.config import config_from_dict
 from workbench.dashboard import app as app_mod
 from workbench.dashboard.app import Dashboard, build_app, curve_keys, default_curves, serve
-from workbench.dashboard.data import (ArtifactCache, ArtifactError, JsonlTail, RunData, discover_runs,
-                                      feature_points, generic_meta, per_class_quality, sample_stats, select_samples,
-                                      spread_steps, tsne_embedding)
+from workbench.dashboard.data import (ArtifactCache, ArtifactError, JsonlTail, RunData, dataset_meta, discover_runs,
+                                      feature_points, generic_meta, most_recent_run, per_class_quality, run_updated,
+                                      sample_stats, select_samples, spread_steps, tsne_embedding)
 from workbench.dashboard.render import (ERROR_COLOR, LOW_CONF_COLOR, auto_map, error_map, extra_maps, gallery_views,
                                         heat, ignored_map, mark_points, method_views_html, outline, undrawn)
 from workbench.engine.rundir import RunDir
@@ -210,6 +211,46 @@ def test_feature_points_and_tsne_separate_two_clusters():
 
 
 # ---------------------------------------------------------------------------------------------------- pictures
+def test_colours_agree_with_viz_figures():
+    """The dashboard restates colorize / to_hwc (so its first page does not import torchvision); they must draw
+    exactly what workbench.viz.figures draws."""
+    from workbench.dashboard import render
+    from workbench.viz import figures
+
+    palette = figures.voc_palette(6)
+    lab = torch.tensor([[0, 1, 5], [255, 2, 7]], dtype=torch.uint8)  # 7: beyond the palette (black), 255 white
+    assert np.array_equal(render.colorize(lab, palette), figures.colorize(lab, palette))
+    assert render.colorize(lab, palette)[1, 0].tolist() == [255, 255, 255]
+    assert render.colorize(lab, palette)[1, 2].tolist() == [0, 0, 0]
+    assert render.colorize(lab, palette)[0, 1].tolist() == [128, 0, 0]  # VOC class 1: bit 0 -> R 128
+    for img in (torch.randint(0, 256, (3, 4, 5), dtype=torch.uint8), torch.rand(3, 4, 5), torch.rand(4, 5, 3) * 200):
+        assert np.array_equal(render.to_hwc(img), figures.to_hwc(img))
+    assert render.to_hwc(torch.full((3, 2, 2), 0.5))[0, 0].tolist() == [127, 127, 127]  # 0.5 * 255, truncated
+    with pytest.raises(ValueError, match="labels"):
+        render.colorize(torch.tensor([[256]]), palette)
+
+
+def test_dataset_meta_reads_the_manifest_and_falls_back(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    root = tmp_path / "data"
+    root.mkdir()
+    (run / "config.yaml").write_text(f"data:\n  root: {root}\n")
+    (root / "manifest.json").write_text(json.dumps({"num_classes": 3, "class_names": ["sky", "road", "car"],
+                                                    "palette": [[1, 2, 3], [4, 5, 6]]}))
+    meta = dataset_meta(run)
+    # two colours given; the third class gets the VOC colour of class 2 (bit 1 -> G 128)
+    assert meta.class_names == ["sky", "road", "car"] and meta.palette == [[1, 2, 3], [4, 5, 6], [0, 128, 0]]
+    assert meta.source == str(root / "manifest.json")
+    (root / "manifest.json").write_text(json.dumps({"num_classes": 3, "class_names": ["sky"], "palette": []}))
+    meta = dataset_meta(run, num_classes_hint=4)
+    assert meta.class_names == [f"class {k}" for k in range(4)] and "num_classes = 3" in meta.source
+    (root / "manifest.json").write_text("{broken")
+    assert "manifest not readable" in dataset_meta(run).source and dataset_meta(run).num_classes == 21
+    (root / "manifest.json").unlink()
+    assert "manifest.json" in dataset_meta(run).source
+
+
 def test_maps_by_hand():
     # viridis end points (matplotlib's table): (0.267, 0.005, 0.329) and (0.993, 0.906, 0.144)
     assert heat(np.array([[0.0, 1.0]])).tolist() == [[[68, 1, 84], [253, 231, 37]]]
@@ -327,6 +368,8 @@ def test_dashboard_components(runs_dir):
 
     keys = list(dash.curves.value)
     assert {"loss", "loss_x", "loss_s", "loss_fp", "miou", "mask_ratio", "pl_acc", "mining_ratio"} <= set(keys)
+    assert dash.curves_pane.objects == []  # lazy: nothing drawn before the tab is opened
+    dash.tabs.active = 1
     pngs = [p.object for p in dash.curves_pane.objects]
     assert len(pngs) == -(-len(keys) // 4) and all(p.startswith(PNG_MAGIC) for p in pngs)
     dash.compare.value = ["other"]
@@ -335,9 +378,11 @@ def test_dashboard_components(runs_dir):
     dash.tabs.active = 2  # per-class quality: read on demand
     assert dash.quality_pane.objects[0].object.startswith(PNG_MAGIC)
     assert "4 of 4 captured steps read" in dash.quality_pane.objects[1].object
+    assert dash.method_views.object == ""
+    dash.tabs.active = 3
     assert "no method-specific maps" in dash.method_views.object
-    dash.render_tsne()
-    assert "no &#x27;features&#x27; tensor" in dash.tsne_pane.objects[0].object
+    dash.render_tsne()  # a run with the default capture has the t-SNE's features
+    assert dash.tsne_pane.objects[0].object.startswith(PNG_MAGIC)
 
     dash.run.value = "other"
     assert list(dash.step.options.values()) == [1, 2, 3] and dash.step.value == 3
@@ -358,7 +403,9 @@ def test_corrupt_truncated_and_missing_captures_show_messages(run_copy):
     assert n_samples(dash.gallery.object) == 0
     assert 'class="wb-error"' in dash.gallery.object
     assert "could not read capture file step_0000002.pt" in dash.gallery.object
+    dash.tabs.active = 3
     assert "could not read capture file step_0000002.pt" in dash.method_views.object
+    dash.tabs.active = 0
     assert "metrics.jsonl: 1 unreadable line(s) skipped" in dash.messages.object
     assert "step_0000002" not in dash.messages.object  # said once, in the gallery
     dash.step.value = 3
@@ -401,6 +448,7 @@ def test_runs_without_captures_and_runs_that_appear_later(tmp_path):
     dash.refresh()
     assert dash.run.value == "fresh"
     assert "no captures yet" in dash.gallery.object
+    dash.tabs.active = 1
     assert dash.curves.value == ["loss"] and dash.curves_pane.objects[0].object.startswith(PNG_MAGIC)
     assert "class 0" in dash.cls.options  # no config.yaml: generic class names
     dash.tabs.active = 2
@@ -411,6 +459,41 @@ def test_runs_without_captures_and_runs_that_appear_later(tmp_path):
         Dashboard(runs, refresh_ms=None, max_quality_points=1)
 
 
+def test_opens_on_the_most_recently_updated_run(tmp_path):
+    runs = tmp_path / "runs"
+
+    def touch(rel: str, t: float) -> None:
+        p = runs / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        if not p.exists():
+            p.write_text(json.dumps({"kind": "train", "step": 1, "loss": 1.0}) + "\n" if p.suffix == ".jsonl" else "{}")
+        os.utime(p, (t, t))
+
+    # "a_killed" sorts first but stopped at t=1000; "b" logged at 2000 and finished (summary) at 3000; "c" logged at
+    # 2500 and its capture folder changed at 2800; deeper folders (the artifacts folder itself) count too
+    touch("a_killed/metrics.jsonl", 1000)
+    touch("a_killed/config.yaml", 5000)  # the config is written once at the start: not an update
+    touch("b/metrics.jsonl", 2000)
+    touch("b/summary.json", 3000)
+    touch("c/metrics.jsonl", 2500)
+    touch("c/artifacts/index.jsonl", 2800)
+    os.utime(runs / "c" / "artifacts", (2800, 2800))
+    os.utime(runs / "a_killed", (6000, 6000))
+    names = discover_runs(runs)
+    assert names == ["a_killed", "b", "c"]
+    assert [run_updated(runs / n) for n in names] == [1000, 3000, 2800]
+    assert most_recent_run(runs, names) == "b" and most_recent_run(runs, []) is None
+    dash = Dashboard(runs, refresh_ms=None, cache=ArtifactCache())
+    assert list(dash.run.options) == names and dash.run.value == "b"
+    touch("c/artifacts/index.jsonl", 4000)  # c captures again: the choice made stays while b exists
+    touch("d/metrics.jsonl", 4500)
+    dash.refresh()
+    assert dash.run.value == "b"
+    shutil.rmtree(runs / "b")  # the selected run is gone: the most recently updated one left
+    dash.refresh()
+    assert dash.run.value == "d"
+
+
 def test_method_specific_captures_in_the_app(run_copy):
     rd = RunDir(run_copy)
     arts = dict(rd.load_artifacts(4))
@@ -419,11 +502,13 @@ def test_method_specific_captures_in_the_app(run_copy):
                 corr_rows=torch.rand(b, 3, 8, 8).half(), shapes=torch.rand(b, 3, h, w) > 0.5,
                 agents=torch.randint(0, 64, (b, 2)), agent_maps=torch.rand(b, 2, 8, 8).half(),
                 features=torch.randn(b, 4, 2, 2).half())
+    del arts["feature_labels"]  # a method's own features (RankMatch's) come without labels: y_u colours them
     rd.save_artifacts(5, 1, arts)
     dash = Dashboard(run_copy.parent, refresh_ms=None, cache=ArtifactCache())
     assert dash.step.value == 5
     for caption in ("masked input", "prediction (masked)", "gate"):
         assert f"<figcaption>{caption}</figcaption>" in dash.gallery.object
+    dash.tabs.active = 3
     assert dash.method_views.object.count('class="wb-sample-method"') == b
     assert "<figcaption>CorrMatch row 2</figcaption>" in dash.method_views.object
     assert "<figcaption>RankMatch agent 1</figcaption>" in dash.method_views.object
@@ -449,6 +534,43 @@ def test_serve_binds_localhost_and_cli_calls_it(monkeypatch, tmp_path):
     assert calls[-1][1]["address"] == "127.0.0.1" and calls[-1][1]["port"] == 5125
     with pytest.raises(ValueError, match="port"):
         serve(tmp_path, port=70000)
+
+
+def test_session_page_is_replaced_by_the_dashboard_on_load(monkeypatch, runs_dir):
+    from workbench.dashboard import server
+
+    monkeypatch.setattr(app_mod.pn.state, "add_periodic_callback", lambda fn, period: None)
+    page = server.session_page(runs_dir, None)  # outside a server, "on load" is at once
+    assert len(page.objects) == 1 and isinstance(page.objects[0], app_mod.pn.Row)  # the dashboard's layout
+    assert "wb-loading" not in str(getattr(page.objects[0], "object", ""))
+
+    def broken(*_):
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(app_mod, "build_app", broken)
+    page = server.session_page(runs_dir, None)
+    assert "the dashboard could not start: OSError: disk gone" in page.objects[0].object
+
+
+def test_dashboard_command_listens_before_importing_torch(tmp_path):
+    """The first page's speed: `workbench dashboard` reaches the server without importing torch, torchvision,
+    matplotlib or the dashboard app (a background thread imports them once the server listens)."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "import workbench.dashboard.server as server\n"
+            "def fake_serve(*args, **kw):\n"
+            "    print(sorted(m for m in ('torch', 'torchvision', 'matplotlib', 'workbench.dashboard.app')\n"
+            "                 if m in sys.modules))\n"
+            "server.serve = fake_serve\n"
+            "from workbench.cli import main\n"
+            f"sys.exit(main(['dashboard', {str(tmp_path)!r}, '--port', '0']))\n")
+    repo = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(repo)})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
 
 
 def test_panel_serve_entry_point(monkeypatch, runs_dir):

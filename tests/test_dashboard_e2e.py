@@ -1,8 +1,11 @@
 """The dashboard in a real headless browser: Debian's chromium driven by Playwright (both installed by .ci/run).
 
-Starts ``workbench dashboard`` on a free localhost port over a tiny UniMatch run and a damaged copy of it, then
-switches run and step, filters, reads the curves and per-class tabs, watches a new capture appear, and checks that
-a truncated capture file shows a message. Screenshots go to reports/dashboard/ (PNG files are git-ignored).
+Starts ``workbench dashboard`` on a free localhost port over a tiny UniMatch run (default capture) and an older,
+damaged copy of it, then checks that the page opens on the most recently updated run, computes the t-SNE of its
+captured features, switches run and step, filters, reads the curves and per-class tabs, watches a new capture
+appear, and checks that a truncated capture file shows a message. Screenshots go to reports/dashboard/ (PNG files
+are git-ignored); when ``WORKBENCH_SCREENSHOTS`` names a directory, ``dashboard_first_page.png`` and
+``dashboard_tsne.png`` are saved there too.
 """
 from __future__ import annotations
 
@@ -49,14 +52,28 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_data) -> Path:
-    """runs/uni (4 steps, every step captured) and runs/uni_b, a copy whose step-2 capture is truncated."""
+    """runs/uni (4 steps, every step captured, default capture otherwise) and runs/uni_b, a copy whose step-2
+    capture is truncated and whose files are dated an hour earlier (so uni is the most recently updated run)."""
     out = tmp_path_factory.mktemp("e2e") / "runs"
     train(config_from_dict(tiny_config_dict(out, tiny_data, name="uni", **{
         "method.name": "unimatch", "train.capture_every": 1})))
     shutil.copytree(out / "uni", out / "uni_b")
     f = out / "uni_b" / "artifacts" / "step_0000002.pt"
     f.write_bytes(f.read_bytes()[:1000])
+    old = time.time() - 3600
+    for p in (out / "uni_b").rglob("*"):
+        os.utime(p, (old, old))
     return out
+
+
+def screenshot_dir() -> Path | None:
+    """The directory named by ``WORKBENCH_SCREENSHOTS`` (created), or None when the variable is unset/empty."""
+    name = os.environ.get("WORKBENCH_SCREENSHOTS")
+    if not name:
+        return None
+    d = Path(name)
+    d.mkdir(parents=True, exist_ok=True)
+    return d
 
 
 def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 240.0) -> None:
@@ -92,6 +109,7 @@ def test_dashboard_in_headless_chromium(runs, tiny_data, tmp_path):
     class_name = json.loads((tiny_data / "manifest.json").read_text())["class_names"][cls]
 
     SHOTS.mkdir(parents=True, exist_ok=True)
+    extra_shots = screenshot_dir()
     port = free_port()
     url = f"http://127.0.0.1:{port}/"
     log = tmp_path / "server.log"
@@ -110,8 +128,21 @@ def test_dashboard_in_headless_chromium(runs, tiny_data, tmp_path):
                 page.on("pageerror", lambda e: errors.append(str(e)))
                 page.goto(url)
                 samples = page.locator(".wb-sample")
-                page.get_by_text("uni · step 4 · 4 of 4 samples").wait_for()
+                page.get_by_text("uni · step 4 · 4 of 4 samples").wait_for()  # the most recently updated run
                 assert samples.count() == batch
+                assert page.locator(".wb-run select").input_value() == "uni"
+                if extra_shots:
+                    page.screenshot(path=str(extra_shots / "dashboard_first_page.png"), full_page=True)
+
+                # the t-SNE of the default capture's features
+                page.locator(".bk-tab", has_text="t-SNE").click()
+                page.get_by_role("button", name="Compute t-SNE of this step").click()
+                page.locator(".wb-tsne img").wait_for()
+                assert page.locator(".wb-tsne-pane .wb-error").count() == 0
+                page.screenshot(path=str(SHOTS / "tsne.png"), full_page=True)
+                if extra_shots:
+                    page.screenshot(path=str(extra_shots / "dashboard_tsne.png"), full_page=True)
+                page.locator(".bk-tab", has_text="Gallery").click()
 
                 page.locator(".wb-step select").select_option(label="step 2 (epoch 0)")
                 page.get_by_text(f"uni · step 2 · {batch} of {batch} samples").wait_for()

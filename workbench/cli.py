@@ -181,7 +181,7 @@ def _dashboard(args: argparse.Namespace) -> int:
     except (OSError, OverflowError) as e:
         raise ConfigError(f"dashboard: cannot listen on {args.address}:{args.port}: "
                           f"{getattr(e, 'strerror', None) or e}; pick another --port") from None
-    from workbench.dashboard.app import serve
+    from workbench.dashboard.server import serve
 
     try:
         serve(Path(args.runs_dir), port=args.port, address=args.address, show=False)
@@ -303,19 +303,27 @@ def build_parser() -> argparse.ArgumentParser:
 _WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point; configuration/data/checkpoint errors, a diverged run, a run in use by another trainer and a
-    full disk print one clear line and exit with status 2."""
+def _clean_errors() -> tuple[type[Exception], ...]:
+    """The errors :func:`main` prints as one line. Imported when an error is being handled, not at start: their modules
+    import torch and torchvision (seconds), which ``workbench dashboard`` must not wait for before it listens."""
     from workbench.config import ConfigError
     from workbench.data.dataset import DataError
     from workbench.engine.checkpoint import CheckpointError
     from workbench.engine.rundir import RunLockedError
     from workbench.report import ReportInputError
 
+    return ConfigError, DataError, CheckpointError, RunLockedError, ReportInputError
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; configuration/data/checkpoint errors, a diverged run, a run in use by another trainer and a
+    full disk print one clear line and exit with status 2."""
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (ConfigError, DataError, CheckpointError, RunLockedError, ReportInputError) as e:
+    except KeyboardInterrupt:
+        raise
+    except _clean_errors() as e:  # evaluated only once something failed
         print(f"workbench: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:

@@ -2,8 +2,9 @@
 
 Three ways to open it:
 
-- ``workbench dashboard [RUNS_DIR] --port 5006`` (:func:`serve`, bound to 127.0.0.1 unless ``--address`` says
-  otherwise);
+- ``workbench dashboard [RUNS_DIR] --port 5006`` (:func:`~workbench.dashboard.server.serve`, bound to 127.0.0.1
+  unless ``--address`` says otherwise; it listens before this module is imported, see
+  :mod:`workbench.dashboard.server`);
 - ``panel serve workbench/dashboard/app.py --args RUNS_DIR`` (or ``WORKBENCH_RUNS_DIR``; default ``runs``);
 - in a notebook: ``pn.extension(); build_app("runs")``.
 
@@ -25,15 +26,19 @@ from typing import Any, Callable
 import panel as pn
 
 from workbench.dashboard.data import (CACHE, ORDERS, ArtifactCache, ArtifactError, RunData, discover_runs,
-                                      quality_over_time, sample_stats, select_samples, tsne_embedding)
+                                      most_recent_run, quality_over_time, sample_stats, select_samples,
+                                      tsne_embedding)
 from workbench.dashboard.render import (GALLERY_CSS, curves_png, gallery_html, labeled_html, message_html,
                                         method_views_html, quality_png, tsne_png)
+from workbench.dashboard.server import serve  # noqa: F401 (re-exported: the server lives in a light module)
 
 #: metric keys drawn by default when a run logs them (any key containing "thresh" or "tau" is added too)
 DEFAULT_CURVES = ("loss", "miou", "mask_ratio", "pl_acc", "pl_miou", "mining_ratio")
 #: record fields that are not curves
 NOT_CURVES = frozenset({"kind", "step", "epoch", "seconds", "num_images", "lr"})
 TABS = ("Gallery", "Curves", "Per-class quality", "Method views", "t-SNE")
+#: tabs drawn only while shown (a change to a hidden one marks it stale; it is drawn when next opened): tab -> method
+LAZY_TABS = {"Curves": "render_curves", "Per-class quality": "render_quality", "Method views": "render_method_views"}
 
 
 def _label(text: str) -> dict[str, str]:
@@ -88,6 +93,7 @@ class Dashboard:
         self.max_quality_points = max_quality_points
         self.runs: dict[str, RunData] = {}
         self._quiet = False
+        self._stale: set[str] = set(LAZY_TABS)  # lazy tabs to draw when next opened
         self.notes: list[str] = []
 
         w = pn.widgets
@@ -113,7 +119,7 @@ class Dashboard:
         self.method_views = html_pane("wb-method-pane")
         self.curves_pane = pn.Column(sizing_mode="stretch_width", css_classes=["wb-curves"])
         self.quality_pane = pn.Column(sizing_mode="stretch_width")
-        self.tsne_pane = pn.Column(sizing_mode="stretch_width")
+        self.tsne_pane = pn.Column(sizing_mode="stretch_width", css_classes=["wb-tsne-pane"])
         self.tabs = pn.Tabs(
             ("Gallery", pn.Column(self.gallery, self.labeled, sizing_mode="stretch_width")),
             ("Curves", self.curves_pane),
@@ -131,7 +137,7 @@ class Dashboard:
         for wid in (self.cls, self.order, self.thumb):
             wid.param.watch(self._guarded(self.render_gallery), "value")
         for wid in (self.curves, self.compare):
-            wid.param.watch(self._guarded(self.render_curves), "value")
+            wid.param.watch(self._guarded(lambda *_: self.update_view("Curves")), "value")
         self.follow.param.watch(self._guarded(lambda *_: self.refresh()), "value")
         self.tabs.param.watch(self._guarded(self.on_tab), "active")
         self.tsne_button.on_click(self._tsne_clicked)
@@ -188,11 +194,12 @@ class Dashboard:
 
     # ------------------------------------------------------------------------------------------------ events
     def scan_runs(self) -> bool:
-        """Look for run directories; True when the list changed."""
+        """Look for run directories; True when the list changed. The selected run stays selected while it exists;
+        otherwise the most recently updated run is selected (:func:`most_recent_run`)."""
         names = discover_runs(self.runs_dir)
         if names == list(self.run.options):
             return False
-        keep = self.run.value if self.run.value in names else (names[0] if names else None)
+        keep = self.run.value if self.run.value in names else most_recent_run(self.runs_dir, names)
         self._quiet = True
         try:
             self.run.options = names
@@ -231,8 +238,9 @@ class Dashboard:
         self._reset_notes()
         self._update_status()
         self.render_gallery()
-        self.render_curves()
-        self.on_tab()
+        self._reset_tsne()
+        for tab in ("Curves", "Per-class quality"):  # the method views follow the gallery
+            self.update_view(tab)
 
     def _reset_notes(self) -> None:
         self.clear_notes()
@@ -243,13 +251,30 @@ class Dashboard:
         """A step was picked."""
         self._reset_notes()
         self.render_gallery()
+        self._reset_tsne()
+
+    def _reset_tsne(self) -> None:
         self.tsne_pane.objects = [_msg("press the button to compute the t-SNE of this step's features",
                                        error=False)]
 
+    def shown(self, tab: str) -> bool:
+        """Whether ``tab`` (a name of :data:`TABS`) is the open tab."""
+        return self.tabs.active == TABS.index(tab)
+
+    def update_view(self, tab: str) -> None:
+        """Draw the view of lazy tab ``tab`` now when it is open, else when it is next opened (the first page draws
+        only the gallery; curves, per-class quality and method views cost nothing until looked at)."""
+        if self.shown(tab):
+            self._stale.discard(tab)
+            getattr(self, LAZY_TABS[tab])()
+        else:
+            self._stale.add(tab)
+
     def on_tab(self, *_: Any) -> None:
-        """Compute the per-class quality when its tab is shown (it reads several capture files)."""
-        if self.tabs.active == TABS.index("Per-class quality"):
-            self.render_quality()
+        """A tab was opened: draw its view when something changed since it was last drawn."""
+        tab = TABS[self.tabs.active]
+        if tab in self._stale:
+            self.update_view(tab)
 
     def refresh(self) -> None:
         """Periodic poll: new runs, new metrics and captures of the selected and compared runs."""
@@ -277,8 +302,7 @@ class Dashboard:
             finally:
                 self._quiet = False
             self.render_gallery()
-            if self.tabs.active == TABS.index("Per-class quality"):
-                self.render_quality()
+            self.update_view("Per-class quality")
         elif self.follow.value and self.step.options and self.step.value != list(self.step.options.values())[-1]:
             self.step.value = list(self.step.options.values())[-1]
         if metrics_changed:
@@ -291,36 +315,43 @@ class Dashboard:
                     self.curves.value = [k for k in self.curves.value if k in keys] + added
                 finally:
                     self._quiet = False
-            self.render_curves()
+            self.update_view("Curves")
         for w in rd.warnings():
             if w not in self.notes:
                 self.note(w)
         self._update_status()
 
     # ------------------------------------------------------------------------------------------------ views
-    def render_gallery(self, *_: Any) -> None:
-        """The selected step's samples (filtered by class, sorted) and the labeled batch."""
+    def _selected_step(self) -> tuple[dict[str, Any] | None, str]:
+        """(tensors of the selected step, "") or (None, the message to show instead)."""
         rd, step = self.current(), self.step.value
-        self.labeled.object = ""
         if rd is None:
-            self.gallery.object = message_html(f"no run directories found in {self.runs_dir}", error=False)
-            return
+            return None, message_html(f"no run directories found in {self.runs_dir}", error=False)
         if step is None:
-            self.gallery.object = message_html(
-                "this run has no captures yet (runs write artifacts/step_<N>.pt when train.capture_every > 0)",
-                error=False)
-            self.method_views.object = ""
-            return
+            return None, message_html("this run has no captures yet (runs write artifacts/step_<N>.pt when "
+                                      "train.capture_every > 0)", error=False)
         try:
-            arts = rd.load_step(step)
+            return rd.load_step(step), ""
         except (ArtifactError, KeyError) as e:
-            text = f"step {step}: {e.args[0] if e.args else e}"
-            self.gallery.object = message_html(text)
-            self.method_views.object = message_html(text)
-            return
-        stats = sample_stats(arts)
+            return None, message_html(f"step {step}: {e.args[0] if e.args else e}")
+
+    def _order(self, stats: list[Any]) -> tuple[int | None, list[int]]:
+        """(class filter or None, indices of the samples shown, in the chosen order)."""
         cls = None if self.cls.value in (None, -1) else int(self.cls.value)
-        order = select_samples(stats, cls, self.order.value)
+        return cls, select_samples(stats, cls, self.order.value)
+
+    def render_gallery(self, *_: Any) -> None:
+        """The selected step's samples (filtered by class, sorted) and the labeled batch; the method views follow
+        (drawn when their tab is open)."""
+        self.update_view("Method views")
+        self.labeled.object = ""
+        arts, text = self._selected_step()
+        if arts is None:
+            self.gallery.object = text
+            return
+        rd, step = self.current(), self.step.value
+        stats = sample_stats(arts)
+        cls, order = self._order(stats)
         meta = rd.meta()
         filt = "" if cls is None else f" containing {meta.class_names[cls] if cls < meta.num_classes else cls}"
         title = f"{self.run.value} · step {step} · {len(order)} of {len(stats)} samples{filt}"
@@ -328,7 +359,15 @@ class Dashboard:
             title += f" · sorted by {ORDERS[self.order.value]}"
         self.gallery.object = gallery_html(arts, stats, order, meta, title, self.thumb.value)
         self.labeled.object = labeled_html(arts, meta, max(64, self.thumb.value * 3 // 4))
-        self.method_views.object = method_views_html(arts, order, meta, self.thumb.value)
+
+    def render_method_views(self, *_: Any) -> None:
+        """CorrMatch / RankMatch / other stacks of maps of the selected step (the gallery's samples and order)."""
+        arts, text = self._selected_step()
+        if arts is None:
+            self.method_views.object = "" if self.step.value is None else text
+            return
+        _, order = self._order(sample_stats(arts))
+        self.method_views.object = method_views_html(arts, order, self.current().meta(), self.thumb.value)
 
     def render_curves(self, *_: Any) -> None:
         """Curves of the selected keys for the selected run and the compared runs (4 panels per row)."""
@@ -398,25 +437,6 @@ def build_app(runs_dir: str | Path = "runs", refresh_ms: int | None = 2000) -> p
         refresh_ms: poll period in milliseconds; None/0 to disable.
     """
     return Dashboard(runs_dir, refresh_ms).layout
-
-
-def serve(runs_dir: Path, port: int = 5006, address: str = "127.0.0.1", show: bool = False,
-          refresh_ms: int = 2000) -> None:
-    """Serve the dashboard at ``http://{address}:{port}/`` until interrupted (one app instance per session).
-
-    Binds to localhost by default; any other address makes the page reachable from other machines (the server
-    accepts websocket connections for any host name then).
-    """
-    runs_dir = Path(runs_dir)
-    if runs_dir.exists() and not runs_dir.is_dir():
-        raise ValueError(f"runs_dir {runs_dir} is a file, expected a directory of runs")
-    if not 0 <= int(port) <= 65535:
-        raise ValueError(f"port must be in [0, 65535], got {port}")
-    local = address in ("127.0.0.1", "localhost", "::1")
-    origins = sorted({f"{address}:{port}", f"localhost:{port}", f"127.0.0.1:{port}"}) if local else ["*"]
-    print(f"workbench dashboard: serving {runs_dir.resolve()} at http://{address}:{port}/", flush=True)
-    pn.serve(lambda: build_app(runs_dir, refresh_ms), port=int(port), address=address, show=show,
-             websocket_origin=origins, title="workbench dashboard", threaded=False, start=True)
 
 
 if __name__.startswith("bokeh"):  # `panel serve workbench/dashboard/app.py --args RUNS_DIR`

@@ -37,8 +37,12 @@ corr_points       int [B,M]                   CorrMatch: flat index (y*w + x) of
 shapes            bool [B,M,H,W]              CorrMatch: binary shapes from the rows (Eq. 7), or uint8 [B,H,W] ids
 agents            int [B,N]                   RankMatch: flat index of each agent on the grid of ``agent_maps``
 agent_maps        float [B,n,h,w]             RankMatch: activation (agent correlation) maps of the first n agents
-features          float [B,D,h,w] or [N,D]    t-SNE of pixel features
-feature_labels    int [B,h,w] or [N]          t-SNE colours (default: y_u, else pseudo, resized to h x w)
+features          float [n,D,h,w] or [N,D]    t-SNE of pixel features (every method captures them: the evaluated
+                                              network's ASPP map of the first n <= 4 weak views, or labeled views
+                                              for supervised-only training, on <= 32 x 32 cells)
+feature_labels    int [n,h,w] or [N]          t-SNE colours: captured with ``features`` (the images' ground truth,
+                                              else the network's prediction; 255 = ignore); when absent, y_u
+                                              else pseudo (when their batch is n), resized to h x w
 ================  ==========================  =====================================================================
 
 Other keys are drawn too, under their own names: a per-sample map [B,H,W] (H, W >= 4; bool as a mask, integers as
@@ -240,6 +244,37 @@ def discover_runs(runs_dir: str | Path, max_depth: int = 3) -> list[str]:
     return sorted(found)
 
 
+#: files whose modification time says when a run was last updated (the artifacts folder changes with each capture)
+UPDATE_MARKERS = ("metrics.jsonl", "summary.json", "artifacts", "artifacts/index.jsonl")
+
+
+def run_updated(run_path: str | Path) -> float:
+    """When a run directory was last updated: the newest modification time (seconds since the epoch) of its
+    ``metrics.jsonl``, ``summary.json``, ``artifacts/`` folder and ``artifacts/index.jsonl``; the folder's own time
+    when none exists (a run that has just started); -inf when the folder is gone."""
+    root = Path(run_path)
+    times = []
+    for name in UPDATE_MARKERS:
+        try:
+            times.append((root / name).stat().st_mtime)
+        except OSError:
+            pass
+    if times:
+        return max(times)
+    try:
+        return root.stat().st_mtime
+    except OSError:
+        return -math.inf
+
+
+def most_recent_run(runs_dir: str | Path, names: list[str]) -> str | None:
+    """The name in ``names`` (run paths relative to ``runs_dir``) of the most recently updated run
+    (:func:`run_updated`; a tie goes to the name sorted last); None when ``names`` is empty."""
+    if not names:
+        return None
+    return max(names, key=lambda n: (run_updated(Path(runs_dir) / n), n))
+
+
 @dataclass
 class DatasetMeta:
     """Class names and palette of a run's dataset (from its manifest when found, else generic)."""
@@ -261,6 +296,26 @@ def generic_meta(num_classes: int, why: str) -> DatasetMeta:
     return DatasetMeta([f"class {k}" for k in range(num_classes)], voc_palette(max(num_classes, 1)), why)
 
 
+def manifest_classes(root: str | Path) -> tuple[list[str], list[list[int]]]:
+    """(class names, palette) of the dataset at ``root``, read from its ``manifest.json`` (the keys
+    ``class_names``, ``palette`` and ``num_classes`` that :func:`workbench.data.dataset.load_manifest` requires;
+    read here without that module, which imports torchvision). ValueError naming the file when it is missing, not
+    JSON, lacks a key or its class names do not number ``num_classes``."""
+    path = Path(root) / "manifest.json"
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: {getattr(e, 'strerror', None) or e}") from None
+    missing = [k for k in ("num_classes", "class_names", "palette") if not isinstance(raw, dict) or k not in raw]
+    if missing:
+        raise ValueError(f"{path}: missing key(s) {missing}")
+    names, palette = raw["class_names"], raw["palette"]
+    if not isinstance(names, list) or len(names) != raw["num_classes"] or not isinstance(palette, list):
+        raise ValueError(f"{path}: class_names must list num_classes = {raw['num_classes']!r} names and palette "
+                         "must be a list of colours")
+    return [str(n) for n in names], [list(c) for c in palette]
+
+
 def dataset_meta(run_path: str | Path, num_classes_hint: int | None = None) -> DatasetMeta:
     """Class names and palette of the dataset of a run: ``config.yaml`` -> ``data.root`` -> ``manifest.json``.
 
@@ -268,8 +323,6 @@ def dataset_meta(run_path: str | Path, num_classes_hint: int | None = None) -> D
     manifest cannot be read (e.g. the run was copied from another machine).
     """
     import yaml
-
-    from workbench.data.dataset import load_manifest
 
     n = num_classes_hint or 21
     cfg_path = RunDir(run_path).config
@@ -280,15 +333,14 @@ def dataset_meta(run_path: str | Path, num_classes_hint: int | None = None) -> D
     if not root:
         return generic_meta(n, "config.yaml has no data.root")
     try:
-        man = load_manifest(root)
-    except Exception as e:  # noqa: BLE001 - DataError, OSError: the dataset is elsewhere
+        names, palette = manifest_classes(root)
+    except ValueError as e:  # the dataset is elsewhere, or its manifest is damaged
         return generic_meta(n, f"manifest not readable: {e}")
-    palette = [list(c) for c in man.palette]
-    if len(palette) < man.num_classes:
+    if len(palette) < len(names):
         from workbench.viz.figures import voc_palette
 
-        palette += voc_palette(man.num_classes)[len(palette):]
-    return DatasetMeta(list(man.class_names), palette, str(Path(root) / "manifest.json"))
+        palette += voc_palette(len(names))[len(palette):]
+    return DatasetMeta(names, palette, str(Path(root) / "manifest.json"))
 
 
 class RunData:

@@ -1,7 +1,10 @@
 """Pictures of captured tensors for the dashboard: RGB maps, thumbnails, the gallery's HTML and the figures.
 
-Plain numpy/matplotlib/PIL (no Panel), built on :mod:`workbench.viz.figures` (``colorize``, ``to_hwc``,
-``training_curves``) so the dashboard, notebooks and reports look alike: the dataset's palette, ignored pixels white.
+Plain numpy/matplotlib/PIL (no Panel), in the look of :mod:`workbench.viz.figures` so the dashboard, notebooks and
+reports look alike: the dataset's palette, ignored pixels white. ``colorize`` and ``to_hwc`` are restated here (the
+test ``test_colours_agree_with_viz_figures`` holds them equal to that module's): importing
+:mod:`workbench.viz.figures` imports the data pipeline and torchvision (over a second), which the first page must not
+wait for; the views opened later (curves, CorrMatch shape ids) import it.
 """
 from __future__ import annotations
 
@@ -14,9 +17,7 @@ from typing import Callable, Sequence
 
 import matplotlib
 
-matplotlib.use("Agg", force=False)
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+matplotlib.use("Agg", force=False)  # pyplot itself is imported by the figures (lazy tabs), not by the first page
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 import torch  # noqa: E402
@@ -24,7 +25,8 @@ from torch import Tensor  # noqa: E402
 
 from workbench.dashboard.data import (IGNORE, KNOWN_KEYS, DatasetMeta, SampleStats, batch_size,  # noqa: E402
                                       per_sample_keys)
-from workbench.viz.figures import colorize, to_hwc, training_curves, voc_palette  # noqa: E402
+
+IGNORE_COLOR = (255, 255, 255)
 
 RGB = np.ndarray  # uint8 [H, W, 3]
 BOX_COLOR = (255, 215, 0)
@@ -34,6 +36,33 @@ POINT_COLOR = (255, 0, 0)
 
 
 # ---------------------------------------------------------------------------------------------------- maps
+def _np(x: Tensor | np.ndarray) -> np.ndarray:
+    return x.detach().cpu().numpy() if isinstance(x, Tensor) else np.asarray(x)
+
+
+def to_hwc(image: Tensor | np.ndarray) -> RGB:
+    """uint8 image as [H, W, 3] (accepts [3, H, W] or [H, W, 3]; floats in [0, 1] or [0, 255] are scaled)."""
+    a = _np(image)
+    if a.ndim == 3 and a.shape[0] == 3 and a.shape[-1] != 3:
+        a = a.transpose(1, 2, 0)
+    if a.dtype != np.uint8:
+        a = np.clip(a * (255 if a.max() <= 1.0 else 1), 0, 255).astype(np.uint8)
+    return a
+
+
+def colorize(labels: Tensor | np.ndarray, palette: Sequence[Sequence[int]]) -> RGB:
+    """Label map [H, W] -> RGB uint8 [H, W, 3]: ``palette[k]`` for class k, white for 255 (ignore), black for a
+    class beyond the palette; ValueError for labels outside [0, 255]."""
+    lab = _np(labels).astype(np.int64)
+    lut = np.zeros((256, 3), dtype=np.uint8)
+    pal = np.asarray(palette, dtype=np.uint8)[:255]
+    lut[: len(pal)] = pal
+    lut[IGNORE] = IGNORE_COLOR
+    if lab.min() < 0 or lab.max() > 255:
+        raise ValueError(f"labels must lie in [0, 255], got [{lab.min()}, {lab.max()}]")
+    return lut[lab]
+
+
 def heat(values: Tensor | np.ndarray, vmin: float = 0.0, vmax: float = 1.0, cmap: str = "viridis") -> RGB:
     """Float map [H, W] -> RGB uint8 [H, W, 3] through ``cmap`` (values clipped to [vmin, vmax])."""
     v = np.asarray(values.float() if isinstance(values, Tensor) else values, dtype=np.float32)
@@ -356,6 +385,8 @@ def method_views_html(arts: dict[str, Tensor], order: list[int], meta: DatasetMe
     def shapes(i: int) -> list[tuple[RGB, str]]:
         s = per["shapes"][i]
         if s.dim() == 2:
+            from workbench.viz.figures import voc_palette
+
             return [(colorize(s, voc_palette(256)), "CorrMatch shape ids")]
         out = []
         for m in range(min(s.shape[0], max_maps)):
@@ -411,8 +442,10 @@ def method_views_html(arts: dict[str, Tensor], order: list[int], meta: DatasetMe
 
 
 # ---------------------------------------------------------------------------------------------------- figures
-def fig_png(fig: plt.Figure, dpi: int = 90) -> bytes:
+def fig_png(fig: "matplotlib.figure.Figure", dpi: int = 90) -> bytes:
     """PNG bytes of a matplotlib figure, which is closed afterwards."""
+    import matplotlib.pyplot as plt
+
     buf = io.BytesIO()
     try:
         fig.savefig(buf, format="png", dpi=dpi)
@@ -425,6 +458,8 @@ def curves_png(records: dict[str, list[dict]], keys: Sequence[str]) -> bytes | N
     """Training curves (one panel per key, one line per run) as PNG; None when no key is given."""
     if not keys:
         return None
+    from workbench.viz.figures import training_curves
+
     return fig_png(training_curves(records, list(keys)))
 
 
@@ -441,6 +476,9 @@ def quality_png(steps: list[int], values: list[dict[str, list[float]]], meta: Da
     panels = [p for p in panels if p[1]]
     if not panels:
         return None
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.0), squeeze=False)
     for ax, (title, xs, rows) in zip(axes[0], panels):
         arr = np.asarray(rows, dtype=np.float64)
@@ -461,6 +499,8 @@ def quality_png(steps: list[int], values: list[dict[str, list[float]]], meta: Da
 
 def tsne_png(xy: Tensor, labels: Tensor, meta: DatasetMeta, title: str) -> bytes:
     """Scatter of 2-D points coloured by class (label -1: grey, "unlabelled")."""
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(5.2, 4.4))
     pts, lab = xy.numpy(), labels.numpy()
     for c in sorted(set(lab.tolist())):

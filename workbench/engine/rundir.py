@@ -13,6 +13,11 @@
 Artifact format (read by notebooks and the dashboard): ``artifacts/step_<N>.pt`` is ``torch.save`` of a flat
 ``dict[str, Tensor]`` (load with ``torch.load(path, weights_only=True)``). Images are uint8 [B,3,H,W] (denormalised),
 labels/pseudo-labels uint8 [B,H,W] (255 = ignore), confidences float16 [B,H,W], masks bool, feature maps float16.
+Every method's capture holds ``features`` float16 [n,D,h,w] (pixel features for the dashboard's t-SNE: the evaluated
+network's ASPP map of the first n <= 4 weak unlabeled images, or labeled images for supervised-only training; at
+most 32 x 32 cells) and ``feature_labels`` uint8 [n,h,w] (their ground truth, else the network's prediction, 255 =
+ignore); see ``workbench.methods.base.Method.feature_artifacts``. RankMatch keeps its own ``features`` (the weak
+view's ASPP map of the whole unlabeled batch, from the training pass) without ``feature_labels``.
 ``artifacts/index.jsonl`` has one line per capture: ``{"step", "epoch", "file", "keys": {name: [shape, dtype]}}``,
 appended only after the .pt file is complete, so a reader never sees a half-written capture.
 """

@@ -3,6 +3,10 @@
 A method owns the student model (and its teacher or extra heads) and turns a :class:`SemiBatch` into a
 :class:`StepOutput`. Logs are tensors (read by the engine at logging time, so a step never synchronises with the
 device); artifacts are filled only when ``step.capture`` is true.
+
+Every method's capture also holds ``features`` / ``feature_labels`` (the dashboard's t-SNE), added by
+:meth:`Method.forward` (the call the engine makes) unless the method captured its own ``features``: see
+:meth:`Method.feature_artifacts`. Nothing of it is computed or kept at other steps.
 """
 from __future__ import annotations
 
@@ -10,12 +14,19 @@ from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from workbench.config import MethodConfig, register_method_config
 from workbench.data.transforms import normalize
 
 METHODS: dict[str, type["Method"]] = {}
+#: feature maps a capture keeps for the t-SNE: of the first FEATURE_IMAGES images, on at most FEATURE_GRID x
+#: FEATURE_GRID cells (nearest subsampling of the network's grid), from the first of FEATURE_KEYS the network returns
+FEATURE_IMAGES = 4
+FEATURE_GRID = 32
+FEATURE_KEYS = ("aspp", "decoder")
+IGNORE_LABEL = 255
 
 
 @dataclass
@@ -101,8 +112,56 @@ class Method(nn.Module):
         self.cfg = cfg
         self.num_classes = num_classes
 
-    def forward(self, batch: SemiBatch, step: StepInfo) -> StepOutput:  # noqa: D102 (DDP calls forward)
-        return self.training_step(batch, step)
+    def forward(self, batch: SemiBatch, step: StepInfo) -> StepOutput:
+        """The step the engine runs (through DDP): :meth:`training_step`, and at a capture step the t-SNE features
+        (:meth:`feature_artifacts`) unless the method captured its own ``features``."""
+        out = self.training_step(batch, step)
+        if step.capture and "features" not in out.artifacts:
+            out.artifacts.update(self.feature_artifacts(batch))
+        return out
+
+    @torch.no_grad()
+    def feature_artifacts(self, batch: SemiBatch) -> dict[str, Tensor]:
+        """Pixel features of a capture for the dashboard's t-SNE: ``features`` [n, D, h, w] and ``feature_labels``
+        long [n, h, w] (255 = ignore), n <= :data:`FEATURE_IMAGES`, h, w <= :data:`FEATURE_GRID`.
+
+        The images are the first ones of the weak unlabeled view (the labeled view for a method without unlabeled
+        data); the network is :meth:`predictor` (the one evaluated: the EMA teacher of a mean teacher) run once more
+        on them in eval mode without gradients, so the step's loss, gradients, BatchNorm statistics and random
+        state are those of a step without capture (every module's train/eval mode is restored). The features are its
+        ``aspp`` map (the ``decoder`` map when there is none); {} when the network returns neither. Labels are the
+        images' ground truth (``y_u`` / ``y_l``) when the batch carries it, else the network's prediction, resized
+        to the feature grid (nearest), with padding (``ignore``) set to 255; grids larger than
+        :data:`FEATURE_GRID` are subsampled (nearest) for features and labels alike.
+        """
+        if self.uses_unlabeled and batch.x_w is not None:
+            x, labels, ignore = batch.x_w, batch.y_u, batch.ignore
+        else:
+            x, labels, ignore = batch.x_l, batch.y_l, None
+        n = min(FEATURE_IMAGES, x.shape[0])
+        net = self.predictor()
+        modes = [(m, m.training) for m in net.modules()]
+        net.eval()
+        try:
+            out = net(x[:n])
+        finally:
+            for m, mode in modes:
+                m.training = mode
+        key = next((k for k in FEATURE_KEYS if k in out), None)
+        if key is None:
+            return {}
+        feats = out[key]
+        labels = out["logits"].argmax(1) if labels is None else labels[:n].long()
+        if ignore is not None:
+            labels = labels.masked_fill(ignore[:n] != 0, IGNORE_LABEL)
+        h, w = feats.shape[-2:]
+        labels = F.interpolate(labels[:, None].float(), size=(h, w), mode="nearest")[:, 0].long()
+        if h > FEATURE_GRID or w > FEATURE_GRID:
+            rows = torch.arange(min(h, FEATURE_GRID), device=feats.device) * h // min(h, FEATURE_GRID)
+            cols = torch.arange(min(w, FEATURE_GRID), device=feats.device) * w // min(w, FEATURE_GRID)
+            feats = feats[:, :, rows][..., cols]
+            labels = labels[:, rows][..., cols]
+        return {"features": feats, "feature_labels": labels}
 
     def training_step(self, batch: SemiBatch, step: StepInfo) -> StepOutput:
         """Compute the loss of one step."""
