@@ -4,13 +4,15 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.workbench-installed
+# the core (training engine) plus every extra: notebooks, dashboard, Cityscapes recipe, Slurm, tests (pyproject.toml)
+ALL_EXTRAS := test,notebooks,dashboard,cityscapes,slurm
 
-.PHONY: demo test venv bench clean-runs strip-notebooks
+.PHONY: demo test test-fast lint venv bench clean-runs strip-notebooks
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e ".[test]"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[$(ALL_EXTRAS)]"
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -22,6 +24,14 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# the inner loop: everything but the tests marked slow (real processes, DDP, kills, papermill kernels, browsers, Slurm)
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+# ruff (configured in pyproject.toml, version pinned in constraints.txt); CI runs it before the tests
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
 
 bench: $(STAMP)
 	for m in supervised fixmatch meanteacher unimatch maskmatch corrmatch rankmatch s4mim scalematch; do $(PY) -m workbench bench --method $$m || exit 1; done

@@ -26,6 +26,8 @@ from workbench.config import config_from_dict
 from workbench.engine.rundir import RunDir
 from workbench.engine.trainer import train
 
+pytestmark = pytest.mark.slow  # a real server and a real browser
+
 REPO = Path(__file__).resolve().parents[1]
 SHOTS = REPO / "reports" / "dashboard"
 CHROMIUM = Path("/usr/bin/chromium")

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -15,6 +16,8 @@ from workbench.data.dataset import SegDataset, StepDataset, StepPlan
 from workbench.engine.distributed import convert_sync_batchnorm
 from workbench.engine.trainer import build_from_config
 from workbench.methods import SemiBatch, StepInfo
+
+pytestmark = pytest.mark.slow  # real process groups (gloo), spawned processes
 
 GLOBAL_BATCH = 4
 

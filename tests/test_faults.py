@@ -531,6 +531,7 @@ def test_9_skipped_samples_are_named(tmp_path, tiny_data, capsys):
 KILL_POINTS = 3
 
 
+@pytest.mark.slow  # real processes killed with SIGKILL
 def test_kills_during_training_then_resume(tmp_path, tiny_data):
     """SIGKILL a trainer at random moments (mid-step, mid-checkpoint, mid-log) KILL_POINTS times; each restart is
     accepted (the lock died with its holder), and the final run has every step once and a verified checkpoint."""

@@ -185,6 +185,7 @@ def test_missing_run_names_path_root_and_remedy(tmp_path, monkeypatch, no_root_e
     assert require_dir(str(tmp_path), "runs_dir") == tmp_path
 
 
+@pytest.mark.slow  # papermill: a real kernel
 def test_quickstart_notebook(tmp_path, tiny_data):
     # the tiny dataset and one step of supervised-only keep it short
     from conftest import TINY_SPEC
@@ -204,6 +205,7 @@ def test_quickstart_notebook(tmp_path, tiny_data):
     assert 'href="00_quickstart.html"' in (out / "index.html").read_text()
 
 
+@pytest.mark.slow  # papermill: a real kernel
 def test_train_notebook(tmp_path, tiny_data):
     over = {k: v for k, v in flatten(tiny_config_dict(tmp_path, tiny_data)).items()
             if k not in ("name", "out_dir", "data.root", "data.split", "train.iters", "train.seed")}
@@ -227,6 +229,7 @@ def from_notebooks_folder(monkeypatch):
     assert after == before, f"written under notebooks/: {sorted(map(str, after - before))}"
 
 
+@pytest.mark.slow  # papermill: a real kernel
 def test_pseudo_label_quality_notebook(tmp_path, tiny_runs, tiny_data, monkeypatch, from_notebooks_folder):
     # started in notebooks/ (as JupyterLab does) with a path relative to the project root
     monkeypatch.setenv(ENV, str(tiny_runs.parent))
@@ -237,6 +240,7 @@ def test_pseudo_label_quality_notebook(tmp_path, tiny_runs, tiny_data, monkeypat
     assert len(o["png"]) == 4  # diagnostics curves, per-class curves, per-class bars, example panel
 
 
+@pytest.mark.slow  # papermill: a real kernel
 def test_pseudo_label_quality_notebook_explains_a_missing_run(tmp_path, monkeypatch, from_notebooks_folder):
     monkeypatch.delenv(ENV, raising=False)
     with pytest.raises(ReportError) as e:
@@ -247,6 +251,7 @@ def test_pseudo_label_quality_notebook_explains_a_missing_run(tmp_path, monkeypa
     assert "make demo" in err
 
 
+@pytest.mark.slow  # papermill: a real kernel
 def test_feature_space_notebook(tmp_path, tiny_runs):
     _, o = report(tmp_path, "21_feature_space", run_a=str(tiny_runs / "tiny-supervised"),
                   run_b=str(tiny_runs / "tiny-unimatch"), num_images=8, per_class=8, seed=0, device="cpu")
@@ -255,6 +260,7 @@ def test_feature_space_notebook(tmp_path, tiny_runs):
     assert len(o["png"]) == 1
 
 
+@pytest.mark.slow  # papermill: a real kernel
 def test_compare_runs_notebook(tmp_path, tiny_runs):
     runs = tmp_path / "runs"
     shutil.copytree(tiny_runs, runs)
@@ -309,6 +315,7 @@ def tiny_maskmatch_run(tiny_data, tmp_path_factory) -> Path:
     return runs / "tiny-maskmatch"
 
 
+@pytest.mark.slow  # papermill: a real kernel
 def test_maskmatch_notebook(tmp_path, tiny_maskmatch_run):
     # a run's checkpoint; tau 0 makes every pixel confident, grid masks hide exactly 3 of 4 patches
     _, o = report(tmp_path, "10_maskmatch", run_dir=str(tiny_maskmatch_run), overrides={"data.batch_size": 2},
@@ -326,6 +333,7 @@ def test_maskmatch_notebook(tmp_path, tiny_maskmatch_run):
     assert float(ms["mean (L_MS)"]) == pytest.approx(sum(float(ms[k]) for k in ("0.7", "1", "1.5")) / 3, abs=2e-3)
 
 
+@pytest.mark.slow  # papermill: a real kernel
 def test_corrmatch_notebook(tmp_path, tiny_data, monkeypatch, from_notebooks_folder):
     # a fresh model on the tiny dataset with the default (dynamic) threshold, started in notebooks/ with the default
     # data_root: the config's data/synthetic of the project root (here a stand-in holding the tiny dataset), no
@@ -351,6 +359,7 @@ def test_corrmatch_notebook(tmp_path, tiny_data, monkeypatch, from_notebooks_fol
     check_column_all_yes(table(o["html"], "step-through vs training_step"))
 
 
+@pytest.mark.slow  # papermill: a real kernel
 def test_rankmatch_notebook(tmp_path, tiny_data):
     _, o = report(tmp_path, "14_rankmatch", data_root=str(tiny_data), split="1-4",
                   overrides=stepthrough_overrides(tmp_path, tiny_data), pixel=[16, 16], agent=2, num_agents=8,
@@ -373,6 +382,7 @@ def table_rows(html: str) -> list[list[str]]:
     return [re.findall(r"<td>(.*?)</td>", r) for r in html.split("<tbody>")[1].split("<tr>")[1:]]
 
 
+@pytest.mark.slow  # papermill: a real kernel
 def test_s4mim_notebook(tmp_path, tiny_data):
     # a fresh model; tau 0 (every pixel confident), 8-pixel grid masks (exactly 3 of 4 patches hidden)
     _, o = report(tmp_path, "11_s4mim", data_root=str(tiny_data), split="1-4",
@@ -414,6 +424,7 @@ def tiny_scalematch_run(tiny_data, tmp_path_factory) -> Path:
     return runs / "tiny-scalematch"
 
 
+@pytest.mark.slow  # papermill: a real kernel
 def test_scalematch_notebook(tmp_path, tiny_scalematch_run):
     # a run's checkpoint; v = 0.5, tau 0 and no CIF warm-up: every pixel confident, fused pseudo-labels used
     _, o = report(tmp_path, "12_scalematch", run_dir=str(tiny_scalematch_run), overrides={"data.batch_size": 2},

@@ -142,6 +142,14 @@ def _quickstart(args: argparse.Namespace) -> int:
 
 def _report(args: argparse.Namespace) -> int:
     from workbench.config import ConfigError
+    from workbench.extras import MissingExtraError, require
+
+    try:
+        require("notebooks", "workbench report")
+        if args.executor == "slurm":
+            require("slurm", "workbench report --executor slurm")
+    except MissingExtraError as e:
+        raise ConfigError(str(e)) from None
     from workbench.report import ReportError, ReportInputError, run_report
     from workbench.scaleout import SlurmOptions, report_status
 
@@ -172,6 +180,12 @@ def _dashboard(args: argparse.Namespace) -> int:
     import socket
 
     from workbench.config import ConfigError
+    from workbench.extras import MissingExtraError, require
+
+    try:
+        require("dashboard", "workbench dashboard")
+    except MissingExtraError as e:
+        raise ConfigError(str(e)) from None
 
     try:   # a port in use or an address that is not ours: one line instead of the server's traceback
         fam = socket.AF_INET6 if ":" in args.address else socket.AF_INET

@@ -61,7 +61,7 @@ def _labels():
     try:
         from cityscapesscripts.helpers.labels import labels
     except ImportError:
-        raise RecipeError("the Cityscapes recipe needs cityscapesscripts (pip install cityscapesscripts)") from None
+        raise RecipeError("the Cityscapes recipe needs the 'cityscapes' extra: pip install -e '.[cityscapes]'") from None
     return labels
 
 
