@@ -16,7 +16,6 @@ import json
 import os
 import re
 import secrets
-import socket
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ import pytest
 from papermill.iorw import load_notebook_node
 from papermill.parameterize import parameterize_notebook
 
+from browser import CHROMIUM, CHROMIUM_ARGS, browser_missing, free_port
 from conftest import tiny_config_dict
 from workbench.runs import flatten
 
@@ -39,26 +39,8 @@ VIEWPORT = {"width": 1280, "height": 900}
 RUN_ALL_S = float(os.environ.get("WORKBENCH_E2E_RUN_S", 180))  # Run All, on 2 busy cores
 
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
-def browser_missing() -> str | None:
-    """Why the browser cannot run here, or None (as tests/test_dashboard_e2e.py)."""
-    if not CHROMIUM.exists():
-        return f"{CHROMIUM} not found (.ci/run installs Debian's chromium: apt-get install -y chromium)"
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        return "Python playwright is not installed (pip install -e '.[test]')"
-    return None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def jupyterlab_missing() -> str | None:
