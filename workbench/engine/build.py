@@ -11,10 +11,13 @@ the model and the method exactly as training does without importing the loop:
 - model and method: :func:`build_from_config`, :func:`to_channels_last`, :func:`amp_dtype`,
   :func:`wrap_distributed`;
 - optimiser: :func:`build_optimizer` (the scaled learning rate and SGD);
-- finished runs: :func:`read_config_file`, :func:`load_run_config`, :func:`load_method`.
+- finished runs: :func:`read_config_file`, :func:`load_run_config`, :func:`load_method`;
+- the record of where a run or benchmark ran: :func:`environment`.
 """
 from __future__ import annotations
 
+import platform
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -273,6 +276,22 @@ def load_method(run_dir: str | Path, checkpoint: str = "best", device: str | tor
     return method, cfg, {"path": str(path), "step": ck.get("step"), "nonfinite_tensors": bad}
 
 
+# ----------------------------------------------------------------------------------------------------- environment
+def environment() -> dict[str, Any]:
+    """Versions, device and git commit, recorded in a run's summary.json and in benchmark results."""
+    import torchvision
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                                cwd=Path(__file__).resolve().parents[2]).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
+    return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "device": dev, "cuda": torch.version.cuda, "threads": torch.get_num_threads(), "git_commit": commit,
+            "platform": platform.platform()}
+
+
 __all__ = ["prepare_dataset", "split_names", "check_splits", "step_plan", "step_dataset", "train_loader",
            "val_loader", "eval_settings", "build_from_config", "to_channels_last", "amp_dtype", "wrap_distributed",
-           "build_optimizer", "read_config_file", "load_run_config", "load_method", "warn"]
+           "build_optimizer", "read_config_file", "load_run_config", "load_method", "environment", "warn"]

@@ -11,9 +11,7 @@ The builders (``prepare_dataset``, ``split_names``, ``check_splits``, ``build_fr
 from __future__ import annotations
 
 import contextlib
-import platform
 import shutil
-import subprocess
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -26,10 +24,10 @@ from workbench.config import ConfigError, RunConfig, config_from_dict, config_to
 from workbench.data.dataset import DataError, EvalDataset, SegDataset, data_identity, load_manifest, verify_files
 from workbench.data.transforms import denormalize
 from workbench.engine import distributed as D
-from workbench.engine.build import (amp_dtype, build_from_config, build_optimizer, check_splits, eval_settings,
-                                    load_method, load_run_config, prepare_dataset, read_config_file, split_names,
-                                    step_dataset, step_plan, to_channels_last, train_loader, val_loader, warn,
-                                    wrap_distributed)
+from workbench.engine.build import (amp_dtype, build_from_config, build_optimizer, check_splits, environment,
+                                    eval_settings, load_method, load_run_config, prepare_dataset, read_config_file,
+                                    split_names, step_dataset, step_plan, to_channels_last, train_loader, val_loader,
+                                    warn, wrap_distributed)
 from workbench.engine.checkpoint import (CheckpointError, latest_exists, load_latest, load_state_checked,
                                          nonfinite_tensors, rng_state, save_checkpoint, set_rng_state)
 from workbench.engine.evaluate import evaluate
@@ -66,21 +64,6 @@ def artifact_tensor(key: str, t: Tensor, mean: tuple[float, ...], std: tuple[flo
     if t.is_floating_point():
         return t.to(torch.float16).cpu()
     return t.cpu()
-
-
-def environment() -> dict[str, Any]:
-    """Versions, device and git commit for summary.json."""
-    import torchvision
-
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                                cwd=Path(__file__).resolve().parents[2]).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
-    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
-    return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "device": dev, "cuda": torch.version.cuda, "threads": torch.get_num_threads(), "git_commit": commit,
-            "platform": platform.platform()}
 
 
 class Trainer:
@@ -650,4 +633,4 @@ def evaluate_run(run_dir: str | Path, checkpoint: str = "best", overrides: dict[
 __all__ = ["Trainer", "train", "evaluate_run", "load_method", "load_run_config", "NonFiniteError",
            # builders whose home is workbench.engine.build, kept importable from here
            "prepare_dataset", "split_names", "check_splits", "build_from_config", "to_channels_last", "amp_dtype",
-           "read_config_file", "warn"]
+           "read_config_file", "warn", "environment"]
