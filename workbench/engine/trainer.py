@@ -1,9 +1,9 @@
 """The training loop: one engine for every method (single process or torchrun/DDP, CPU or CUDA).
 
 ``Trainer(cfg).fit()`` builds data, model, method and optimiser from a :class:`~workbench.config.RunConfig` (through
-the builders of :mod:`workbench.engine.build`), resumes from ``<run>/checkpoints/latest.pt`` when present, trains with poly lr decay, evaluates, checkpoints
-atomically (every epoch, every ``train.checkpoint_every`` steps, at the end, and the best by validation mIoU), and
-writes ``metrics.jsonl`` / ``summary.json``. Only rank 0 writes.
+the builders of :mod:`workbench.engine.build`), resumes from ``<run>/checkpoints/latest.pt`` when present, trains with
+poly lr decay, evaluates, checkpoints atomically (every epoch, every ``train.checkpoint_every`` steps, at the end, and
+the best by validation mIoU), and writes ``metrics.jsonl`` / ``summary.json``. Only rank 0 writes.
 
 The builders (``prepare_dataset``, ``split_names``, ``check_splits``, ``build_from_config``, ``amp_dtype``,
 ``load_run_config``, ``load_method``, ...) live in :mod:`workbench.engine.build`; they stay importable from here.
@@ -178,11 +178,26 @@ class Trainer:
             shutil.rmtree(self.run.path, ignore_errors=True)
 
     def _setup(self, created: bool) -> None:
-        cfg = self.cfg
+        """Check the run directory, build data, method and optimiser, then resume or start the records."""
         if self.rank == 0:
             for tmp in self.run.clean_temps():
                 warn(f"removed {tmp}, a temp file of an interrupted write")
             self._check_run_dir()
+        self._build_data()
+        self._build_method_and_optimizer()
+        self._reset_progress()
+        if self.rank == 0:  # everything built: only now does the run directory get its files
+            self.run.create()
+            atomic_write_text(self.run.config, dump_config(self.cfg))
+        if latest_exists(self.run.latest):
+            self._resume()
+        elif self.rank == 0:   # a restart before the first checkpoint: nothing of the earlier attempt stays
+            self._truncate_records(0)
+
+    def _build_data(self) -> None:
+        """The labeled, unlabeled and validation sets (checked; files verified on rank 0 per ``data.verify``), the
+        dataset record, the step plan, the epoch length and the total of steps."""
+        cfg = self.cfg
         root = prepare_dataset(cfg)
         lab_split, unl_split = split_names(cfg, self.semi)
         self.labeled = SegDataset(root, lab_split)
@@ -199,6 +214,10 @@ class Trainer:
         self.ipe = self.plan.iters_per_epoch
         self.total = cfg.train.iters or cfg.train.epochs * self.ipe
 
+    def _build_method_and_optimizer(self) -> None:
+        """The method (DDP-wrapped in ``self.ddp`` when distributed), the optimiser, the grad scaler, the deferred
+        non-finite check and the state a skipped step must leave untouched."""
+        cfg = self.cfg
         self.method = build_from_config(cfg, self.num_classes, self.device)
         self.ddp = wrap_distributed(self.method, self.device, self.world)
         self.optimizer, self.lr = build_optimizer(cfg, self.method, self.world, self.device)
@@ -213,6 +232,10 @@ class Trainer:
         # optimiser does not own (EMA teachers); snapshotted before each step under nonfinite=skip
         owned = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
         self.guarded = [*self.method.buffers(), *(p for p in self.method.parameters() if id(p) not in owned)]
+
+    def _reset_progress(self) -> None:
+        """A fresh run's progress (a resume then loads the checkpoint's): step, best, counters, elapsed time, the
+        logging window and the streak of skipped steps."""
         self.streak = 0   # consecutive skipped steps (synchronous check; the deferred one counts on the device)
         self.log_sums: dict[str, Tensor] = {}
         self.log_n: Any = 0
@@ -220,13 +243,6 @@ class Trainer:
         self.best = {"miou": -1.0, "step": -1}
         self.counters = {"skipped_samples": 0, "nonfinite_steps": 0}
         self.elapsed = 0.0
-        if self.rank == 0:  # everything built: only now does the run directory get its files
-            self.run.create()
-            atomic_write_text(self.run.config, dump_config(cfg))
-        if latest_exists(self.run.latest):
-            self._resume()
-        elif self.rank == 0:   # a restart before the first checkpoint: nothing of the earlier attempt stays
-            self._truncate_records(0)
 
     def _truncate_records(self, step: int) -> None:
         for problem in self.run.truncate_metrics(step):
