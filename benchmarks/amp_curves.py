@@ -25,8 +25,9 @@ from pathlib import Path
 
 from workbench.config import apply_overrides, config_from_dict
 from workbench.engine.bench import write_result
+from workbench.engine.build import environment
 from workbench.engine.rundir import RunDir, atomic_write_text
-from workbench.engine.trainer import environment, train
+from workbench.engine.trainer import train
 from workbench.quickstart import quickstart_config
 
 PRECISIONS = (("fp32", "off"), ("bf16", "bf16"))

@@ -46,7 +46,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     from workbench.config import config_from_dict
     from workbench.engine.bench import peak_rss_mb, random_batch
     from workbench.engine.optim import build_sgd
-    from workbench.engine.trainer import build_from_config
+    from workbench.engine.build import build_from_config
     from workbench.methods import StepInfo
 
     if args.threads:

@@ -12,8 +12,9 @@ import torch
 from workbench.config import config_from_dict
 from workbench.data.dataset import EvalDataset
 from workbench.data.transforms import normalize
+from workbench.engine.build import load_method
 from workbench.engine.rundir import RunDir, atomic_write_text
-from workbench.engine.trainer import load_method, train
+from workbench.engine.trainer import train
 
 QUICKSTART_ITERS = 1500
 CALIBRATION = "reports/calibration/gain.json"  # the main job's gain over seeds (experiments/learning_signal.py)

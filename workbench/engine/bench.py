@@ -25,10 +25,10 @@ from typing import Any
 import torch
 
 from workbench.config import apply_overrides, config_from_dict
+from workbench.engine.build import amp_dtype, build_from_config, environment
 from workbench.engine.optim import build_sgd, fused_choice
 from workbench.engine.rundir import atomic_write_text
 from workbench.engine.syncs import host_reads
-from workbench.engine.trainer import amp_dtype, build_from_config, environment
 from workbench.methods import SemiBatch, StepInfo
 
 

@@ -1,39 +1,39 @@
 """The training loop: one engine for every method (single process or torchrun/DDP, CPU or CUDA).
 
-``Trainer(cfg).fit()`` builds data, model, method and optimiser from a :class:`~workbench.config.RunConfig`,
-resumes from ``<run>/checkpoints/latest.pt`` when present, trains with poly lr decay, evaluates, checkpoints
-atomically (every epoch, every ``train.checkpoint_every`` steps, at the end, and the best by validation mIoU), and
-writes ``metrics.jsonl`` / ``summary.json``. Only rank 0 writes.
+``Trainer(cfg).fit()`` builds data, model, method and optimiser from a :class:`~workbench.config.RunConfig` (through
+the builders of :mod:`workbench.engine.build`), resumes from ``<run>/checkpoints/latest.pt`` when present, trains with
+poly lr decay, evaluates, checkpoints atomically (every epoch, every ``train.checkpoint_every`` steps, at the end, and
+the best by validation mIoU), and writes ``metrics.jsonl`` / ``summary.json``. Only rank 0 writes.
+
+The builders (``prepare_dataset``, ``split_names``, ``check_splits``, ``build_from_config``, ``amp_dtype``,
+``load_run_config``, ``load_method``, ...) live in :mod:`workbench.engine.build`; they stay importable from here.
 """
 from __future__ import annotations
 
 import contextlib
-import platform
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 
 from workbench.config import ConfigError, RunConfig, config_from_dict, config_to_dict, dump_config
-from workbench.data.dataset import (DataError, EvalDataset, SegDataset, StepDataset, StepPlan, data_identity,
-                                    load_manifest, read_split, verify_files)
-from workbench.data.transforms import denormalize, normalize
+from workbench.data.dataset import DataError, EvalDataset, SegDataset, data_identity, load_manifest, verify_files
+from workbench.data.transforms import denormalize
 from workbench.engine import distributed as D
-from workbench.engine.checkpoint import (CheckpointError, latest_exists, load_checkpoint, load_latest,
-                                         load_state_checked, nonfinite_tensors, rng_state, save_checkpoint,
-                                         set_rng_state)
-from workbench.engine.evaluate import EvalSettings, evaluate
-from workbench.engine.optim import (DeferredNonFinite, all_finite, build_sgd, fused_choice, scaled_lr, set_poly_lr,
-                                    zero_momentum_buffers)
+from workbench.engine.build import (amp_dtype, build_from_config, build_optimizer, check_splits, environment,
+                                    eval_settings, load_method, load_run_config, prepare_dataset, read_config_file,
+                                    split_names, step_dataset, step_plan, to_channels_last, train_loader, val_loader,
+                                    warn, wrap_distributed)
+from workbench.engine.checkpoint import (CheckpointError, latest_exists, load_latest, load_state_checked,
+                                         nonfinite_tensors, rng_state, save_checkpoint, set_rng_state)
+from workbench.engine.evaluate import evaluate
+from workbench.engine.optim import DeferredNonFinite, all_finite, set_poly_lr, zero_momentum_buffers
 from workbench.engine.rundir import RunDir, RunLock, atomic_write_text
-from workbench.methods import METHODS, Method, SemiBatch, StepInfo, build_method
-from workbench.models import build_model
+from workbench.methods import METHODS, SemiBatch, StepInfo
 
 
 class NonFiniteError(RuntimeError):
@@ -54,101 +54,6 @@ def resumable(key: str) -> bool:
     return any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUMABLE_KEYS)
 
 
-def warn(msg: str) -> None:
-    """One warning line on stderr."""
-    print(f"workbench: warning: {msg}", file=sys.stderr, flush=True)
-
-
-def prepare_dataset(cfg: RunConfig) -> Path:
-    """Make sure the dataset root exists (generating the synthetic one when needed, on rank 0 only)."""
-    root = Path(cfg.data.root)
-    if cfg.data.dataset == "synthetic":
-        if D.is_main():
-            from workbench.data.synthetic import SyntheticSpec, ensure_synthetic
-
-            try:
-                spec = SyntheticSpec.from_dict(cfg.data.synthetic)
-            except (TypeError, ValueError) as e:
-                raise ConfigError(f"data.synthetic: {e}") from None
-            try:
-                ensure_synthetic(root, spec, progress=cfg.train.progress)
-            except ValueError as e:
-                raise DataError(f"data.root: {e}") from None
-        if D.world_size() > 1:
-            torch.distributed.barrier()
-    load_manifest(root)  # clear error when missing
-    return root
-
-
-def split_names(cfg: RunConfig, semi: bool) -> tuple[str, str | None]:
-    """(labeled split, unlabeled split or None) of the manifest for ``data.split``."""
-    if cfg.data.split == "all":
-        if semi:
-            raise ConfigError("data.split: 'all' leaves no unlabeled images for a semi-supervised method; "
-                              "choose a label fraction such as 1-16, or method.name=supervised")
-        return "train", None
-    return f"labeled_{cfg.data.split}", (f"unlabeled_{cfg.data.split}" if semi else None)
-
-
-def check_splits(labeled: SegDataset, unlabeled: SegDataset | None) -> None:
-    """Reject split lists that cannot be a semi-supervised protocol: labeled images outside the dataset's ``train``
-    list (when the manifest has one), or images that are both labeled and unlabeled."""
-    m = labeled.manifest
-    lab = {img for img, _ in labeled.items}
-    if "train" in m.splits and labeled.split != "train":
-        train_imgs = {img for img, _ in read_split(m, "train", check_files=False)}
-        outside = sorted(lab - train_imgs)
-        if outside:
-            raise ConfigError(f"data.split: {len(outside)} image(s) of split {labeled.split!r} are not in the "
-                              f"dataset's train list ({m.split_path('train')}), e.g. {outside[0]}; regenerate the "
-                              "split lists (workbench data prepare / synth) or fix the list")
-    if unlabeled is not None:
-        both = sorted(lab & {img for img, _ in unlabeled.items})
-        if both:
-            raise ConfigError(f"data.split: {len(both)} image(s) are in both {labeled.split!r} and "
-                              f"{unlabeled.split!r}, e.g. {both[0]}; a labeled image must not also be unlabeled")
-
-
-def build_from_config(cfg: RunConfig, num_classes: int, device: torch.device) -> Method:
-    """The method (with its freshly built model) on ``device``."""
-    m = cfg.model
-    model = build_model(num_classes, backbone=m.backbone, stem=m.stem, output_stride=m.output_stride,
-                        width=m.width, head_width=m.head_width, aspp_rates=m.aspp_rates, pretrained=m.pretrained,
-                        fp_dropout=m.fp_dropout)
-    method = build_method(cfg.method.name, model, cfg.method, num_classes).to(device)
-    if m.channels_last:
-        to_channels_last(method)
-    if m.compile != "off":
-        inductor = m.compile_backend == "inductor"
-        model.compile(backend=m.compile_backend, mode=m.compile if inductor else None)
-    return method
-
-
-@torch.no_grad()
-def to_channels_last(module: torch.nn.Module) -> torch.nn.Module:
-    """Every 4-d parameter and buffer of ``module`` in ``channels_last`` memory format, in place; other ranks are
-    left alone (``Module.to(memory_format=...)`` refuses a module holding a 5-d tensor, such as S4MIM's per-class
-    heads). Returns ``module``."""
-    for t in [*module.parameters(), *module.buffers()]:
-        if t.dim() == 4:
-            t.data = t.data.contiguous(memory_format=torch.channels_last)
-    return module
-
-
-def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
-    """Autocast dtype for optim.amp on ``device`` (None = fp32): ``auto`` = bf16 on CUDA only; ``bf16`` anywhere
-    (CPU autocast is slow without bf16 hardware, but it lets the numerics be checked off-GPU); fp16 on CUDA only."""
-    if mode == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    if mode == "off":
-        return None
-    if mode == "bf16":
-        return torch.bfloat16
-    if device.type != "cuda":
-        raise ConfigError(f"optim.amp={mode!r} needs CUDA (device is {device}); use bf16, auto or off")
-    return torch.float16
-
-
 def artifact_tensor(key: str, t: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:
     """Compact CPU copy of a captured tensor: images (keys ``x_*``) -> uint8, labels -> uint8, floats -> fp16."""
     t = t.detach()
@@ -159,21 +64,6 @@ def artifact_tensor(key: str, t: Tensor, mean: tuple[float, ...], std: tuple[flo
     if t.is_floating_point():
         return t.to(torch.float16).cpu()
     return t.cpu()
-
-
-def environment() -> dict[str, Any]:
-    """Versions, device and git commit for summary.json."""
-    import torchvision
-
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                                cwd=Path(__file__).resolve().parents[2]).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
-    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
-    return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "device": dev, "cuda": torch.version.cuda, "threads": torch.get_num_threads(), "git_commit": commit,
-            "platform": platform.platform()}
 
 
 class Trainer:
@@ -288,11 +178,26 @@ class Trainer:
             shutil.rmtree(self.run.path, ignore_errors=True)
 
     def _setup(self, created: bool) -> None:
-        cfg = self.cfg
+        """Check the run directory, build data, method and optimiser, then resume or start the records."""
         if self.rank == 0:
             for tmp in self.run.clean_temps():
                 warn(f"removed {tmp}, a temp file of an interrupted write")
             self._check_run_dir()
+        self._build_data()
+        self._build_method_and_optimizer()
+        self._reset_progress()
+        if self.rank == 0:  # everything built: only now does the run directory get its files
+            self.run.create()
+            atomic_write_text(self.run.config, dump_config(self.cfg))
+        if latest_exists(self.run.latest):
+            self._resume()
+        elif self.rank == 0:   # a restart before the first checkpoint: nothing of the earlier attempt stays
+            self._truncate_records(0)
+
+    def _build_data(self) -> None:
+        """The labeled, unlabeled and validation sets (checked; files verified on rank 0 per ``data.verify``), the
+        dataset record, the step plan, the epoch length and the total of steps."""
+        cfg = self.cfg
         root = prepare_dataset(cfg)
         lab_split, unl_split = split_names(cfg, self.semi)
         self.labeled = SegDataset(root, lab_split)
@@ -304,25 +209,18 @@ class Trainer:
                                                                  cfg.data.val_split])
         if self.rank == 0:
             self._verify_data()
-        bl = cfg.data.batch_size
-        bu = cfg.data.unlabeled_batch_size or bl
-        self.plan = StepPlan(len(self.labeled), len(self.unlabeled) if self.unlabeled else 0, bl, bu,
-                             self.world, self.rank, cfg.train.seed, self.semi, cfg.optim.grad_accum)
+        self.plan = step_plan(cfg, len(self.labeled), len(self.unlabeled) if self.unlabeled else 0, self.semi,
+                              self.world, self.rank)
         self.ipe = self.plan.iters_per_epoch
         self.total = cfg.train.iters or cfg.train.epochs * self.ipe
 
+    def _build_method_and_optimizer(self) -> None:
+        """The method (DDP-wrapped in ``self.ddp`` when distributed), the optimiser, the grad scaler, the deferred
+        non-finite check and the state a skipped step must leave untouched."""
+        cfg = self.cfg
         self.method = build_from_config(cfg, self.num_classes, self.device)
-        self.ddp = self.method
-        if self.world > 1:
-            D.convert_sync_batchnorm(self.method, self.device)
-            self.ddp = torch.nn.parallel.DistributedDataParallel(
-                self.method, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                find_unused_parameters=getattr(self.method, "ddp_find_unused", False))
-        self.lr = scaled_lr(cfg.optim.lr, bl * self.world * cfg.optim.grad_accum, cfg.optim.reference_batch,
-                            cfg.optim.lr_scaling)
-        fused = fused_choice(cfg.optim.fused, self.device)
-        self.optimizer = build_sgd(self.method.param_groups(self.lr, cfg.optim.head_lr_mult), cfg.optim.momentum,
-                                   cfg.optim.weight_decay, fused=fused)
+        self.ddp = wrap_distributed(self.method, self.device, self.world)
+        self.optimizer, self.lr = build_optimizer(cfg, self.method, self.world, self.device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == torch.float16)
         # the optimiser skips a step on the device when given ``found_inf`` (fused kernel or SkippableSGD): the
         # non-finite check then needs no host read per step (fp16 leaves the check to the GradScaler)
@@ -334,6 +232,10 @@ class Trainer:
         # optimiser does not own (EMA teachers); snapshotted before each step under nonfinite=skip
         owned = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
         self.guarded = [*self.method.buffers(), *(p for p in self.method.parameters() if id(p) not in owned)]
+
+    def _reset_progress(self) -> None:
+        """A fresh run's progress (a resume then loads the checkpoint's): step, best, counters, elapsed time, the
+        logging window and the streak of skipped steps."""
         self.streak = 0   # consecutive skipped steps (synchronous check; the deferred one counts on the device)
         self.log_sums: dict[str, Tensor] = {}
         self.log_n: Any = 0
@@ -341,13 +243,6 @@ class Trainer:
         self.best = {"miou": -1.0, "step": -1}
         self.counters = {"skipped_samples": 0, "nonfinite_steps": 0}
         self.elapsed = 0.0
-        if self.rank == 0:  # everything built: only now does the run directory get its files
-            self.run.create()
-            atomic_write_text(self.run.config, dump_config(cfg))
-        if latest_exists(self.run.latest):
-            self._resume()
-        elif self.rank == 0:   # a restart before the first checkpoint: nothing of the earlier attempt stays
-            self._truncate_records(0)
 
     def _truncate_records(self, step: int) -> None:
         for problem in self.run.truncate_metrics(step):
@@ -376,18 +271,9 @@ class Trainer:
             self._truncate_records(self.start)
 
     def _loader(self) -> DataLoader:
-        cfg = self.cfg
-        ds = StepDataset(self.labeled, self.unlabeled, self.plan, cfg.data.crop_size, cfg.data.scale_range,
-                         cfg.data.flip, cfg.data.bad_data, cfg.data.mix_source)
-        micro = cfg.optim.grad_accum
-        ds.total_steps = self.total * micro
-        nw = cfg.data.num_workers
-        # the loader gets its own generator: creating its iterator must not draw from the global RNG (a resumed
-        # run creates it after restoring the RNG state, an uninterrupted one before the first step)
-        return DataLoader(ds, batch_size=None, sampler=range(self.start * micro, self.total * micro),
-                          num_workers=nw, pin_memory=cfg.data.pin_memory and self.device.type == "cuda",
-                          prefetch_factor=4 if nw else None, persistent_workers=False,
-                          generator=torch.Generator().manual_seed(cfg.train.seed))
+        """The training loader from the current step to the end."""
+        ds = step_dataset(self.cfg, self.labeled, self.unlabeled, self.plan)
+        return train_loader(self.cfg, ds, self.start, self.total, self.device)
 
     # ------------------------------------------------------------------ steps
     def _checkpoint(self, step: int) -> None:
@@ -408,28 +294,13 @@ class Trainer:
     def _val_loader(self) -> DataLoader:
         """The validation loader, built once: its worker processes persist from one evaluation to the next."""
         if getattr(self, "_val", None) is None:
-            cfg = self.cfg
-            ds = self.val if self.world == 1 else Subset(self.val, range(self.rank, len(self.val), self.world))
-            mean, std = cfg.data.mean, cfg.data.std
-
-            def collate(items):
-                imgs = torch.stack([i for i, _ in items])
-                return normalize(imgs, mean, std), torch.stack([m for _, m in items])
-
-            whole = cfg.eval.mode in ("original", "cif_multiscale")   # whole images: one batch needs equal sizes
-            bs = cfg.eval.batch_size if not whole or _same_size(self.val) else 1
-            nw = min(2, cfg.data.num_workers)
-            self._val = DataLoader(ds, batch_size=bs, num_workers=nw, collate_fn=collate, persistent_workers=nw > 0,
-                                   pin_memory=cfg.data.pin_memory and self.device.type == "cuda")
+            self._val = val_loader(self.cfg, self.val, self.world, self.rank, self.device)
         return self._val
 
     def evaluate(self) -> dict[str, Any]:
         """Validation metrics of the method's predictor (all processes take part; the result is all-reduced)."""
         cfg = self.cfg
-        e = cfg.eval
-        settings = EvalSettings(mode=e.mode, crop_size=e.crop_size, window=e.window, stride=e.stride,
-                                scales=tuple(e.scales), flip=e.flip, boundary_tolerance=e.boundary_tolerance,
-                                sliding_tiles=e.sliding_tiles)
+        settings = eval_settings(cfg)
         predictor = self.method.predictor()
         was_training = self.method.training
         self.method.eval()
@@ -460,123 +331,171 @@ class Trainer:
             self._release()
 
     def _fit(self, stop_at: int | None) -> dict[str, Any]:
+        """The loop's outline: one optimiser step, then, at their cadences, the deferred non-finite verdict, the
+        logged means, the evaluation (and best checkpoint), and the checkpoint."""
         cfg = self.cfg
+        self._open_tensorboard()
+        end = self.total if stop_at is None else min(stop_at, self.total)
+        self.last_eval: dict[str, Any] | None = None
+        self.data_time = 0.0   # seconds spent waiting for the loader this session
+        self.method.train()
+        step = self.start
+        self.pbar = self._progress_bar()
+        t_start = time.perf_counter()
+        self.last_ckpt = time.monotonic()
+        it = iter(self._loader()) if self.start < end else iter(())
+        while step < end:
+            self._optimizer_step(it, step)
+            step += 1
+            if self.pbar:
+                self.pbar.update(1)
+            epoch_end = step % self.ipe == 0
+            if step % cfg.train.log_every == 0 or step == end or epoch_end:
+                self._read_nonfinite()   # the deferred verdict, before anything is logged, evaluated or saved
+            if step % cfg.train.log_every == 0 or step == end:
+                self._log_window(step)
+            if self._eval_due(step, epoch_end):
+                self._evaluate_and_keep_best(step)
+            self.elapsed += time.perf_counter() - t_start
+            t_start = time.perf_counter()
+            if self._checkpoint_due(step, epoch_end):
+                self._checkpoint(step)
+        if self.pbar:
+            self.pbar.close()
+        self.elapsed += time.perf_counter() - t_start
+        summary = self._summary(step, self.last_eval, self.data_time)
+        if self.tb is not None:
+            self.tb.close()
+        return summary
+
+    def _open_tensorboard(self) -> None:
+        """``train.tensorboard``: the SummaryWriter of rank 0 in ``<run>/tensorboard`` (else ``self.tb`` = None)."""
         self.tb = None
-        if cfg.train.tensorboard and self.rank == 0:
+        if self.cfg.train.tensorboard and self.rank == 0:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
                 raise ConfigError("train.tensorboard=true needs the tensorboard package: "
                                   "pip install 'workbench[tensorboard]'") from None
             self.tb = SummaryWriter(str(self.run.path / "tensorboard"))
-        end = self.total if stop_at is None else min(stop_at, self.total)
-        micro = cfg.optim.grad_accum
-        sums: dict[str, Tensor] = self.log_sums   # the logging window's sums (checkpointed: a resumed run logs
-        n_sum: Any = self.log_n                   # the same means as an uninterrupted one)
-        guard = cfg.optim.nonfinite == "skip" and bool(self.guarded)
-        last_eval: dict[str, Any] | None = None
-        self.method.train()
-        step = self.start
-        pbar = None
-        if cfg.train.progress and self.rank == 0:
-            from tqdm.auto import tqdm
 
-            pbar = tqdm(total=self.total, initial=self.start, desc=f"{cfg.method.name}", dynamic_ncols=True)
-        t_start = time.perf_counter()
-        self.last_ckpt = time.monotonic()
-        data_time = 0.0
-        it = iter(self._loader()) if self.start < end else iter(())
-        while step < end:
-            capture = cfg.train.capture_every > 0 and (step + 1) % cfg.train.capture_every == 0
-            info = StepInfo(step, step // self.ipe, self.total, self.ipe, capture)
-            set_poly_lr(self.optimizer, step, self.total, cfg.optim.poly_power)
-            self.optimizer.zero_grad(set_to_none=True)
-            ids: list[str] = []
-            logs_step: dict[str, Tensor] = {}
-            snap = [t.detach().clone() for t in self.guarded] if guard else None
-            for a in range(micro):
-                t0 = time.perf_counter()
-                raw = next(it)
-                data_time += time.perf_counter() - t0
-                self.counters["skipped_samples"] += int(raw.get("skipped", 0))
-                self._note_skipped(raw.get("skipped_files", {}), step)
-                batch = SemiBatch.from_loader(raw, self.device, cfg.data.mean, cfg.data.std, cfg.model.channels_last)
-                ids += batch.ids_l + batch.ids_u
-                sync = contextlib.nullcontext() if (a == micro - 1 or self.world == 1) else self.ddp.no_sync()
-                with sync:
-                    with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
-                        out = self.ddp(batch, info)
-                    self.scaler.scale(out.loss / micro).backward()
-                for k, v in {"loss": out.loss, **out.logs}.items():
-                    v = v.detach().float() if isinstance(v, Tensor) else torch.tensor(float(v))
-                    logs_step[k] = logs_step.get(k, 0) + v / micro
-            good = None   # deferred: a device bool; the synchronous check decides on the host
-            if self.deferred:
-                good = self.pending.flag(self.optimizer, out.loss, self.method.parameters(), step, logs_step, ids)
-                applied = True   # handed to the optimiser, which skips a bad step on the device itself
-            else:
-                applied = self._finite_step(out, logs_step, step, ids)
-            if applied:
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-                self.method.after_step(info)
-                for k, v in logs_step.items():   # a step skipped on the device adds nothing to the logged means
-                    sums[k] = sums.get(k, 0) + (v if good is None else torch.where(good, v, 0.0))
-                n_sum = n_sum + (1 if good is None else good.float())
-                self.log_sums, self.log_n = sums, n_sum
-            if snap is not None:
-                self._restore_if_skipped(snap, good, applied)
-            if applied and capture and self.rank == 0 and out.artifacts:
-                self.run.save_artifacts(step + 1, info.epoch, {k: artifact_tensor(k, v, cfg.data.mean, cfg.data.std)
-                                                               for k, v in out.artifacts.items()})
-            step += 1
-            if pbar:
-                pbar.update(1)
-            epoch_end = step % self.ipe == 0
-            if step % cfg.train.log_every == 0 or step == end or epoch_end:
-                self._read_nonfinite()   # the deferred verdict, before anything is logged, evaluated or saved
-            if step % cfg.train.log_every == 0 or step == end:
-                rec = {"kind": "train", "step": step, "epoch": (step - 1) // self.ipe,
-                       "lr": self.optimizer.param_groups[0]["lr"]}
-                n_read = float(n_sum)
-                rec.update({k: float(v / n_read) if n_read else None for k, v in sums.items()})
-                self._log(rec)
-                if pbar:
-                    pbar.set_postfix(self._bar_fields(rec, last_eval))
-                sums, n_sum = {}, 0
-                self.log_sums, self.log_n = sums, n_sum
-            do_eval = step == self.total or (cfg.train.eval_every and step % cfg.train.eval_every == 0) or (
-                not cfg.train.eval_every and epoch_end)
-            if do_eval:
-                res = self.evaluate()
-                last_eval = {"kind": "eval", "step": step, "epoch": (step - 1) // self.ipe, **res}
-                self._log(last_eval)
-                miou = res["miou"] if res["miou"] is not None else 0.0
-                if pbar:
-                    pbar.set_postfix(self._bar_fields(None, last_eval))
-                if miou > self.best["miou"]:
-                    self.best = {"miou": miou, "step": step}
-                    if self.rank == 0:
-                        save_checkpoint(self.run.best, method=self.method.state_dict(), step=step, miou=miou,
-                                        config=config_to_dict(cfg))
-            self.elapsed += time.perf_counter() - t_start
-            t_start = time.perf_counter()
-            due = step == self.total or bool(cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0)
-            if due:
-                self._read_nonfinite()
-            if not due and epoch_end:
-                due = time.monotonic() - self.last_ckpt >= cfg.train.checkpoint_min_seconds
-                if self.world > 1:
-                    due = D.broadcast_object(due)  # rank 0 decides: the checkpoint is a collective
-            if due:
-                self._checkpoint(step)
-        if pbar:
-            pbar.close()
-        self.elapsed += time.perf_counter() - t_start
-        summary = self._summary(step, last_eval, data_time)
-        if self.tb is not None:
-            self.tb.close()
-        return summary
+    def _progress_bar(self) -> Any:
+        """``train.progress``: rank 0's progress bar over all steps, starting at the current one (else None)."""
+        if not (self.cfg.train.progress and self.rank == 0):
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=self.total, initial=self.start, desc=f"{self.cfg.method.name}", dynamic_ncols=True)
+
+    def _optimizer_step(self, it: Iterator[dict[str, Any]], step: int) -> None:
+        """Optimiser step ``step``: poly lr, the micro-batches' forward/backward, the non-finite policy and the
+        update, the guarded state put back when the step is skipped, and the captured tensors saved."""
+        cfg = self.cfg
+        capture = cfg.train.capture_every > 0 and (step + 1) % cfg.train.capture_every == 0
+        info = StepInfo(step, step // self.ipe, self.total, self.ipe, capture)
+        set_poly_lr(self.optimizer, step, self.total, cfg.optim.poly_power)
+        self.optimizer.zero_grad(set_to_none=True)
+        guard = cfg.optim.nonfinite == "skip" and bool(self.guarded)
+        snap = [t.detach().clone() for t in self.guarded] if guard else None
+        out, logs_step, ids = self._micro_batches(it, step, info)
+        good, applied = self._apply_update(out, logs_step, step, ids, info)
+        if snap is not None:
+            self._restore_if_skipped(snap, good, applied)
+        if applied and capture and self.rank == 0 and out.artifacts:
+            self.run.save_artifacts(step + 1, info.epoch, {k: artifact_tensor(k, v, cfg.data.mean, cfg.data.std)
+                                                           for k, v in out.artifacts.items()})
+
+    def _micro_batches(self, it: Iterator[dict[str, Any]], step: int,
+                       info: StepInfo) -> tuple[Any, dict[str, Tensor], list[str]]:
+        """Forward and backward of the step's ``optim.grad_accum`` micro-batches (DDP all-reduces on the last one
+        only) -> (the last micro-batch's output, the loss terms averaged over the micro-batches, the sample ids)."""
+        cfg = self.cfg
+        micro = cfg.optim.grad_accum
+        ids: list[str] = []
+        logs_step: dict[str, Tensor] = {}
+        for a in range(micro):
+            t0 = time.perf_counter()
+            raw = next(it)
+            self.data_time += time.perf_counter() - t0
+            self.counters["skipped_samples"] += int(raw.get("skipped", 0))
+            self._note_skipped(raw.get("skipped_files", {}), step)
+            batch = SemiBatch.from_loader(raw, self.device, cfg.data.mean, cfg.data.std, cfg.model.channels_last)
+            ids += batch.ids_l + batch.ids_u
+            sync = contextlib.nullcontext() if (a == micro - 1 or self.world == 1) else self.ddp.no_sync()
+            with sync:
+                with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+                    out = self.ddp(batch, info)
+                self.scaler.scale(out.loss / micro).backward()
+            for k, v in {"loss": out.loss, **out.logs}.items():
+                v = v.detach().float() if isinstance(v, Tensor) else torch.tensor(float(v))
+                logs_step[k] = logs_step.get(k, 0) + v / micro
+        return out, logs_step, ids
+
+    def _apply_update(self, out: Any, logs_step: dict[str, Tensor], step: int, ids: list[str],
+                      info: StepInfo) -> tuple[Tensor | None, bool]:
+        """The non-finite policy and the optimiser update; the step's terms join the logging window.
+
+        Returns ``(good, applied)``: deferred check = (a device bool, True: the optimiser skips a bad step on the
+        device itself); synchronous check = (None, whether the host let the step through)."""
+        good = None   # deferred: a device bool; the synchronous check decides on the host
+        if self.deferred:
+            good = self.pending.flag(self.optimizer, out.loss, self.method.parameters(), step, logs_step, ids)
+            applied = True   # handed to the optimiser, which skips a bad step on the device itself
+        else:
+            applied = self._finite_step(out, logs_step, step, ids)
+        if applied:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.method.after_step(info)
+            for k, v in logs_step.items():   # a step skipped on the device adds nothing to the logged means
+                self.log_sums[k] = self.log_sums.get(k, 0) + (v if good is None else torch.where(good, v, 0.0))
+            self.log_n = self.log_n + (1 if good is None else good.float())
+        return good, applied
+
+    def _log_window(self, step: int) -> None:
+        """Log the window's mean loss terms (``{"kind": "train"}``) and start a new window. The window's sums are
+        checkpointed: a resumed run logs the same means as an uninterrupted one."""
+        rec = {"kind": "train", "step": step, "epoch": (step - 1) // self.ipe,
+               "lr": self.optimizer.param_groups[0]["lr"]}
+        n_read = float(self.log_n)
+        rec.update({k: float(v / n_read) if n_read else None for k, v in self.log_sums.items()})
+        self._log(rec)
+        if self.pbar:
+            self.pbar.set_postfix(self._bar_fields(rec, self.last_eval))
+        self.log_sums, self.log_n = {}, 0
+
+    def _eval_due(self, step: int, epoch_end: bool) -> bool:
+        """Evaluate after the last step, and every ``train.eval_every`` steps (0 = at each epoch's end)."""
+        every = self.cfg.train.eval_every
+        return step == self.total or bool(every and step % every == 0) or (not every and epoch_end)
+
+    def _evaluate_and_keep_best(self, step: int) -> None:
+        """Evaluate and log (``{"kind": "eval"}``); a better validation mIoU becomes ``best`` (checkpoint best.pt)."""
+        res = self.evaluate()
+        self.last_eval = {"kind": "eval", "step": step, "epoch": (step - 1) // self.ipe, **res}
+        self._log(self.last_eval)
+        miou = res["miou"] if res["miou"] is not None else 0.0
+        if self.pbar:
+            self.pbar.set_postfix(self._bar_fields(None, self.last_eval))
+        if miou > self.best["miou"]:
+            self.best = {"miou": miou, "step": step}
+            if self.rank == 0:
+                save_checkpoint(self.run.best, method=self.method.state_dict(), step=step, miou=miou,
+                                config=config_to_dict(self.cfg))
+
+    def _checkpoint_due(self, step: int, epoch_end: bool) -> bool:
+        """Checkpoint after the last step and every ``train.checkpoint_every`` steps (reading the deferred verdict
+        first), and at an epoch's end when ``train.checkpoint_min_seconds`` have passed since the last one (rank 0
+        decides under DDP: the checkpoint is a collective)."""
+        cfg = self.cfg
+        due = step == self.total or bool(cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0)
+        if due:
+            self._read_nonfinite()
+        if not due and epoch_end:
+            due = time.monotonic() - self.last_ckpt >= cfg.train.checkpoint_min_seconds
+            if self.world > 1:
+                due = D.broadcast_object(due)  # rank 0 decides: the checkpoint is a collective
+        return due
 
     @torch.no_grad()
     def _restore_if_skipped(self, snap: list[Tensor], good: Tensor | None, applied: bool) -> None:
@@ -684,10 +603,6 @@ def _same_amp(a: str, b: str, device: torch.device) -> bool:
         return False
 
 
-def _same_size(ds: EvalDataset) -> bool:
-    return ds.base.manifest.raw.get("image_size") is not None
-
-
 def _get_dotted(d: Any, key: str) -> Any:
     for part in key.split("."):
         d = d.get(part) if isinstance(d, dict) else None
@@ -708,63 +623,6 @@ def train(cfg: RunConfig, stop_at: int | None = None, trust_pickle: bool = False
 
     ``trust_pickle``: resume from a checkpoint that needs full unpickling (an older file the user vouches for)."""
     return Trainer(cfg, trust_pickle=trust_pickle).fit(stop_at)
-
-
-def read_config_file(path: Path) -> tuple[dict[str, Any] | None, str | None]:
-    """A run's config.yaml as a dict, or ``(None, why)`` when it is missing, empty, not a mapping or unreadable
-    (``why`` completes "<path> ...", e.g. "is empty")."""
-    import yaml
-
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        return None, "is missing"
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        return None, f"is unreadable ({str(e).splitlines()[0]})"
-    if not isinstance(data, dict) or not data:
-        return None, "is empty" if not data else "is not a mapping"
-    return data, None
-
-
-def load_run_config(run_dir: str | Path, trust_pickle: bool = False) -> RunConfig:
-    """The resolved config of an existing run directory: config.yaml, or, when that file is missing, empty or not
-    valid YAML, the config saved in the run's checkpoint (with a warning). CheckpointError when neither exists."""
-    rd = RunDir(run_dir)
-    data, why = read_config_file(rd.config)
-    if why is None:
-        return config_from_dict(data)
-    for path in (rd.latest, rd.best):
-        if latest_exists(path):
-            ck, used = load_latest(path, trust_pickle) if path == rd.latest else (load_checkpoint(path, trust_pickle),
-                                                                                   path)
-            if isinstance(ck.get("config"), dict):
-                warn(f"{rd.config} {why}: using the config saved in {used}")
-                return config_from_dict(ck["config"])
-    raise CheckpointError(f"{rd.config} {why} and {run_dir} has no checkpoint holding a config: "
-                          + ("it is not a run directory" if why == "is missing" else "restore the file"))
-
-
-def load_method(run_dir: str | Path, checkpoint: str = "best", device: str | torch.device = "cpu",
-                trust_pickle: bool = False) -> tuple[Method, RunConfig, dict[str, Any]]:
-    """A run's method with the weights of its ``best`` (falls back to ``latest`` when the run has none) or
-    ``latest`` (falls back to the previous one when damaged) checkpoint, in eval mode, plus its config and the
-    checkpoint's metadata ({"path", "step", "nonfinite_tensors"}); a warning names any non-finite tensor."""
-    cfg = load_run_config(run_dir, trust_pickle)
-    rd = RunDir(run_dir)
-    if checkpoint == "best" and rd.best.is_file():
-        path = rd.best
-        ck = load_checkpoint(path, trust_pickle)
-    else:
-        ck, path = load_latest(rd.latest, trust_pickle)
-    num_classes = load_manifest(cfg.data.root).num_classes
-    method = build_from_config(cfg, num_classes, torch.device(device))
-    load_state_checked(method, ck["method"], path)
-    method.eval()
-    bad = nonfinite_tensors(ck["method"])
-    if bad:
-        warn(f"checkpoint {path} holds non-finite values in {len(bad)} tensor(s), e.g. {bad[:3]}; its predictions "
-             "are unreliable")
-    return method, cfg, {"path": str(path), "step": ck.get("step"), "nonfinite_tensors": bad}
 
 
 def evaluate_run(run_dir: str | Path, checkpoint: str = "best", overrides: dict[str, Any] | None = None,
@@ -788,4 +646,7 @@ def evaluate_run(run_dir: str | Path, checkpoint: str = "best", overrides: dict[
     return res
 
 
-__all__ = ["Trainer", "train", "evaluate_run", "load_method", "load_run_config", "NonFiniteError"]
+__all__ = ["Trainer", "train", "evaluate_run", "load_method", "load_run_config", "NonFiniteError",
+           # builders whose home is workbench.engine.build, kept importable from here
+           "prepare_dataset", "split_names", "check_splits", "build_from_config", "to_channels_last", "amp_dtype",
+           "read_config_file", "warn", "environment"]

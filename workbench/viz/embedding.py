@@ -63,7 +63,7 @@ def run_pixel_features(run_dir: str | Path, images: Tensor, labels: Tensor, per_
     """Sampled ``feature`` vectors of a run's best checkpoint (its predictor) on uint8 ``images`` [N,3,H,W] with
     long ``labels`` [N,H,W]; see :func:`sample_pixels` for the result. ``device`` "auto" = CUDA when present."""
     from workbench.data.transforms import normalize
-    from workbench.engine.trainer import load_method
+    from workbench.engine.build import load_method
 
     if images.dtype != torch.uint8 or images.dim() != 4:
         raise TypeError(f"images must be uint8 [N, 3, H, W], got {images.dtype} {tuple(images.shape)}")

@@ -257,10 +257,11 @@ def open_session(method: str, run_dir: str | Path | None = "", config: str | Pat
     (:func:`workbench.paths.project_path`), wherever the kernel started.
     """
     from workbench.config import apply_overrides, config_from_dict, config_to_dict, load_config
-    from workbench.data.dataset import SegDataset, StepDataset, StepPlan
+    from workbench.data.dataset import SegDataset
+    from workbench.engine.build import (build_from_config, check_splits, load_run_config, prepare_dataset, split_names,
+                                        step_dataset, step_plan)
     from workbench.engine.checkpoint import load_checkpoint, load_state_checked
     from workbench.engine.rundir import RunDir
-    from workbench.engine.trainer import build_from_config, check_splits, load_run_config, prepare_dataset, split_names
     from workbench.paths import project_path
 
     if method not in STEP_METHODS:
@@ -312,11 +313,7 @@ def open_session(method: str, run_dir: str | Path | None = "", config: str | Pat
         ck_step = ck.get("step")
         source = f"{path} (step {ck_step})"
     m.eval()
-    d = cfg.data
-    bl = d.batch_size
-    plan = StepPlan(len(labeled), len(unlabeled), bl, d.unlabeled_batch_size or bl, 1, 0, cfg.train.seed, True,
-                    cfg.optim.grad_accum)
-    ds = StepDataset(labeled, unlabeled, plan, d.crop_size, d.scale_range, d.flip, d.bad_data, d.mix_source)
+    ds = step_dataset(cfg, labeled, unlabeled, step_plan(cfg, len(labeled), len(unlabeled), True))
     man = labeled.manifest
     session = StepSession(m, cfg, ds, list(man.class_names), [list(c) for c in man.palette], dev, source, ck_step)
     session._initial = {k: v.detach().clone() for k, v in m.state_dict().items()}
