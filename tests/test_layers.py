@@ -266,3 +266,43 @@ def test_relative_imports_resolve(tmp_path):
     assert {(e.src, e.dst, e.names) for e in import_edges(root)} == {
         ("fake", "fake.ops", ()), ("fake.ops", "fake.ops.a", ("x",)), ("fake.ops", "fake.ops.b", ()),
         ("fake.ops.a", "fake.ops.b", ()), ("fake.ops.b", "fake.ops.a", ())}
+
+
+# ------------------------------------------------------------- method-specific code stays in the method's module
+
+METHOD_NEUTRAL = ("config.py", "registry.py", "engine/evaluate.py")
+METHOD_SPECIFIC = ("scalematch", "cif_multiscale", "has_cif", "cif_scales")
+
+
+def code_words(path: Path) -> list[tuple[int, str]]:
+    """(line, text) of every identifier, attribute and non-documentation string of the module at ``path`` (a bare
+    string statement is documentation: docstrings and attribute docstrings)."""
+    tree = ast.parse(path.read_text())
+    docs = {id(n.value) for n in ast.walk(tree) if isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant)}
+    out = []
+    for n in ast.walk(tree):
+        if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docs:
+            out.append((n.lineno, n.value))
+        elif isinstance(n, ast.Name):
+            out.append((n.lineno, n.id))
+        elif isinstance(n, ast.Attribute):
+            out.append((n.lineno, n.attr))
+    return out
+
+
+def test_evaluation_and_config_name_no_method():
+    """The evaluation and the configuration serve a method's own evaluation mode through the registry
+    (:class:`workbench.registry.EvalMode`, :meth:`workbench.config.MethodConfig.provides_eval_mode`), never by the
+    method's name: no code of theirs (documentation aside) names ScaleMatch or its CIF mode."""
+    bad = [f"workbench/{rel}:{line}: {text!r}" for rel in METHOD_NEUTRAL
+           for line, text in code_words(PACKAGE_DIR / rel) if any(w in text.lower() for w in METHOD_SPECIFIC)]
+    assert not bad, "method-specific names in method-neutral modules:\n" + "\n".join(bad)
+
+
+def test_code_words_skip_documentation(tmp_path):
+    path = tmp_path / "m.py"
+    path.write_text('"""scalematch doc"""\nX = 1\n"""scalematch attribute doc"""\n'
+                    'def f(mode):\n    """doc"""\n    return mode == "cif_multiscale" or cfg.has_cif\n')
+    assert sorted(w for w in code_words(path) if w[1] in ("cif_multiscale", "has_cif")) == [
+        (6, "cif_multiscale"), (6, "has_cif")]
+    assert not any("scalematch" in w for _, w in code_words(path))
