@@ -373,7 +373,8 @@ def toy_open(settings):
 
 TOY_REQUEST: list[ToyRequest] = []
 TOY = registry.EvalMode("toy_swap", requirement="a toy predictor that swaps its classes", owners=("toy",),
-                        open=toy_open, check=lambda s: ("flip", "toy_swap predicts unflipped images") if s.flip else None)
+                        open=toy_open,
+                        check=lambda s: ("flip", "toy_swap predicts unflipped images") if s.flip else None)
 
 
 def toy_fn(x: torch.Tensor) -> torch.Tensor:

@@ -29,8 +29,6 @@ import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-
 PACKAGE_DIR = Path(__file__).resolve().parents[1] / "workbench"
 LAYERS = ("config", "data", "models", "ops", "methods", "engine", "runs", "viz", "dashboard", "report")
 TRAINING_LOOP = "workbench.engine.trainer"

@@ -5,7 +5,7 @@ import math
 from typing import Any, Iterable
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from workbench.ops.ema import ema_update  # noqa: F401  (re-exported: the EMA lives in ops)
 

@@ -18,8 +18,8 @@ independent cross-check (``benchmarks/gpu_session.sh syncs``).
 
 Reads the code makes on purpose from CPU tensors (random draws from torch's global CPU generator, which keep runs
 reproducible and checkpointable) go through :func:`host_scalar` (:mod:`workbench.ops.host`), which is never
-counted: on a GPU those are not synchronisations. Known blind spots: operations run inside a ``torch.compile``d graph, collectives of
-``torch.distributed``, and explicit ``torch.cuda.synchronize()`` / event waits.
+counted: on a GPU those are not synchronisations. Known blind spots: operations run inside a ``torch.compile``d
+graph, collectives of ``torch.distributed``, and explicit ``torch.cuda.synchronize()`` / event waits.
 """
 from __future__ import annotations
 
