@@ -1,6 +1,7 @@
 """Sliding window, multi-scale/flip, centre crop, settings and evaluate() on hand-worked cases."""
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -9,6 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from workbench import registry
 from workbench.engine.evaluate import (EvalSettings, center_crop, clipped_window_starts, evaluate, multiscale_logits,
                                        sliding_window_coverage, sliding_window_logits, sliding_window_probs,
                                        window_starts)
@@ -350,3 +352,66 @@ def test_evaluate_sums_over_two_gloo_processes(tmp_path) -> None:
         assert out["num_images"] == 2
         assert out["confusion"] == [[3, 1, 1], [0, 2, 0], [1, 1, 2]]
         assert out["miou"] == pytest.approx(7 / 15)
+
+
+# ------------------------------------------------------------------ a mode a method provides (workbench.registry)
+
+
+class ToyRequest:
+    served = 0
+
+
+@contextlib.contextmanager
+def toy_open(settings):
+    request = ToyRequest()
+    TOY_REQUEST.append(request)
+    try:
+        yield request
+    finally:
+        TOY_REQUEST.pop()
+
+
+TOY_REQUEST: list[ToyRequest] = []
+TOY = registry.EvalMode("toy_swap", requirement="a toy predictor that swaps its classes", owners=("toy",),
+                        open=toy_open,
+                        check=lambda s: ("flip", "toy_swap predicts unflipped images") if s.flip else None)
+
+
+def toy_fn(x: torch.Tensor) -> torch.Tensor:
+    """Logits (1, 0) at every pixel (class 0); inside an open toy request (0, 1) (class 1), counted as served."""
+    logits = torch.zeros(x.shape[0], 2, *x.shape[-2:])
+    if TOY_REQUEST:
+        TOY_REQUEST[-1].served += 1
+        logits[:, 1] = 1.0
+    else:
+        logits[:, 0] = 1.0
+    return logits
+
+
+def test_a_method_provided_mode_is_served_through_the_registry(monkeypatch) -> None:
+    """Labels 1 everywhere: the plain prediction (class 0 at all 8 pixels) has IoU 0 for both classes present
+    (class 0: 0 / (0 + 8), class 1: 0 / (8 + 0)) -> mIoU 0; inside the toy mode every pixel is class 1 -> class 1
+    IoU 8 / 8 and class 0 absent from labels and prediction (not averaged) -> mIoU 1. The evaluation knows the mode
+    only through the registry."""
+    monkeypatch.setitem(registry._EVAL_MODES, "toy_swap", TOY)
+    loader = [(torch.zeros(2, 3, 2, 2), torch.ones(2, 2, 2, dtype=torch.long))]
+    assert evaluate(toy_fn, loader, 2, EvalSettings(), "cpu", progress=False)["miou"] == 0.0
+    out = evaluate(toy_fn, loader, 2, EvalSettings(mode="toy_swap"), "cpu", progress=False)
+    assert out["miou"] == pytest.approx(1.0) and out["num_images"] == 2
+    with pytest.raises(ValueError, match="toy_swap.*a toy predictor that swaps its classes"):
+        evaluate(one_hot_fn, [(encode(PRED[:1]), GT[:1])], 3, EvalSettings(mode="toy_swap"), "cpu", progress=False)
+    with pytest.raises(ValueError, match="EvalSettings.flip: toy_swap predicts unflipped images"):
+        EvalSettings(mode="toy_swap", flip=True)
+    with pytest.raises(ValueError, match="EvalSettings.mode must be one of .*cif_multiscale.*toy_swap"):
+        EvalSettings(mode="weird")
+
+
+def test_the_config_asks_the_method_for_its_mode(monkeypatch) -> None:
+    """eval.mode beyond the engine's own is valid only when the configured method provides it."""
+    from workbench.config import ConfigError, config_from_dict
+
+    monkeypatch.setitem(registry._EVAL_MODES, "toy_swap", TOY)
+    with pytest.raises(ConfigError, match=r"eval.mode: toy_swap needs a toy predictor .*method.name is 'supervised'"):
+        config_from_dict({"eval": {"mode": "toy_swap"}})
+    with pytest.raises(ConfigError, match="eval.mode: must be one of original, center_crop, sliding, cif_multiscale"):
+        config_from_dict({"eval": {"mode": "weird"}})

@@ -19,6 +19,9 @@ from typing import Any, ClassVar
 
 import yaml
 
+from workbench import registry
+from workbench.registry import register_method_config  # noqa: F401  (re-exported: methods register here)
+
 
 class ConfigError(ValueError):
     """A configuration key or value is invalid; the message names the key and the fix."""
@@ -157,9 +160,10 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    """Evaluation mode (see :class:`workbench.engine.evaluate.EvalSettings`).
+    """Evaluation mode (see :class:`EvalSettings`).
 
-    ``mode``: original, center_crop, sliding, or cif_multiscale (ScaleMatch's CIF-fused multi-scale inference; then
+    ``mode``: original, center_crop, sliding, or a mode the configured method provides
+    (:attr:`MethodConfig.eval_modes`): ScaleMatch's ``cif_multiscale`` (CIF-fused multi-scale inference; then
     ``scales`` lists the scales fused with scale 1, e.g. [0.5, 2.0], and the method must own a CIF module)."""
 
     mode: str = "original"
@@ -187,7 +191,14 @@ class MethodConfig:
     """Base of every method's configuration; ``name`` selects the method."""
 
     name: str = "supervised"
-    uses_unlabeled: ClassVar[bool] = False
+    eval_modes: ClassVar[tuple[str, ...]] = ()
+    """The evaluation modes this method adds to the engine's own (:data:`BASE_EVAL_MODES`); each is registered
+    with :func:`workbench.registry.register_eval_mode` by the method's module, which implements it."""
+
+    def provides_eval_mode(self, mode: str) -> bool:
+        """Whether this configured method serves ``eval.mode=mode`` (one of :attr:`eval_modes`; a method may
+        provide a mode only under some settings, e.g. ScaleMatch's ``cif_multiscale`` only with a CIF module)."""
+        return mode in self.eval_modes
 
     def check(self, checks: Iterable[tuple[bool, str, str]]) -> None:
         """Raise ConfigError ``method.<key>: <message> (got <value>)`` for the first ``(ok, key, message)`` that is
@@ -198,21 +209,103 @@ class MethodConfig:
                 raise ConfigError(f"method.{key}: {msg}{got}")
 
 
-_METHOD_CONFIGS: dict[str, type[MethodConfig]] = {}
-
-
-def register_method_config(name: str, cls: type[MethodConfig]) -> None:
-    """Make ``method.name == name`` build a ``cls`` (a :class:`MethodConfig` subclass)."""
-    _METHOD_CONFIGS[name] = cls
-
-
 def method_config_class(name: str) -> type[MethodConfig]:
-    """The config dataclass registered for method ``name``; ConfigError listing the known names otherwise."""
-    import workbench.methods  # noqa: F401  (registers the built-in methods)
+    """The config dataclass registered for method ``name`` (:mod:`workbench.registry`); ConfigError listing the
+    known names otherwise."""
+    cls = registry.method_config(name)
+    if cls is None:
+        raise ConfigError(f"method.name: unknown method {name!r}; choose one of {registry.method_names()}")
+    return cls
 
-    if name not in _METHOD_CONFIGS:
-        raise ConfigError(f"method.name: unknown method {name!r}; choose one of {sorted(_METHOD_CONFIGS)}")
-    return _METHOD_CONFIGS[name]
+
+# ---------------------------------------------------------------- evaluation settings
+
+
+BASE_EVAL_MODES = ("original", "center_crop", "sliding")
+"""The engine's own evaluation modes; a method adds its own (:attr:`MethodConfig.eval_modes`)."""
+SLIDING_TILES = ("clipped_sum", "shifted_mean")
+"""Sliding-window tilings: UniMatch's (clipped border tiles, summed softmax; default) and the shifted-tile mean."""
+
+
+def whole_image_mode(mode: str) -> bool:
+    """Whether ``eval.mode`` predicts each image whole at its own size ("original" and every method-provided mode,
+    which the evaluation runs on whole images): a batch then needs images of one size."""
+    return mode not in ("center_crop", "sliding")
+
+
+@dataclass
+class EvalSettings:
+    """How to evaluate (:func:`workbench.engine.evaluate.evaluate`; built from the ``eval`` section).
+
+    Attributes:
+        mode: "original" (whole image), "center_crop" (crop to ``crop_size`` first), "sliding", or a mode a
+            method provides (:mod:`workbench.registry`; e.g. ScaleMatch's "cif_multiscale": whole image, fused by
+            the predictor's CIF module with the scales of ``scales`` other than 1.0).
+        crop_size: crop side for "center_crop", and the default sliding window.
+        window: sliding-window side; None = ``crop_size`` (see ``resolved_window``).
+        stride: sliding-window step; None = int(2/3 of the window) (see ``resolved_stride``).
+        sliding_tiles: ``"clipped_sum"`` (default; UniMatch's tiling: tiles at 0, stride, ... while inside the image,
+            border tiles clipped, tile softmaxes summed) or ``"shifted_mean"`` (switch: last tile shifted back to the
+            border, small images padded, overlapping logits averaged).
+        scales: image scales to average over (1.0 = original size); a method-provided mode reads them its own way
+            ("cif_multiscale": the scales fused with scale 1; entries equal to 1.0 are skipped, at least one other
+            scale is required).
+        flip: also average the horizontally flipped prediction.
+        boundary_tolerance: when set, also report the boundary F-score ("boundary_f", see
+            :class:`~workbench.engine.metrics.BoundaryFMeter`) with this matching distance, a fraction of the image
+            diagonal in [0, 1) (MaskMatch reports 0.0003); None = not computed.
+    """
+    mode: str = "original"
+    crop_size: int = 321
+    window: int | None = None
+    stride: int | None = None
+    scales: tuple[float, ...] = (1.0,)
+    flip: bool = False
+    boundary_tolerance: float | None = None
+    sliding_tiles: str = "clipped_sum"
+
+    def __post_init__(self) -> None:
+        extra = None if self.mode in BASE_EVAL_MODES else registry.eval_mode(self.mode)
+        if self.mode not in BASE_EVAL_MODES and extra is None:
+            raise ValueError(f"EvalSettings.mode must be one of {BASE_EVAL_MODES + tuple(registry.eval_modes())}, "
+                             f"got {self.mode!r}")
+        if self.sliding_tiles not in SLIDING_TILES:
+            raise ValueError(f"EvalSettings.sliding_tiles must be one of {SLIDING_TILES}, got {self.sliding_tiles!r}")
+        for name in ("crop_size", "window", "stride"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
+                raise ValueError(f"EvalSettings.{name} must be a positive int, got {v!r}")
+        if self.crop_size is None:
+            raise ValueError("EvalSettings.crop_size must be a positive int, got None")
+        if isinstance(self.scales, (int, float)):
+            raise ValueError(f"EvalSettings.scales must be a sequence of numbers, got {self.scales!r}")
+        self.scales = tuple(self.scales)
+        if not self.scales or not all(isinstance(s, (int, float)) and not isinstance(s, bool) and s > 0
+                                      for s in self.scales):
+            raise ValueError(f"EvalSettings.scales must be non-empty positive numbers, got {self.scales!r}")
+        if extra is not None:
+            problem = extra.check(self)
+            if problem is not None:
+                raise ValueError(f"EvalSettings.{problem[0]}: {problem[1]}")
+        if not isinstance(self.flip, bool):
+            raise ValueError(f"EvalSettings.flip must be a bool, got {self.flip!r}")
+        t = self.boundary_tolerance
+        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t < 1):
+            raise ValueError("EvalSettings.boundary_tolerance: tolerance must be a fraction of the image diagonal in "
+                             f"[0, 1), got {t!r}")
+        if self.resolved_stride > self.resolved_window:
+            raise ValueError(f"EvalSettings.stride ({self.resolved_stride}) must not exceed the window "
+                             f"({self.resolved_window})")
+
+    @property
+    def resolved_window(self) -> int:
+        """The sliding window side actually used: ``window`` or, when None, ``crop_size``."""
+        return self.window if self.window is not None else self.crop_size
+
+    @property
+    def resolved_stride(self) -> int:
+        """The sliding step actually used: ``stride`` or, when None, int(2/3 * window) (at least 1)."""
+        return self.stride if self.stride is not None else max(1, self.resolved_window * 2 // 3)
 
 
 @dataclass
@@ -415,6 +508,7 @@ def validate(cfg: RunConfig) -> None:
     """Reject impossible values and combinations before any work starts (ConfigError names key and fix)."""
     d, m, o, t, e = cfg.data, cfg.model, cfg.optim, cfg.train, cfg.eval
     bad_name = check_run_name(cfg.name)
+    extra = None if e.mode in BASE_EVAL_MODES else registry.eval_mode(e.mode)
     checks = [
         (bad_name is None, "name", f"{bad_name}"),
         (d.verify in ("header", "full", "off"), "data.verify", "must be header, full or off"),
@@ -456,19 +550,16 @@ def validate(cfg: RunConfig) -> None:
         (t.log_every > 0, "train.log_every", "must be positive"),
         (min(t.eval_every, t.checkpoint_every, t.capture_every) >= 0, "train.eval_every",
          "eval_every, checkpoint_every and capture_every must be >= 0"),
-        (e.mode in ("original", "center_crop", "sliding", "cif_multiscale"), "eval.mode",
-         "must be original, center_crop, sliding or cif_multiscale"),
+        (e.mode in BASE_EVAL_MODES or extra is not None, "eval.mode",
+         f"must be one of {', '.join(BASE_EVAL_MODES + tuple(registry.eval_modes()))} (a mode after the first "
+         f"three is provided by a method)"),
+        (extra is None or cfg.method.provides_eval_mode(e.mode), "eval.mode",
+         f"{e.mode} needs {extra.requirement if extra else ''} (method.name is {cfg.method.name!r})"),
         (len(e.scales) > 0 and all(s > 0 for s in e.scales), "eval.scales", "must be a non-empty list of positives"),
         (e.sliding_tiles in ("clipped_sum", "shifted_mean"), "eval.sliding_tiles",
          "must be 'clipped_sum' (UniMatch's tiling) or 'shifted_mean'"),
         (e.window is None or e.window > 0, "eval.window", "must be a positive integer or null"),
         (e.stride is None or e.stride > 0, "eval.stride", "must be a positive integer or null"),
-        (e.mode != "cif_multiscale" or getattr(cfg.method, "has_cif", False), "eval.mode",
-         f"cif_multiscale needs a method with a CIF module (method.name=scalematch with method.cif=true and "
-         f"method.fusion=cif; method.name is {cfg.method.name!r})"),
-        (e.mode != "cif_multiscale" or any(s != 1.0 for s in e.scales), "eval.scales",
-         "eval.mode=cif_multiscale fuses scale 1 with the other scales listed here: give at least one scale other "
-         "than 1.0 (the paper's dagger rows: [0.5, 2.0])"),
     ]
     for ok, key, msg in checks:
         if not ok:
@@ -534,9 +625,8 @@ def _check_method_bounds(m: MethodConfig) -> None:
 
 
 def _check_eval(e: EvalConfig) -> None:
-    """The eval section through the evaluation's own checks (window, stride, scales, tolerance), at load time."""
-    from workbench.engine.evaluate import EvalSettings
-
+    """The eval section through the evaluation's own checks (window, stride, scales, tolerance, a method-provided
+    mode's own checks), at load time."""
     if e.batch_size <= 0:
         raise ConfigError(f"eval.batch_size: must be positive (got {e.batch_size!r})")
     try:

@@ -26,8 +26,7 @@ import yaml
 from torch import Tensor
 
 from workbench.engine.rundir import RunDir
-
-IGNORE = 255
+from workbench.ops import IGNORE
 
 # Config keys that name or place a run, or change speed but not results: never "varied" in an ablation table.
 INFRA_KEYS = ("name", "out_dir", "train.seed", "train.progress", "train.device", "train.threads",
@@ -346,14 +345,12 @@ def _data_root(run: Run) -> str | None:
 def dataset_info(run: Run) -> tuple[list[str], list[list[int]]]:
     """(class names, palette) from the manifest of the run's dataset. When the dataset is not on this machine:
     a warning, ``class k`` names and the VOC palette, with the class count taken from the run's final IoU list."""
-    from workbench.data.dataset import DataError, load_manifest
+    from workbench.data.dataset import DataError, load_manifest, voc_palette
 
     try:
         m = load_manifest(_data_root(run))
         return list(m.class_names), [list(c) for c in m.palette]
     except (DataError, FileNotFoundError, OSError, TypeError) as e:
-        from workbench.viz.figures import voc_palette
-
         k = len(lookup(run, "final.iou") or []) or 21
         warnings.warn(f"run {run.name}: dataset manifest unavailable ({e}); using generic class names", stacklevel=2)
         return [f"class {i}" for i in range(k)], voc_palette(k)

@@ -64,8 +64,7 @@ import torch
 from torch import Tensor
 
 from workbench.engine.rundir import RunDir
-
-IGNORE = 255
+from workbench.ops import IGNORE
 #: keys read by the gallery and the method views; everything else per-sample is shown generically
 KNOWN_KEYS = frozenset({
     "x_w", "y_u", "pseudo", "conf", "confident", "ignore", "x_s1", "x_s2", "box1", "box2", "pred_s1", "pred_fp",

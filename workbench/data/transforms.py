@@ -19,7 +19,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-IGNORE = 255
+from workbench.ops import IGNORE
 
 
 class RandomRescale(v2.Transform):

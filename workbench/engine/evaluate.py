@@ -8,17 +8,17 @@ Modes (``EvalSettings.mode``):
   start lies inside the image; border tiles are clipped to the image (smaller tiles, not shifted back) and the
   softmax of every tile is summed where tiles overlap. ``"shifted_mean"`` (switch): the last tile is shifted back to
   end at the border, images smaller than the window are zero-padded, overlapping logits are averaged.
-- "cif_multiscale": ScaleMatch's multi-scale inference fused by its CIF module (the paper's dagger rows): each image
-  is predicted whole inside :func:`workbench.methods.scalematch.cif_multiscale_inference`, whose predictor fuses the
-  scale-1 prediction with the prediction at every other scale of ``scales`` (the paper: 0.5 and 2.0). A predictor
-  without a CIF module does not serve the request: the evaluation then stops with an error.
+- a mode a method provides (:class:`workbench.registry.EvalMode`, e.g. ScaleMatch's "cif_multiscale", its
+  multi-scale inference fused by its CIF module): each image is predicted whole, at scale 1, inside the mode's
+  ``open(settings)``, and the method's predictor returns the mode's logits (ScaleMatch's fuses the scale-1
+  prediction with the prediction at every other scale of ``scales``). A predictor that does not serve the open
+  request stops the evaluation with an error naming what the mode needs.
 """
 from __future__ import annotations
 
 import contextlib
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -26,7 +26,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from workbench.engine.metrics import BoundaryFMeter, ConfusionMeter, all_reduce_sum, boundary_radius
+from workbench import registry
+from workbench.config import BASE_EVAL_MODES, SLIDING_TILES, EvalSettings
+from workbench.engine.metrics import BoundaryFMeter, ConfusionMeter, all_reduce_sum
+from workbench.ops import IGNORE
 from workbench.ops.ensemble import check_scales, rescale, resize_logits
 
 __all__ = [
@@ -43,9 +46,8 @@ __all__ = [
     "evaluate",
 ]
 
-EVAL_MODES = ("original", "center_crop", "sliding", "cif_multiscale")
-SLIDING_TILES = ("clipped_sum", "shifted_mean")
-"""Sliding-window tilings: UniMatch's (clipped border tiles, summed softmax; default) and the shifted-tile mean."""
+EVAL_MODES = BASE_EVAL_MODES
+"""The engine's own modes (a method adds its own through :mod:`workbench.registry`)."""
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -221,8 +223,8 @@ def multiscale_logits(fn: LogitsFn, image: torch.Tensor, scales: Sequence[float]
         float32 probabilities [B, K, H, W] (sum to 1 over K).
     """
     _check_image(image)
-    if mode not in EVAL_MODES or mode == "cif_multiscale":
-        raise ValueError(f"mode must be one of {EVAL_MODES[:3]}, got {mode!r} (cif_multiscale is served by "
+    if mode not in EVAL_MODES:
+        raise ValueError(f"mode must be one of {EVAL_MODES}, got {mode!r} (a method-provided mode is served by "
                          "evaluate(), not here)")
     if mode == "sliding" and (window is None or stride is None):
         raise ValueError("mode 'sliding' needs both window and stride")
@@ -284,83 +286,6 @@ def center_crop(image: torch.Tensor, mask: torch.Tensor,
     return image[..., rows, cols], mask[..., rows, cols]
 
 
-@dataclass
-class EvalSettings:
-    """How to evaluate.
-
-    Attributes:
-        mode: "original" (whole image), "center_crop" (crop to ``crop_size`` first), "sliding" or "cif_multiscale"
-            (whole image, fused by the predictor's CIF module with the scales of ``scales`` other than 1.0).
-        crop_size: crop side for "center_crop", and the default sliding window.
-        window: sliding-window side; None = ``crop_size`` (see ``resolved_window``).
-        stride: sliding-window step; None = int(2/3 of the window) (see ``resolved_stride``).
-        sliding_tiles: ``"clipped_sum"`` (default; UniMatch's tiling: tiles at 0, stride, ... while inside the image,
-            border tiles clipped, tile softmaxes summed) or ``"shifted_mean"`` (switch: last tile shifted back to the
-            border, small images padded, overlapping logits averaged).
-        scales: image scales to average over (1.0 = original size); in "cif_multiscale" mode the scales fused with
-            scale 1 by the CIF (entries equal to 1.0 are skipped; at least one other scale is required).
-        flip: also average the horizontally flipped prediction.
-        boundary_tolerance: when set, also report the boundary F-score ("boundary_f", see
-            :class:`~workbench.engine.metrics.BoundaryFMeter`) with this matching distance, a fraction of the image
-            diagonal in [0, 1) (MaskMatch reports 0.0003); None = not computed.
-    """
-    mode: str = "original"
-    crop_size: int = 321
-    window: int | None = None
-    stride: int | None = None
-    scales: tuple[float, ...] = (1.0,)
-    flip: bool = False
-    boundary_tolerance: float | None = None
-    sliding_tiles: str = "clipped_sum"
-
-    def __post_init__(self) -> None:
-        if self.mode not in EVAL_MODES:
-            raise ValueError(f"EvalSettings.mode must be one of {EVAL_MODES}, got {self.mode!r}")
-        if self.sliding_tiles not in SLIDING_TILES:
-            raise ValueError(f"EvalSettings.sliding_tiles must be one of {SLIDING_TILES}, got {self.sliding_tiles!r}")
-        for name in ("crop_size", "window", "stride"):
-            v = getattr(self, name)
-            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
-                raise ValueError(f"EvalSettings.{name} must be a positive int, got {v!r}")
-        if self.crop_size is None:
-            raise ValueError("EvalSettings.crop_size must be a positive int, got None")
-        if isinstance(self.scales, (int, float)):
-            raise ValueError(f"EvalSettings.scales must be a sequence of numbers, got {self.scales!r}")
-        self.scales = tuple(self.scales)
-        if not self.scales or not all(isinstance(s, (int, float)) and not isinstance(s, bool) and s > 0
-                                      for s in self.scales):
-            raise ValueError(f"EvalSettings.scales must be non-empty positive numbers, got {self.scales!r}")
-        if self.mode == "cif_multiscale" and not self.cif_scales:
-            raise ValueError("EvalSettings.scales: mode 'cif_multiscale' fuses scale 1 with the other scales listed "
-                             "here; give at least one scale other than 1.0 (the paper: (0.5, 2.0)), got "
-                             f"{self.scales!r}")
-        if not isinstance(self.flip, bool):
-            raise ValueError(f"EvalSettings.flip must be a bool, got {self.flip!r}")
-        if self.boundary_tolerance is not None:
-            try:
-                boundary_radius(self.boundary_tolerance, 1, 1)
-            except ValueError as e:
-                raise ValueError(f"EvalSettings.boundary_tolerance: {e}") from None
-        if self.resolved_stride > self.resolved_window:
-            raise ValueError(f"EvalSettings.stride ({self.resolved_stride}) must not exceed the window "
-                             f"({self.resolved_window})")
-
-    @property
-    def cif_scales(self) -> tuple[float, ...]:
-        """The scales fused with scale 1 in "cif_multiscale" mode: ``scales`` without the entries equal to 1.0."""
-        return tuple(float(s) for s in self.scales if s != 1.0)
-
-    @property
-    def resolved_window(self) -> int:
-        """The sliding window side actually used: ``window`` or, when None, ``crop_size``."""
-        return self.window if self.window is not None else self.crop_size
-
-    @property
-    def resolved_stride(self) -> int:
-        """The sliding step actually used: ``stride`` or, when None, int(2/3 * window) (at least 1)."""
-        return self.stride if self.stride is not None else max(1, self.resolved_window * 2 // 3)
-
-
 def _unpack(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """(image, mask) from a (image, mask, ...) sequence or a dict with "image" and "mask"."""
     if isinstance(batch, dict):
@@ -373,7 +298,7 @@ def _unpack(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def evaluate(fn: LogitsFn, loader: Iterable[Any], num_classes: int, settings: EvalSettings,
-             device: torch.device | str, ignore_index: int | None = 255, progress: bool = True) -> dict[str, Any]:
+             device: torch.device | str, ignore_index: int | None = IGNORE, progress: bool = True) -> dict[str, Any]:
     """Run inference over ``loader`` and compute segmentation metrics (summed over processes when distributed).
 
     Args:
@@ -404,13 +329,8 @@ def evaluate(fn: LogitsFn, loader: Iterable[Any], num_classes: int, settings: Ev
     if isinstance(fn, torch.nn.Module):
         fn.eval()
     start = time.perf_counter()
-    cif = settings.mode == "cif_multiscale"
-    if cif:
-        from workbench.methods.scalematch import cif_multiscale_inference
-
-        request_ctx: Any = cif_multiscale_inference(settings.cif_scales)
-    else:
-        request_ctx = contextlib.nullcontext()
+    extra = None if settings.mode in EVAL_MODES else registry.eval_mode(settings.mode)
+    request_ctx: Any = contextlib.nullcontext() if extra is None else extra.open(settings)
     try:
         with torch.inference_mode(), request_ctx as request:
             for batch in tqdm(loader, desc="eval", disable=not progress or rank != 0, leave=False):
@@ -423,12 +343,11 @@ def evaluate(fn: LogitsFn, loader: Iterable[Any], num_classes: int, settings: Ev
                                      f"{tuple(image.shape)} and {tuple(mask.shape)}")
                 if settings.mode == "center_crop":
                     image, mask = center_crop(image, mask, settings.crop_size)
-                if cif:
+                if extra is not None:
                     probs = multiscale_logits(fn, image, (1.0,), settings.flip, "original")
                     if request.served == 0:
-                        raise ValueError("eval.mode 'cif_multiscale' needs a method with a CIF module (ScaleMatch with "
-                                         "method.cif=true and method.fusion=cif): the evaluated predictor does not "
-                                         "fuse scales; use eval.mode=original")
+                        raise ValueError(f"eval.mode {extra.name!r} needs {extra.requirement}: the evaluated "
+                                         "predictor does not serve it; use eval.mode=original")
                 else:
                     probs = multiscale_logits(fn, image, settings.scales, settings.flip, settings.mode,
                                               settings.resolved_window, settings.resolved_stride,

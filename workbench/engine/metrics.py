@@ -10,8 +10,9 @@ import math
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
+
+from workbench.ops.collective import all_reduce_sum  # noqa: F401  (re-exported: the sum lives in ops)
 
 __all__ = [
     "confusion_matrix",
@@ -143,21 +144,6 @@ def foreground_stats(cm: torch.Tensor, background: int = 0) -> dict[str, float]:
         "fg_gt_frac": _ratio(m[fg].sum(), total),
         "fg_pred_frac": _ratio(m[:, fg].sum(), total),
     }
-
-
-def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum ``tensor`` over all processes when torch.distributed is initialised; return it unchanged otherwise.
-
-    With the NCCL backend a CPU tensor is moved to the current CUDA device for the reduction and moved back.
-    Returns the reduced tensor on the input's device (the input may or may not be modified in place).
-    """
-    if not (dist.is_available() and dist.is_initialized()):
-        return tensor
-    work = tensor
-    if "nccl" in str(dist.get_backend()).lower() and not tensor.is_cuda:
-        work = tensor.to(torch.device("cuda", torch.cuda.current_device()))
-    dist.all_reduce(work, op=dist.ReduceOp.SUM)
-    return work.to(tensor.device)
 
 
 def _none_if_nan(x: float) -> float | None:

@@ -5,7 +5,9 @@ import math
 from typing import Any, Iterable
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
+
+from workbench.ops.ema import ema_update  # noqa: F401  (re-exported: the EMA lives in ops)
 
 
 def scaled_lr(lr: float, batch: int, reference: int, rule: str = "linear") -> float:
@@ -86,21 +88,6 @@ def build_sgd(groups: list[dict[str, Any]], momentum: float, weight_decay: float
                 raise ValueError(f"parameter in two groups (group {g.get('name')})")
             seen.add(id(p))
     return SkippableSGD(groups, lr=groups[0]["lr"], momentum=momentum, weight_decay=weight_decay, fused=fused)
-
-
-@torch.no_grad()
-def ema_update(teacher: nn.Module, student: nn.Module, alpha: float) -> None:
-    """teacher <- alpha * teacher + (1 - alpha) * student for parameters; buffers (BN statistics) too.
-
-    Integer buffers (BN's num_batches_tracked) are copied from the student.
-    """
-    for t, s in zip(teacher.parameters(), student.parameters()):
-        t.mul_(alpha).add_(s.detach(), alpha=1 - alpha)
-    for t, s in zip(teacher.buffers(), student.buffers()):
-        if t.dtype.is_floating_point:
-            t.mul_(alpha).add_(s.detach(), alpha=1 - alpha)
-        else:
-            t.copy_(s)
 
 
 def count_parameters(params: Iterable[torch.nn.Parameter]) -> int:

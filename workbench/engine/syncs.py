@@ -17,9 +17,9 @@ machine the calls a GPU step would make are the same. On a GPU, ``torch.cuda.set
 independent cross-check (``benchmarks/gpu_session.sh syncs``).
 
 Reads the code makes on purpose from CPU tensors (random draws from torch's global CPU generator, which keep runs
-reproducible and checkpointable) go through :func:`host_scalar`, which is never counted: on a GPU those are not
-synchronisations. Known blind spots: operations run inside a ``torch.compile``d graph, collectives of
-``torch.distributed``, and explicit ``torch.cuda.synchronize()`` / event waits.
+reproducible and checkpointable) go through :func:`host_scalar` (:mod:`workbench.ops.host`), which is never
+counted: on a GPU those are not synchronisations. Known blind spots: operations run inside a ``torch.compile``d
+graph, collectives of ``torch.distributed``, and explicit ``torch.cuda.synchronize()`` / event waits.
 """
 from __future__ import annotations
 
@@ -33,6 +33,8 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from workbench.ops.host import exempt, host_scalar  # noqa: F401  (host_scalar re-exported: it lives in ops)
 
 PYTHON_READS = ("tolist", "numpy", "cpu")
 """Tensor methods counted at the Python level (they read device memory without an ATen operation on the CPU)."""
@@ -52,23 +54,6 @@ _BOOL_INDEXED = {"index": "index (bool mask)", "index_put": "index_put (bool mas
 
 _PACKAGE = str(Path(__file__).resolve().parents[1])
 _SELF = str(Path(__file__).resolve())
-_exempt = 0
-
-
-def host_scalar(t: Tensor) -> float | int | bool:
-    """The Python number held by the one-element CPU tensor ``t``, not counted by :func:`host_reads`.
-
-    For values the step draws on the host on purpose (torch's global CPU RNG). Raises ValueError for a tensor on
-    another device (that read would be a real synchronisation) or with more than one element.
-    """
-    global _exempt
-    if t.device.type != "cpu" or t.numel() != 1:
-        raise ValueError(f"host_scalar reads one-element CPU tensors, got {t.numel()} element(s) on {t.device}")
-    _exempt += 1
-    try:
-        return t.item()
-    finally:
-        _exempt -= 1
 
 
 def _caller() -> str:
@@ -118,7 +103,7 @@ class _SyncMode(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         op = sync_op(func, args, kwargs)
-        if op is not None and not _exempt:
+        if op is not None and not exempt():
             self.counts[f"{op} at {_caller()}"] += 1
         return func(*args, **kwargs)
 
@@ -139,7 +124,7 @@ def host_reads() -> Iterator[Counter]:
 
     def wrap(name, fn):
         def counted(self, *args, **kwargs):
-            if not _exempt:
+            if not exempt():
                 counts[f"{name} at {_caller()}"] += 1
             return fn(self, *args, **kwargs)
         counted.__name__ = name

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from workbench.config import MethodConfig, register_method_config
 from workbench.data.transforms import normalize
+from workbench.ops import IGNORE
 
 METHODS: dict[str, type["Method"]] = {}
 #: feature maps a capture keeps for the t-SNE: of the first FEATURE_IMAGES images, on at most FEATURE_GRID x
@@ -26,7 +27,6 @@ METHODS: dict[str, type["Method"]] = {}
 FEATURE_IMAGES = 4
 FEATURE_GRID = 32
 FEATURE_KEYS = ("aspp", "decoder")
-IGNORE_LABEL = 255
 
 
 @dataclass
@@ -153,7 +153,7 @@ class Method(nn.Module):
         feats = out[key]
         labels = out["logits"].argmax(1) if labels is None else labels[:n].long()
         if ignore is not None:
-            labels = labels.masked_fill(ignore[:n] != 0, IGNORE_LABEL)
+            labels = labels.masked_fill(ignore[:n] != 0, IGNORE)
         h, w = feats.shape[-2:]
         labels = F.interpolate(labels[:, None].float(), size=(h, w), mode="nearest")[:, 0].long()
         if h > FEATURE_GRID or w > FEATURE_GRID:
@@ -194,7 +194,6 @@ def register_method(cls: type[Method]) -> type[Method]:
         raise ValueError(f"{cls.__name__} has no name")
     METHODS[cls.name] = cls
     register_method_config(cls.name, cls.config_class)
-    cls.config_class.uses_unlabeled = cls.uses_unlabeled
     return cls
 
 

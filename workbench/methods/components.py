@@ -24,13 +24,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from workbench.ops import IGNORE
 from workbench.ops.losses import NORMS, masked_ce_loss
 from workbench.ops.masking import MASK_STRATEGIES, patch_mask
 
 __all__ = ["LCR_REGIONS", "lcr_region", "lcr_loss", "LCROutput", "LocalConsistency", "check_lcr_config"]
 
 LCR_REGIONS = ("both", "masked", "unmasked")
-IGNORE = 255
 
 
 def lcr_region(visible: Tensor, region: str) -> Tensor:

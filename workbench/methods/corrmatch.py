@@ -42,10 +42,11 @@ from torch import Tensor, nn
 from workbench.methods.base import SemiBatch, StepInfo, StepOutput, register_method
 from workbench.methods.fixmatch import FixMatchConfig, Targets, WeakStrong
 from workbench.methods.supervised import supervised_loss
+from workbench.ops import IGNORE
 from workbench.ops.correlation import (correlation_map, pixel_propagation, region_propagation, sample_rows,
                                        shapes_from_rows)
 from workbench.ops.losses import masked_ce_loss, masked_kl_loss
-from workbench.ops.semi import IGNORE, pseudo_label, pseudo_label_diagnostics
+from workbench.ops.semi import pseudo_label, pseudo_label_diagnostics
 from workbench.ops.threshold import DynamicThreshold
 
 FEATURE_POSITIONS = ("backbone", "aspp", "fusion", "classifier")

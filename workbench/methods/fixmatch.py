@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from workbench.methods.base import Method, SemiBatch, StepInfo, StepOutput, register_method
 from workbench.methods.components import LocalConsistency, check_lcr_config
 from workbench.methods.supervised import SupervisedConfig, supervised_loss
-from workbench.engine.optim import ema_update
+from workbench.ops.ema import ema_update
 from workbench.ops.losses import masked_ce_loss
 from workbench.ops.semi import (confident_mask, cutmix_images, paste_in_box, pseudo_label,
                                 pseudo_label_diagnostics)

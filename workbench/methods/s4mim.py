@@ -55,18 +55,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from workbench.engine.metrics import all_reduce_sum
 from workbench.methods.base import SemiBatch, StepInfo, StepOutput, register_method
 from workbench.methods.fixmatch import FixMatchConfig, Targets, UniMatch
 from workbench.methods.supervised import supervised_loss
 from workbench.models.deeplab import DeepLabV3PlusHead
+from workbench.ops import IGNORE
+from workbench.ops.collective import all_reduce_sum
 from workbench.ops.losses import masked_ce_loss
 from workbench.ops.masking import MASK_STRATEGIES, patch_mask
 from workbench.ops.mim import (ClassHeads, aggregation_loss, class_prototypes, ema_prototypes, normaliser,
                                resize_labels)
 from workbench.ops.semi import pseudo_label
-
-IGNORE = 255
 
 
 @dataclass

@@ -51,7 +51,8 @@ at v = 0.25 is predicted at 16 px (the effective scale is then 0.5), so the back
 2 x 2 at output stride 8. Inactive at the papers' crops (321 x 0.25 = 80 px). Feature maps resized by ``t`` keep at
 least one cell.
 
-**Inference (the paper's dagger rows)**: ``eval.mode: cif_multiscale`` with ``eval.scales: [0.5, 2.0]``; the
+**Inference (the paper's dagger rows)**: ``eval.mode: cif_multiscale`` with ``eval.scales: [0.5, 2.0]``, the
+evaluation mode this method provides (:data:`CIF_EVAL_MODE`, registered in :mod:`workbench.registry`); the
 evaluation opens :func:`cif_multiscale_inference` and the :class:`ScaleMatchPredictor` then returns, for every image,
 the mean over the extra scales ``v`` of the fused prediction of scale 1 and scale ``v``. The authors' public code
 evaluates the plain prediction only; with ``structure: reference`` the predictor runs the training-time two-scale
@@ -71,24 +72,26 @@ import contextlib
 from collections.abc import Iterator, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from workbench.engine.syncs import host_scalar
 from workbench.methods.base import SemiBatch, StepInfo, StepOutput, register_method
 from workbench.methods.fixmatch import FixMatchConfig, Targets, WeakStrong
 from workbench.methods.supervised import supervised_loss
+from workbench.ops import IGNORE
 from workbench.ops.ensemble import resize_logits
+from workbench.ops.host import host_scalar
 from workbench.ops.rwkv import VisionRWKV
-from workbench.ops.semi import IGNORE, pseudo_label
+from workbench.ops.semi import pseudo_label
+from workbench.registry import EvalMode, register_eval_mode
 
-__all__ = ["CIFInferenceRequest", "CrossScaleFusion", "ReferenceCIF", "ScaleMatch", "ScaleMatchConfig",
+__all__ = ["CIFInferenceRequest", "CIF_EVAL_MODE", "CrossScaleFusion", "ReferenceCIF", "ScaleMatch", "ScaleMatchConfig",
            "ScaleMatchPredictor", "ScalePass", "SqueezeExcite", "cif_multiscale_inference", "fuse_predictions",
            "gated_fusion", "paper_two_scale", "reference_fusion", "reference_two_scale", "resized_feature_size",
-           "scaled_image", "scaled_image_size"]
+           "scaled_image", "scaled_image_size", "cif_eval_scales"]
 
 SCALE_SAMPLING = ("choice", "uniform", "all")
 FUSIONS = ("cif", "average")
@@ -474,6 +477,29 @@ def cif_multiscale_inference(scales: Sequence[float]) -> Iterator[CIFInferenceRe
         _CIF_REQUEST.reset(token)
 
 
+def cif_eval_scales(settings: Any) -> tuple[float, ...]:
+    """The scales ``eval.mode=cif_multiscale`` fuses with scale 1: ``settings.scales`` without the entries 1.0."""
+    return tuple(float(s) for s in settings.scales if s != 1.0)
+
+
+def _check_cif_eval(settings: Any) -> tuple[str, str] | None:
+    """Why ``settings`` cannot serve ``cif_multiscale`` (no scale other than 1), None when they can."""
+    if cif_eval_scales(settings):
+        return None
+    return ("scales", "mode 'cif_multiscale' fuses scale 1 with the other scales listed here; give at least one "
+                      f"scale other than 1.0 (the paper: (0.5, 2.0)), got {tuple(settings.scales)!r}")
+
+
+CIF_EVAL_MODE = EvalMode(
+    "cif_multiscale",
+    requirement="a method with a CIF module (method.name=scalematch with method.cif=true and method.fusion=cif)",
+    owners=("scalematch",), open=lambda settings: cif_multiscale_inference(cif_eval_scales(settings)),
+    check=_check_cif_eval)
+"""ScaleMatch's evaluation mode (the paper's dagger rows): every image predicted whole by the
+:class:`ScaleMatchPredictor` inside :func:`cif_multiscale_inference`."""
+register_eval_mode(CIF_EVAL_MODE)
+
+
 class ScaleMatchPredictor(nn.Module):
     """What ScaleMatch evaluates: the student's plain prediction, or inside :func:`cif_multiscale_inference` the mean
     over the requested scales ``v`` of the CIF fusion of the scale-1 and scale-v predictions (scaled images as in
@@ -593,6 +619,12 @@ class ScaleMatchConfig(FixMatchConfig):
              "must be positive (or null)"),
         ]
         self.check(checks)
+
+    eval_modes: ClassVar[tuple[str, ...]] = ("cif_multiscale",)
+
+    def provides_eval_mode(self, mode: str) -> bool:
+        """``cif_multiscale`` needs the CIF module (:attr:`has_cif`)."""
+        return mode == "cif_multiscale" and self.has_cif
 
     @property
     def has_cif(self) -> bool:

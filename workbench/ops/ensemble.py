@@ -18,13 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from workbench.ops import IGNORE
 from workbench.ops.losses import normalise_masked
 
 __all__ = ["DEFAULT_SCALES", "check_scales", "scaled_size", "rescale", "resize_logits", "predict_scales", "ensemble_probs",
            "multiscale_ensemble", "multiscale_ce_loss"]
 
 DEFAULT_SCALES = (0.7, 1.0, 1.5)
-IGNORE = 255
 
 
 def check_scales(scales: Sequence[float]) -> tuple[float, ...]:

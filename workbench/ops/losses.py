@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-IGNORE = 255
+from workbench.ops import IGNORE
+
 NORMS = ("batch_valid", "image_confident")
 
 

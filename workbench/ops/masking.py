@@ -20,7 +20,7 @@ import math
 import torch
 from torch import Tensor
 
-from workbench.engine.syncs import host_scalar
+from workbench.ops.host import host_scalar
 
 __all__ = ["patch_mask", "MASK_STRATEGIES"]
 

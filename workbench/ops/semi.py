@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-IGNORE = 255
+from workbench.ops import IGNORE
 
 
 def pseudo_label(logits: Tensor) -> tuple[Tensor, Tensor]:

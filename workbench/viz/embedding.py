@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from workbench.viz.figures import IGNORE, legend_handles, plt
+from workbench.ops import IGNORE
+from workbench.viz.figures import legend_handles, plt
 
 if TYPE_CHECKING:
     from workbench.runs import Table

@@ -18,8 +18,8 @@ from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator  # noqa: E402
 
 from workbench.data.dataset import voc_palette  # noqa: E402,F401  (re-exported)
+from workbench.ops import IGNORE  # noqa: E402
 
-IGNORE = 255
 IGNORE_COLOR = (255, 255, 255)
 
 

@@ -14,7 +14,8 @@ import torch
 from matplotlib.patches import Patch
 from torch import Tensor
 
-from workbench.viz.figures import IGNORE, colorize, fit_tick_labels, legend_handles, plt, step_axis, to_hwc
+from workbench.ops import IGNORE
+from workbench.viz.figures import colorize, fit_tick_labels, legend_handles, plt, step_axis, to_hwc
 
 # error map colours: confident and right, confident and wrong, below the threshold, padding / ignored
 ERROR_COLORS = {"confident, correct": (70, 220, 70), "confident, wrong": (214, 39, 40),
