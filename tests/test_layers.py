@@ -33,9 +33,6 @@ PACKAGE_DIR = Path(__file__).resolve().parents[1] / "workbench"
 LAYERS = ("config", "data", "models", "ops", "methods", "engine", "runs", "viz", "dashboard", "report")
 TRAINING_LOOP = "workbench.engine.trainer"
 TRAINING_ENTRY_POINTS = ("train", "Trainer", "train_run", "training_command")
-# Until the builders leave the trainer module (``workbench/engine/build.py``), the step-through and the feature-space
-# analysis still build through it: these two edges are tolerated while that module does not exist, never after.
-BUILDERS_PENDING = {("workbench.viz.stepthrough", TRAINING_LOOP), ("workbench.viz.embedding", TRAINING_LOOP)}
 
 
 @dataclass(frozen=True)
@@ -153,12 +150,9 @@ def violations(root: Path) -> dict[str, list[Edge]]:
          [e for e in edges if within(e.src, f"{pkg}.models")
           and (within(e.dst, f"{pkg}.methods") or within(e.dst, f"{pkg}.engine"))])
     loop = f"{pkg}{TRAINING_LOOP[len('workbench'):]}"
-    pending = set() if (root / "engine" / "build.py").exists() else \
-        {(pkg + s[len("workbench"):], pkg + d[len("workbench"):]) for s, d in BUILDERS_PENDING}
     rule("viz and dashboard never train",
          [e for e in edges if (within(e.src, f"{pkg}.viz") or within(e.src, f"{pkg}.dashboard"))
-          and ((within(e.dst, loop) and (e.src, e.dst) not in pending)
-               or any(n in TRAINING_ENTRY_POINTS for n in e.names))])
+          and (within(e.dst, loop) or any(n in TRAINING_ENTRY_POINTS for n in e.names))])
     for cycle in layer_cycles(edges, pkg):
         rule("no import cycle between the top-level layers", cycle)
     return out

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from workbench.config import ConfigError, RunConfig, config_from_dict
+from workbench.config import ConfigError, RunConfig, config_from_dict, whole_image_mode
 from workbench.data.dataset import (DataError, EvalDataset, SegDataset, StepDataset, StepPlan, load_manifest,
                                     read_split)
 from workbench.data.transforms import normalize
@@ -136,7 +136,7 @@ def val_loader(cfg: RunConfig, val: EvalDataset, world: int, rank: int, device: 
         imgs = torch.stack([i for i, _ in items])
         return normalize(imgs, mean, std), torch.stack([m for _, m in items])
 
-    whole = cfg.eval.mode in ("original", "cif_multiscale")   # whole images: one batch needs equal sizes
+    whole = whole_image_mode(cfg.eval.mode)   # whole images: one batch needs equal sizes
     bs = cfg.eval.batch_size if not whole or _same_size(val) else 1
     nw = min(2, cfg.data.num_workers)
     return DataLoader(ds, batch_size=bs, num_workers=nw, collate_fn=collate, persistent_workers=nw > 0,
@@ -203,7 +203,7 @@ def wrap_distributed(method: Method, device: torch.device, world: int) -> torch.
     D.convert_sync_batchnorm(method, device)
     return torch.nn.parallel.DistributedDataParallel(
         method, device_ids=[device.index] if device.type == "cuda" else None,
-        find_unused_parameters=getattr(method, "ddp_find_unused", False))
+        find_unused_parameters=False)
 
 
 # ------------------------------------------------------------------------------------------------------- optimiser
