@@ -165,3 +165,23 @@ def test_tables_refuse_runs_trained_on_different_data_unless_told(tmp_path):
     assert [(row[1], row[2], row[3]) for row in ab.rows] == [
         ("sha256:" + "a" * 64, 2, [0, 1]), ("sha256:" + "b" * 64, 1, [0]), (None, 1, [2])]
     assert ab.rows[0][4].mean == pytest.approx(0.55)
+
+
+def test_a_training_line_at_an_evaluated_step_waits_for_its_evaluation(tmp_path):
+    runs = tmp_path / "runs"
+    d = _run_dir(runs, "r")
+    (d / "config.yaml").write_text(yaml.safe_dump({"train": {"iters": 100, "eval_every": 50}}))
+    out = io.StringIO()
+    w = RunWatcher(runs, since=0, stream=out, every=0)
+    w.poll(now=0.0)
+    _append(d, {"kind": "train", "step": 25, "loss": 0.5})
+    w.poll(now=1.0)   # due (every=0) and not an evaluated step: printed
+    assert out.getvalue().splitlines()[-1].startswith("[progress] r  step  25/100")
+    _append(d, {"kind": "train", "step": 50, "loss": 0.25})
+    w.poll(now=2.0)   # step 50 is evaluated (eval_every 50): no line until its evaluation arrives
+    assert out.getvalue().splitlines()[-1].startswith("[progress] r  step  25/100")
+    _append(d, {"kind": "eval", "step": 50, "miou": 0.5})
+    w.poll(now=3.0)
+    lines = out.getvalue().splitlines()
+    assert lines[-1].startswith("[progress] r  step  50/100 (50%)  loss 0.250  val mIoU 0.500 @50")
+    assert sum("step  50/100" in line for line in lines) == 1

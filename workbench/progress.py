@@ -39,6 +39,7 @@ class _Run:
 
     path: Path
     total: int | None
+    eval_every: int | None = None
     offset: int = 0
     step: int = 0
     loss: float | None = None
@@ -51,19 +52,23 @@ class _Run:
     done: bool = False
 
 
-def _total_steps(run: Path) -> int | None:
-    """The run's total optimiser steps: ``train.iters`` of config.yaml, else summary.json's ``total_steps``."""
+def _schedule(run: Path) -> tuple[int | None, int | None]:
+    """(total optimiser steps, evaluation cadence) of a run: ``train.iters`` of config.yaml (else summary.json's
+    ``total_steps``) and ``train.eval_every`` (None when unknown or 0)."""
+    total = every = None
     try:
-        cfg = yaml.safe_load((run / "config.yaml").read_text()) or {}
-        iters = (cfg.get("train") or {}).get("iters")
-        if isinstance(iters, int) and iters > 0:
-            return iters
+        train = (yaml.safe_load((run / "config.yaml").read_text()) or {}).get("train") or {}
+        total = train.get("iters") if isinstance(train.get("iters"), int) and train["iters"] > 0 else None
+        every = train.get("eval_every") if isinstance(train.get("eval_every"), int) and train["eval_every"] > 0 \
+            else None
     except (OSError, yaml.YAMLError, AttributeError):
         pass
-    try:
-        return int(json.loads((run / "summary.json").read_text())["total_steps"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+    if total is None:
+        try:
+            total = int(json.loads((run / "summary.json").read_text())["total_steps"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    return total, every
 
 
 class RunWatcher:
@@ -133,7 +138,7 @@ class RunWatcher:
 
     @staticmethod
     def rate(run: _Run) -> float | None:
-        """Steps per second over the last few advances the watcher saw (None before two)."""
+        """Steps per second over the last (up to 6) advances the watcher saw (None before two)."""
         if len(run.samples) < 2:
             return None
         (t0, s0), (t1, s1) = run.samples[0], run.samples[-1]
@@ -151,7 +156,7 @@ class RunWatcher:
                         continue
                 except OSError:
                     continue
-                run = self.runs[run_dir] = _Run(run_dir, _total_steps(run_dir))
+                run = self.runs[run_dir] = _Run(run_dir, *_schedule(run_dir))
                 self._emit(f"{run_dir.relative_to(self.root).as_posix()}: training"
                            + (f" ({run.total} steps)" if run.total else ""))
             if run.done:
@@ -182,14 +187,16 @@ class RunWatcher:
                         run.best = rec["miou"] if run.best is None else max(run.best, rec["miou"])
                     evaluated = True
             if run.step > (run.samples[-1][1] if run.samples else 0):
-                run.samples = (run.samples + [(now, run.step)])[-20:]
-            finished = run.total is not None and run.step >= run.total and evaluated
-            if finished:
+                run.samples = (run.samples + [(now, run.step)])[-6:]  # the recent rate: the ETA follows load
+            # a training line at a step that is evaluated waits for that evaluation's line (one line, not two)
+            eval_next = not evaluated and run.step != run.miou_step and (
+                run.step == run.total or bool(run.eval_every and run.step % run.eval_every == 0))
+            if run.total is not None and run.step >= run.total and evaluated:
                 run.done = True
                 best = f", best val mIoU {run.best:.3f}" if run.best is not None else ""
                 self._emit(self.line(run, now) + f"  done{best}")
                 run.last_print = now
-            elif evaluated or (now - run.last_print >= self.every and run.step != run.printed_step):
+            elif evaluated or (now - run.last_print >= self.every and run.step != run.printed_step and not eval_next):
                 self._emit(self.line(run, now))
                 run.last_print = now
             run.printed_step = run.step if run.last_print == now else run.printed_step
