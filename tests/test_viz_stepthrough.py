@@ -163,6 +163,33 @@ def test_trace_is_the_training_step(method, sessions, traces):
     assert rows[-1]["weight x value"] == pytest.approx(sum(r["weight"] * r["value"] for r in rows[:-1]))
 
 
+# the stage whose returned terms each trace must show as they are (the trace calls the method's stages)
+LOSS_STAGE = {"corrmatch": "loss_terms"}
+
+
+@pytest.mark.parametrize("method", list(LOSS_STAGE))
+def test_trace_numbers_come_from_the_methods_stages(method, sessions, traces, monkeypatch):
+    # a probe term added to the stage's output (weight 0.5, value 3.0) must appear in the trace unchanged and move
+    # its total by 0.5 x 3.0 = 1.5: the trace reads the stage's terms, it does not recompute them
+    cls = type(sessions[method].method)
+    stage = getattr(cls, LOSS_STAGE[method])
+
+    def probed(self, *args, **kwargs):
+        terms = stage(self, *args, **kwargs)
+        terms["loss_probe"] = (0.5, torch.tensor(3.0))
+        return terms
+
+    monkeypatch.setattr(cls, LOSS_STAGE[method], probed)
+    knobs = {"maskmatch": dict(tau=0.0, lcr_strategy="grid", lcr_patch=8), "corrmatch": {},
+             "rankmatch": dict(num_agents=6, top_k=3)}[method]
+    t = TRACES[method](sessions[method], step=1, seed=3, **knobs)
+    probe = next(x for x in t.terms if x.name == "loss_probe")
+    assert (probe.weight, probe.value, probe.logged) == (0.5, 3.0, 3.0)
+    assert t.total == pytest.approx(traces[method].total + 1.5, rel=1e-6)
+    others = {x.name: x.value for x in traces[method].terms}
+    assert {x.name: x.value for x in t.terms if x.name != "loss_probe"} == others
+
+
 def test_cached_keeps_the_most_recent_settings(sessions, monkeypatch):
     s = sessions["maskmatch"]
     calls = []

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from workbench.methods.base import Method, SemiBatch, StepInfo, StepOutput, register_method
-from workbench.methods.components import LocalConsistency, check_lcr_config
+from workbench.methods.components import LCROutput, LocalConsistency, check_lcr_config
 from workbench.methods.supervised import SupervisedConfig, supervised_loss
 from workbench.engine.optim import ema_update
 from workbench.ops.losses import masked_ce_loss
@@ -133,11 +133,20 @@ class WeakStrong(Method):
         LCR: the student (``self.model``) predicts the patch-masked weak view, supervised by ``weak`` (the pseudo-label
         and confidence of the unmasked weak view, thresholded at ``cfg.tau``, with its ignore mask).
         """
+        out = self.local_consistency(batch, weak, self.keep(weak))
+        if out is None:
+            return {}, {}
+        return {"loss_lcr": self.cfg.lcr_weight * out.loss}, (out.artifacts() if step.capture else {})
+
+    def local_consistency(self, batch: SemiBatch, weak: Targets, confident: Tensor) -> LCROutput | None:
+        """MaskMatch's LCR component (None when ``cfg.lcr_weight`` is 0): the student (``self.model``) predicts the
+        patch-masked weak view, supervised by ``weak``'s pseudo-label on the pixels ``confident`` (bool [B,H,W], the
+        calling method's own confident mask) with ``weak``'s ignore mask. The loss is unweighted (weight:
+        ``cfg.lcr_weight``)."""
         lcr = LocalConsistency.from_config(self.cfg)
         if not lcr.enabled:
-            return {}, {}
-        out = lcr(self.model, batch.x_w, weak.pseudo, self.keep(weak), weak.ignore)
-        return {"loss_lcr": lcr.weight * out.loss}, (out.artifacts() if step.capture else {})
+            return None
+        return lcr(self.model, batch.x_w, weak.pseudo, confident, weak.ignore)
 
     def capture(self, batch: SemiBatch, weak: Targets, x_s: Tensor, logits_s: Tensor, **extra: Tensor
                 ) -> dict[str, Tensor]:

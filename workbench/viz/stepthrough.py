@@ -43,7 +43,7 @@ from workbench.viz.notebook import show
 
 __all__ = [
     "StepSession", "open_session", "LossTerm", "Trace", "MaskMatchTrace", "CorrMatchTrace", "RankMatchTrace",
-    "maskmatch_trace", "corrmatch_trace", "rankmatch_trace", "training_step_check", "losses_table",
+    "maskmatch_trace", "corrmatch_trace", "rankmatch_trace", "training_step_check", "losses_table", "stage_terms",
     "feature_cell", "cell_position", "cell_extent", "upsample_map", "agent_coherence", "correlation_row", "point_shape",
     "repropagate", "rank_at", "threshold_table", "rank_table", "ms_loss_table", "session_table",
     "patch_masks_figure", "multiscale_figure", "student_scales_figure", "lcr_figure", "correlation_rows_figure",
@@ -401,6 +401,32 @@ def _base(session: StepSession, batch: Any, step: int, seed: int, knobs: dict[st
             "gt": None if batch.y_u is None else _cpu(batch.y_u)}
 
 
+#: what each method's loss terms mean, shown in :func:`losses_table`
+CORRMATCH_TERMS = {
+    "loss_x": "labeled CE", "loss_s": "hard: strong view vs propagated pseudo-label",
+    "loss_fp": "feature perturbation vs weak pseudo-label", "loss_kl": "soft: KL(weak || strong) on confident pixels",
+    "loss_x_corr": "labeled CE of the propagated prediction",
+    "loss_corr_u": "propagated predictions vs pseudo-labels (strong + weak) / 2"}
+COMPONENT_TERMS = {"loss_lcr": "L_LCR: masked weak view vs the pseudo-label (add-on component)"}
+
+
+def stage_terms(terms: dict[str, tuple[float, Tensor]], meanings: dict[str, str]) -> list[LossTerm]:
+    """The :class:`LossTerm` rows of a method's stage terms ``{name: (weight, value)}`` (the step's loss is the sum
+    of weight x value), logged as training logs them (:func:`workbench.methods.base.term_logs`)."""
+    from workbench.methods.base import WEIGHTED_LOGS
+
+    rows = []
+    for name, (w, v) in terms.items():
+        w, v = float(w), float(v)
+        rows.append(LossTerm(name, v, w, w * v if name in WEIGHTED_LOGS else v,
+                             meanings.get(name, COMPONENT_TERMS.get(name, ""))))
+    return rows
+
+
+def _expected(artifacts: dict[str, Tensor], keys: Sequence[str]) -> dict[str, Tensor]:
+    return {k: _cpu(artifacts[k]) for k in keys if k in artifacts}
+
+
 @dataclass
 class MaskMatchTrace(Trace):
     """MaskMatch's step: multi-scale teacher, CutMixed strong view at every scale, LCR on the masked weak view."""
@@ -550,15 +576,11 @@ class CorrMatchTrace(Trace):
 
 def corrmatch_trace(session: StepSession, step: int = 0, seed: int = 0, num_shapes: int | None = None,
                     sampling: str | None = None) -> CorrMatchTrace:
-    """CorrMatch's ``training_step`` one piece at a time (``num_shapes``/``sampling``, when set, change the config).
+    """CorrMatch's step as its stages computed it (:meth:`~workbench.methods.corrmatch.CorrMatch.stages`, the
+    call ``training_step`` makes), kept for display (``num_shapes``/``sampling``, when set, change the config).
 
     The threshold is the method's own for this step (the dynamic one after its update, or the fixed ``tau``);
     :func:`repropagate` shows region propagation at any other threshold."""
-    from workbench.methods.corrmatch import correlation_features
-    from workbench.methods.fixmatch import Targets
-    from workbench.methods.supervised import supervised_loss
-    from workbench.ops.losses import masked_ce_loss, masked_kl_loss
-    from workbench.ops.semi import cutmix_images, paste_in_box, pseudo_label
     from workbench.ops.threshold import class_max_confidence
 
     _need(session, "corrmatch")
@@ -566,92 +588,31 @@ def corrmatch_trace(session: StepSession, step: int = 0, seed: int = 0, num_shap
     batch = session.batch(step)
     m = session.method
     with session.configured(**knobs) as c, session.replay(seed):
-        n, bu = batch.x_l.shape[0], batch.x_w.shape[0]
-        # 1. the mix batch in eval mode, the strong view, the two training-mode passes
-        mix_logits = m.predict_eval(batch.x_w_mix)
-        x_s = m.strong_view(batch.x_s1, batch.x_s1_mix, batch.box1)
-        out = m.model(torch.cat([batch.x_l, batch.x_w]), perturb=True)
-        out_s = m.model(x_s)
-        logits_l, logits_w = out["logits"].split([n, bu])
-        logits_fp, logits_s = out["logits_fp"][n:], out_s["logits"]
-        # 2. the threshold (Eq. 11: EMA of the mean per-class maximum confidence), then the weak targets
         before = float(m.dynamic.value) if m.dynamic is not None else None
-        # the reference updates it over the CutMixed ignore mask (method.threshold_ignore=mixed)
-        thr_ignore = batch.ignore
-        if c.cutmix and c.threshold_ignore == "mixed":
-            thr_ignore = paste_in_box(batch.box1, (batch.ignore, batch.ignore_mix))[0]
-        class_max = class_max_confidence(logits_w, thr_ignore)
-        tau = m.current_threshold(logits_w, thr_ignore)
-        weak = Targets(*pseudo_label(logits_w), batch.ignore)
-        mix = Targets(*pseudo_label(mix_logits), batch.ignore_mix)
-        q_w, q_mix = weak.confident(tau), mix.confident(tau)
-        # 3. correlation map and pixel propagation (Eqs. 4-5); region propagation (Eqs. 7-10)
-        pseudo_p, q_p, corr, rows, size = weak.pseudo, q_w, None, None, (1, 1)
-        pred = {"weak": logits_w.argmax(1), "strong": logits_s.argmax(1), "perturbed": logits_fp.argmax(1)}
-        box = batch.box1 if c.cutmix else None
-        if m.corr_head is not None:
-            feats = correlation_features(out, c.feature)
-            corr_lw, z_lw = m.corr_head(feats, out["logits"])
-            _, z_s = m.corr_head(correlation_features(out_s, c.feature), logits_s)
-            z_l, z_w = z_lw.split([n, bu])
-            corr, size = corr_lw[n:], (int(feats.shape[-2]), int(feats.shape[-1]))
-            pred.update({"propagated weak": z_w.argmax(1), "propagated strong": z_s.argmax(1)})
-            if c.region_propagation:
-                pseudo_p, q_p, rows, _ = m.propagate_regions(corr, size, weak, q_w, tau, box)
-        # 4. the losses, with the reference weights (halved: the step's total is divided by 2)
-        if c.cutmix:
-            pseudo_s, q_s, ignore_s = paste_in_box(batch.box1, (pseudo_p, mix.pseudo), (q_p, q_mix),
-                                                   (weak.ignore, mix.ignore))
-            q_soft = paste_in_box(batch.box1, (q_w, q_mix))[0]
-            probs_s = logits_w.float().softmax(1)   # the reference's soft target: the un-mixed weak softmax
-            if c.kl_target == "mixed":
-                probs_s = cutmix_images(probs_s, mix_logits.float().softmax(1), batch.box1)
-        else:
-            pseudo_s, q_s, ignore_s, q_soft = pseudo_p, q_p, weak.ignore, q_w
-            probs_s = logits_w.float().softmax(1)
-        terms = [LossTerm("loss_x", float(supervised_loss(c, logits_l, batch.y_l)),
-                          (c.weight_x if m.corr_head is not None else c.weight_x + c.weight_x_corr) / 2, 0.0,
-                          "labeled CE")]
-        if c.hard_loss:
-            terms += [LossTerm("loss_s", float(masked_ce_loss(logits_s, pseudo_s, q_s, ignore_s)), c.weight_hard / 2,
-                               0.0, "hard: strong view vs propagated pseudo-label"),
-                      LossTerm("loss_fp", float(masked_ce_loss(logits_fp, weak.pseudo, q_w, weak.ignore)),
-                               c.weight_fp / 2, 0.0, "feature perturbation vs weak pseudo-label")]
-        if c.soft_loss:
-            terms.append(LossTerm("loss_kl", float(masked_kl_loss(logits_s, probs_s, q_soft, ignore_s)),
-                                  c.weight_soft / 2, 0.0, "soft: KL(weak || strong) on confident pixels"))
-        if m.corr_head is not None:
-            corr_u = (masked_ce_loss(z_s, pseudo_s, q_s, ignore_s) + masked_ce_loss(z_w, weak.pseudo, q_w,
-                                                                                     weak.ignore)) / 2
-            terms += [LossTerm("loss_x_corr", float(supervised_loss(c, z_l, batch.y_l)), c.weight_x_corr / 2, 0.0,
-                               "labeled CE of the propagated prediction"),
-                      LossTerm("loss_corr_u", float(corr_u), c.weight_corr_u / 2, 0.0,
-                               "propagated predictions vs pseudo-labels (strong + weak) / 2")]
-        for t in terms:
-            t.logged = t.value
-        # opt-in components (e.g. LCR), after the losses as in training_step: already weighted
-        extra = m.component_losses(batch, weak, session.step_info(step))
-        terms += [LossTerm(k, float(v), 1.0, float(v), "add-on component (weighted)") for k, v in extra.items()]
-        keep = batch.ignore != IGNORE
-        if box is not None:
-            keep &= ~box
-        expected = {"pseudo": weak.pseudo, "confident": q_w, "x_s1": x_s, "pred_s1": logits_s.argmax(1),
-                    "pred_fp": logits_fp.argmax(1), "threshold": torch.as_tensor(float(tau))}
-        if c.region_propagation and corr is not None:
-            expected.update(pseudo_prop=pseudo_p, confident_prop=q_p)
-        if "propagated strong" in pred:
-            expected["pred_corr_s"] = pred["propagated strong"]
+        s = m.stages(batch, session.step_info(step))
+        p, t, corr = s.passes, s.targets, s.corr
+        # display only: each class's max confidence, the dynamic threshold's input (Eq. 11)
+        class_max = class_max_confidence(p.logits_w, t.threshold_ignore)
+        pred = {"weak": p.logits_w.argmax(1), "strong": p.logits_s.argmax(1), "perturbed": p.logits_fp.argmax(1)}
+        if corr is not None:
+            pred.update({"propagated weak": corr.z_w.argmax(1), "propagated strong": corr.z_s.argmax(1)})
+        box = batch.box1 if c.cutmix else torch.zeros_like(batch.box1)
+        keep = (batch.ignore != IGNORE) & ~box
         return CorrMatchTrace(
             **_base(session, batch, step, seed, knobs),
-            images={"weak": _u8(session, batch.x_w), "strong": _u8(session, x_s)},
-            terms=terms, total=sum(t.weight * t.value for t in terms),
-            expected={k: _cpu(v) for k, v in expected.items()},
-            tau=float(tau), dynamic=m.dynamic is not None, threshold_before=before,
+            images={"weak": _u8(session, batch.x_w), "strong": _u8(session, p.x_s)},
+            terms=stage_terms(s.terms, CORRMATCH_TERMS), total=float(sum(w * v for w, v in s.terms.values())),
+            expected=_expected(m.step_artifacts(batch, s), ("pseudo", "confident", "x_s1", "pred_s1", "pred_fp",
+                                                            "threshold", "pseudo_prop", "confident_prop",
+                                                            "pred_corr_s")),
+            tau=float(t.tau), dynamic=m.dynamic is not None, threshold_before=before,
             momentum=m.dynamic.momentum if m.dynamic is not None else None, class_max=_cpu(class_max),
-            pseudo=_cpu(weak.pseudo), conf=_cpu(weak.conf), confident=_cpu(q_w), pseudo_prop=_cpu(pseudo_p),
-            confident_prop=_cpu(q_p), box=_cpu(batch.box1 if c.cutmix else torch.zeros_like(batch.box1)),
-            valid_s=_cpu(ignore_s != IGNORE), corr=None if corr is None else _cpu(corr.float()), feat_size=size,
-            rows=None if rows is None else _cpu(rows), keep=_cpu(keep), pred={k: _cpu(v) for k, v in pred.items()})
+            pseudo=_cpu(t.weak.pseudo), conf=_cpu(t.weak.conf), confident=_cpu(t.confident),
+            pseudo_prop=_cpu(t.pseudo_prop), confident_prop=_cpu(t.confident_prop), box=_cpu(box),
+            valid_s=_cpu(t.ignore_s != IGNORE), corr=None if corr is None else _cpu(corr.map.float()),
+            feat_size=(1, 1) if corr is None else tuple(int(x) for x in corr.size),
+            rows=None if corr is None or corr.rows is None else _cpu(corr.rows), keep=_cpu(keep),
+            pred={k: _cpu(v) for k, v in pred.items()})
 
 
 @dataclass
