@@ -164,7 +164,7 @@ def test_trace_is_the_training_step(method, sessions, traces):
 
 
 # the stage whose returned terms each trace must show as they are (the trace calls the method's stages)
-LOSS_STAGE = {"corrmatch": "loss_terms"}
+LOSS_STAGE = {"corrmatch": "loss_terms", "rankmatch": "unimatch_pass"}
 
 
 @pytest.mark.parametrize("method", list(LOSS_STAGE))
@@ -175,9 +175,9 @@ def test_trace_numbers_come_from_the_methods_stages(method, sessions, traces, mo
     stage = getattr(cls, LOSS_STAGE[method])
 
     def probed(self, *args, **kwargs):
-        terms = stage(self, *args, **kwargs)
-        terms["loss_probe"] = (0.5, torch.tensor(3.0))
-        return terms
+        out = stage(self, *args, **kwargs)
+        (out if isinstance(out, dict) else out.terms)["loss_probe"] = (0.5, torch.tensor(3.0))
+        return out
 
     monkeypatch.setattr(cls, LOSS_STAGE[method], probed)
     knobs = {"maskmatch": dict(tau=0.0, lcr_strategy="grid", lcr_patch=8), "corrmatch": {},

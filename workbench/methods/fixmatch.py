@@ -14,7 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from workbench.methods.base import Method, SemiBatch, StepInfo, StepOutput, register_method
+from workbench.methods.base import (LossTerms, Method, SemiBatch, StepInfo, StepOutput, register_method, term_logs,
+                                    weighted_sum)
 from workbench.methods.components import LCROutput, LocalConsistency, check_lcr_config
 from workbench.methods.supervised import SupervisedConfig, supervised_loss
 from workbench.engine.optim import ema_update
@@ -272,7 +273,9 @@ class UniMatch(WeakStrong):
         return logits_l, logits_w, out["logits_fp"][n:], out
 
     def unimatch_pass(self, batch: SemiBatch, step: StepInfo, mix: Targets) -> "UniMatchPass":
-        """The UniMatch loss and logs of a step, with the intermediate tensors that extensions (RankMatch) reuse."""
+        """UniMatch's passes and loss terms (with the opt-in LCR component), with the intermediate tensors that
+        extensions (RankMatch) reuse. Terms: ``(L_x + w_s (L_s1 + L_s2) + w_fp L_fp) / 2`` as ``loss_x`` (1/2),
+        ``loss_s`` = (L_s1 + L_s2) / 2 (w_s), ``loss_fp`` (w_fp / 2)."""
         c = self.cfg
         x_s1 = self.strong_view(batch.x_s1, batch.x_s1_mix, batch.box1)
         x_s2 = self.strong_view(batch.x_s2, batch.x_s2_mix, batch.box2)
@@ -280,33 +283,39 @@ class UniMatch(WeakStrong):
         weak = Targets(*pseudo_label(logits_w), batch.ignore)
         out_s = self.model(torch.cat([x_s1, x_s2]))
         logits_s1, logits_s2 = out_s["logits"].chunk(2)
-        loss_x = supervised_loss(c, logits_l, batch.y_l)
         loss_s1 = self.unsup_loss(logits_s1, self.mixed_targets(weak, mix, batch.box1))
         loss_s2 = self.unsup_loss(logits_s2, self.mixed_targets(weak, mix, batch.box2))
-        loss_fp = self.unsup_loss(logits_fp, weak)
-        extra = self.component_losses(batch, weak, step)
-        loss = (loss_x + c.weight_s * (loss_s1 + loss_s2) + c.weight_fp * loss_fp) / 2 + sum(extra.values())
-        logs = {"loss_x": loss_x.detach(), "loss_s": ((loss_s1 + loss_s2) / 2).detach(),
-                "loss_fp": loss_fp.detach(), **self.diagnostics(weak, batch), **{k: v.detach() for k, v in extra.items()}}
-        return UniMatchPass(loss, logs, weak, x_s1, x_s2, logits_s1, logits_fp, out, out_s)
+        terms: LossTerms = {"loss_x": (0.5, supervised_loss(c, logits_l, batch.y_l)),
+                            "loss_s": (c.weight_s, (loss_s1 + loss_s2) / 2),
+                            "loss_fp": (c.weight_fp / 2, self.unsup_loss(logits_fp, weak))}
+        lcr = self.local_consistency(batch, weak, self.keep(weak))
+        if lcr is not None:
+            terms["loss_lcr"] = (c.lcr_weight, lcr.loss)
+        return UniMatchPass(terms, weak, x_s1, x_s2, logits_s1, logits_fp, out, out_s, lcr)
+
+    def pass_logs(self, batch: SemiBatch, p: "UniMatchPass") -> dict[str, Tensor]:
+        """What a UniMatch step logs: its terms and the weak view's pseudo-label diagnostics."""
+        return {**term_logs(p.terms), **self.diagnostics(p.weak, batch)}
 
     def capture_pass(self, batch: SemiBatch, p: "UniMatchPass", **extra: Tensor) -> dict[str, Tensor]:
-        """Artifacts of a UniMatch pass (both strong views, boxes, feature-perturbed prediction)."""
+        """Artifacts of a UniMatch pass (both strong views, boxes, feature-perturbed prediction, LCR's)."""
+        lcr = p.lcr.artifacts() if p.lcr is not None else {}
         return self.capture(batch, p.weak, p.x_s1, p.logits_s1, x_s2=p.x_s2, box2=batch.box2,
-                            pred_fp=p.logits_fp.argmax(1), **extra)
+                            pred_fp=p.logits_fp.argmax(1), **lcr, **extra)
 
     def training_step(self, batch: SemiBatch, step: StepInfo) -> StepOutput:
         p = self.unimatch_pass(batch, step, self.mix_targets(batch))
-        return StepOutput(p.loss, p.logs, self.capture_pass(batch, p) if step.capture else {})
+        arts = self.capture_pass(batch, p) if step.capture else {}
+        return StepOutput(weighted_sum(p.terms), self.pass_logs(batch, p), arts)
 
 
 @dataclass
 class UniMatchPass:
-    """What :meth:`UniMatch.unimatch_pass` computed: loss, logs, weak targets, strong views and network outputs
-    (``out`` of cat(x_l, x_w) with perturbation, ``out_s`` of cat(x_s1, x_s2))."""
+    """What :meth:`UniMatch.unimatch_pass` computed: the loss ``terms`` ``{name: (weight, value)}`` (loss = sum of
+    weight x value), weak targets, strong views and network outputs (``out`` of cat(x_l, x_w) with perturbation,
+    ``out_s`` of cat(x_s1, x_s2)), and the LCR component's output (None when off)."""
 
-    loss: Tensor
-    logs: dict[str, Tensor]
+    terms: LossTerms
     weak: Targets
     x_s1: Tensor
     x_s2: Tensor
@@ -314,3 +323,4 @@ class UniMatchPass:
     logits_fp: Tensor
     out: dict[str, Tensor]
     out_s: dict[str, Tensor]
+    lcr: LCROutput | None = None

@@ -407,6 +407,8 @@ CORRMATCH_TERMS = {
     "loss_fp": "feature perturbation vs weak pseudo-label", "loss_kl": "soft: KL(weak || strong) on confident pixels",
     "loss_x_corr": "labeled CE of the propagated prediction",
     "loss_corr_u": "propagated predictions vs pseudo-labels (strong + weak) / 2"}
+RANKMATCH_TERMS = {"loss_x": "labeled CE", "loss_s": "strong views vs pseudo-label, (L_s1 + L_s2) / 2",
+                   "loss_fp": "feature perturbation vs pseudo-label"}
 COMPONENT_TERMS = {"loss_lcr": "L_LCR: masked weak view vs the pseudo-label (add-on component)"}
 
 
@@ -645,9 +647,9 @@ class RankMatchTrace(Trace):
 def rankmatch_trace(session: StepSession, step: int = 0, seed: int = 0, num_agents: int | None = None,
                     top_k: int | None = None, agents: str | None = None, consistency: str | None = None
                     ) -> RankMatchTrace:
-    """RankMatch's ``training_step`` one piece at a time (the knobs, when not None, change ``method.cfg``)."""
-    from workbench.methods.rankmatch import correlation_consistency, cutmix_features
-    from workbench.ops.agents import agent_correlation, random_agents
+    """RankMatch's step as its stages computed it (:meth:`~workbench.methods.rankmatch.RankMatch.stages`, the call
+    ``training_step`` makes), kept for display (the knobs, when not None, change ``method.cfg``)."""
+    from workbench.ops.agents import random_agents
     from workbench.ops.semi import cutmix_images
 
     _need(session, "rankmatch")
@@ -655,50 +657,31 @@ def rankmatch_trace(session: StepSession, step: int = 0, seed: int = 0, num_agen
     batch = session.batch(step)
     m = session.method
     with session.configured(**knobs) as c, session.replay(seed):
-        # 1. the mix batch (eval mode: targets and ASPP features), then UniMatch's passes and losses
-        mix, feat_mix = m.mix_outputs(batch)
-        p = m.unimatch_pass(batch, session.step_info(step), mix)
-        feat_w = p.out["aspp"][batch.x_l.shape[0]:]
-        feat_s1, feat_s2 = p.out_s["aspp"].chunk(2)
-        # 2. per strong view: CutMixed weak features, agents, correlations (Eq. 4), consistency (Eqs. 6-8)
-        views = []
-        for box, feat_s in ((batch.box1, feat_s1), (batch.box2, feat_s2)):
-            size = (int(feat_s.shape[-2]), int(feat_s.shape[-1]))
-            fw = cutmix_features(feat_w.detach(), feat_mix, box if c.cutmix else None, size)
-            chosen = m.select_agents(fw)
-            corr_w = agent_correlation(fw, chosen, c.agent_normalize, c.agent_temperature)
-            corr_s = agent_correlation(feat_s, chosen, c.agent_normalize, c.agent_temperature)
-            loss = correlation_consistency(corr_w.float(), corr_s.float(), c.consistency, c.top_k, c.rank_eps,
-                                           c.rank_guard)
-            views.append((fw, chosen, corr_w, corr_s, float(loss), size))
-        fw, chosen, corr_w, corr_s, _, size = views[0]
-        rand = random_agents(fw, chosen.shape[1], generator=torch.Generator().manual_seed(seed))
+        s = m.stages(batch, session.step_info(step))
+        p, views = s.unimatch, s.views
+        if not views:  # weight_rank 0: the agent stage run for display only, after the step
+            feat_s1, feat_s2 = p.out_s["aspp"].chunk(2)
+            views = [m.agent_view(s.feat_w, s.feat_mix, batch.box1, feat_s1),
+                     m.agent_view(s.feat_w, s.feat_mix, batch.box2, feat_s2)]
+        v = views[0]
+        rand = random_agents(v.features, v.agents.shape[1], generator=torch.Generator().manual_seed(seed))
         # the image under the agents: the weak view with the mix batch's weak view in box 1, like the features
         mixed_w = cutmix_images(batch.x_w, batch.x_w_mix, batch.box1) if c.cutmix else batch.x_w
-        logs = {k: float(v) for k, v in p.logs.items()}
-        terms = [LossTerm("loss_x", logs["loss_x"], 0.5, logs["loss_x"], "labeled CE"),
-                 LossTerm("loss_s", logs["loss_s"], c.weight_s, logs["loss_s"],
-                          "strong views vs pseudo-label, (L_s1 + L_s2) / 2"),
-                 LossTerm("loss_fp", logs["loss_fp"], c.weight_fp / 2, logs["loss_fp"],
-                          "feature perturbation vs pseudo-label")]
-        terms += [LossTerm(k, v, 1.0, v, "add-on component") for k, v in logs.items() if k == "loss_lcr"]
-        rank = (views[0][4] + views[1][4]) / 2
-        if c.weight_rank > 0:
-            terms.append(LossTerm("loss_rank", rank, c.weight_rank, rank,
-                                  f"{c.consistency} consistency of the agent correlations, (view 1 + view 2) / 2"))
-        expected = {"pseudo": p.weak.pseudo, "x_s1": p.x_s1, "x_s2": p.x_s2, "pred_fp": p.logits_fp.argmax(1)}
-        if c.weight_rank > 0:
-            expected.update(agents=chosen, agent_maps=corr_w.transpose(1, 2).reshape(
-                corr_w.shape[0], -1, *size)[:, : min(c.capture_agents, chosen.shape[1])])
+        arts = m.capture_pass(batch, p)
+        if s.views:
+            arts.update(m.agent_artifacts(s.views[0]))
         return RankMatchTrace(
             **_base(session, batch, step, seed, knobs),
             images={"weak": _u8(session, batch.x_w), "weak mixed": _u8(session, mixed_w),
                     "strong": _u8(session, p.x_s1), "strong 2": _u8(session, p.x_s2)},
-            terms=terms, total=sum(t.weight * t.value for t in terms),
-            expected={k: _cpu(v) for k, v in expected.items()},
-            feat_size=size, top_k=c.top_k, consistency=c.consistency, selection=c.agents, agents=_cpu(chosen),
-            random_agents=_cpu(rand), features=_cpu(fw.float()), corr_w=_cpu(corr_w.float()),
-            corr_s=_cpu(corr_s.float()), view_losses=[views[0][4], views[1][4]],
+            terms=stage_terms(s.terms, {**RANKMATCH_TERMS, "loss_rank": f"{c.consistency} consistency of the agent "
+                                        "correlations, (view 1 + view 2) / 2"}),
+            total=float(sum(w * x for w, x in s.terms.values())),
+            expected=_expected(arts, ("pseudo", "x_s1", "x_s2", "pred_fp", "agents", "agent_maps")),
+            feat_size=tuple(int(x) for x in v.feat_size), top_k=c.top_k, consistency=c.consistency,
+            selection=c.agents, agents=_cpu(v.agents), random_agents=_cpu(rand), features=_cpu(v.features.float()),
+            corr_w=_cpu(v.corr_w.float()), corr_s=_cpu(v.corr_s.float()),
+            view_losses=[float(views[0].loss), float(views[1].loss)],
             box=_cpu(batch.box1 if c.cutmix else torch.zeros_like(batch.box1)), pseudo=_cpu(p.weak.pseudo),
             confident=_cpu(p.weak.confident(c.tau)), rank_guard=c.rank_guard, rank_eps=c.rank_eps)
 
