@@ -164,7 +164,7 @@ def test_trace_is_the_training_step(method, sessions, traces):
 
 
 # the stage whose returned terms each trace must show as they are (the trace calls the method's stages)
-LOSS_STAGE = {"corrmatch": "loss_terms", "rankmatch": "unimatch_pass"}
+LOSS_STAGE = {"corrmatch": "loss_terms", "rankmatch": "unimatch_pass", "maskmatch": "stages"}
 
 
 @pytest.mark.parametrize("method", list(LOSS_STAGE))

@@ -443,5 +443,5 @@ class CorrMatchStep:
         return torch.as_tensor(self.targets.tau, dtype=torch.float32, device=self.passes.logits_w.device).detach()
 
 
-__all__ = ["CorrMatch", "CorrMatchConfig", "CorrMatchStep", "CorrPasses", "CorrTargets", "CorrelationHead", "Propagation", "FEATURE_POSITIONS", "correlation_features",
-           "feature_channels"]
+__all__ = ["CorrMatch", "CorrMatchConfig", "CorrMatchStep", "CorrPasses", "CorrTargets", "CorrelationHead",
+           "Propagation", "FEATURE_POSITIONS", "correlation_features", "feature_channels"]

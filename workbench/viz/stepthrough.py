@@ -407,6 +407,9 @@ CORRMATCH_TERMS = {
     "loss_fp": "feature perturbation vs weak pseudo-label", "loss_kl": "soft: KL(weak || strong) on confident pixels",
     "loss_x_corr": "labeled CE of the propagated prediction",
     "loss_corr_u": "propagated predictions vs pseudo-labels (strong + weak) / 2"}
+MASKMATCH_TERMS = {"loss_x": "labeled CE",
+                   "loss_u": "L_MSWS: strong view at every scale vs the ensembled pseudo-label (Eq. 8)",
+                   "loss_lcr": "L_LCR: masked weak view vs the pseudo-label (Eq. 6)"}
 RANKMATCH_TERMS = {"loss_x": "labeled CE", "loss_s": "strong views vs pseudo-label, (L_s1 + L_s2) / 2",
                    "loss_fp": "feature perturbation vs pseudo-label"}
 COMPONENT_TERMS = {"loss_lcr": "L_LCR: masked weak view vs the pseudo-label (add-on component)"}
@@ -469,10 +472,9 @@ class MaskMatchTrace(Trace):
 def maskmatch_trace(session: StepSession, step: int = 0, seed: int = 0, tau: float | None = None,
                     lcr_patch: int | None = None, lcr_ratio: float | None = None, lcr_strategy: str | None = None,
                     lcr_region: str | None = None) -> MaskMatchTrace:
-    """MaskMatch's ``training_step`` one piece at a time (the knobs, when not None, change ``method.cfg``)."""
+    """MaskMatch's step as its stages computed it (:meth:`~workbench.methods.maskmatch.MaskMatch.stages`, the call
+    ``training_step`` makes), kept for display (the knobs, when not None, change ``method.cfg``)."""
     from workbench.methods.components import LocalConsistency
-    from workbench.methods.supervised import supervised_loss
-    from workbench.ops.ensemble import multiscale_ce_loss, rescale, resize_logits
     from workbench.ops.masking import MASK_STRATEGIES, patch_mask
 
     _need(session, "maskmatch")
@@ -480,68 +482,35 @@ def maskmatch_trace(session: StepSession, step: int = 0, seed: int = 0, tau: flo
     batch = session.batch(step)
     m = session.method
     with session.configured(**knobs) as c, session.replay(seed):
-        n = batch.x_l.shape[0]
-        # 1. teacher (EMA, eval mode): the mix batch and the weak view at every scale, ensembled (Eq. 7)
-        mix = m.mix_targets(batch)
-        weak, teacher_scales = m.teacher_targets(batch.x_w, batch.ignore)
-        if teacher_scales is None:  # ms off: the single-scale teacher
-            teacher_scales, scales = [m.predict_eval(batch.x_w)], (1.0,)
-        else:
-            scales = tuple(c.scales)
-        # 2. the CutMixed strong view and its targets
-        x_s = m.strong_view(batch.x_s1, batch.x_s1_mix, batch.box1)
-        targets_s = m.mixed_targets(weak, mix, batch.box1)
-        conf_s = m.keep(targets_s)
-        # 3. the student on labeled + strong, then the strong view at the other scales (Eq. 8)
-        logits_l, logits_s = m.model(torch.cat([batch.x_l, x_s]))["logits"].split([n, x_s.shape[0]])
-        loss_x = supervised_loss(c, logits_l, batch.y_l)
-        if c.ms:
-            size = x_s.shape[-2:]
-            student = [logits_s if s == 1.0 else resize_logits(m.model(rescale(x_s, s))["logits"], size)
-                       for s in c.scales]
-            loss_u = multiscale_ce_loss(student, targets_s.pseudo, conf_s, targets_s.ignore, norm=c.loss_norm)
-            per_scale = [float(multiscale_ce_loss([t], targets_s.pseudo, conf_s, targets_s.ignore, norm=c.loss_norm))
-                         for t in student]
-        else:
-            student = [logits_s]
-            loss_u = m.unsup_loss(logits_s, targets_s)
-            per_scale = [float(loss_u)]
-        # 4. LCR: the component masks the weak view and the student predicts it (Eqs. 5-6)
-        lcr = LocalConsistency.from_config(c)
-        shown = lcr if lcr.enabled else dataclasses.replace(lcr, weight=1.0)  # off: drawn for display only
-        out = shown(m.model, batch.x_w, weak.pseudo, m.keep(weak), weak.ignore)
-        probs = torch.stack([t.float().softmax(1) for t in teacher_scales], 1)
-        t_conf, t_pred = probs.max(2)
+        s = m.stages(batch, session.step_info(step))
+        weak, targets_s, out = s.weak, s.targets_s, s.lcr
+        arts = m.step_artifacts(batch, s)
+        # display only, after the step: each scale's L_MSWS alone (their mean is L_MSWS), the single-scale teacher
+        # when ms is off, LCR drawn with weight 1 when it is off, and every masking strategy with its own generator
+        per_scale = [float(m.msws_loss([t], targets_s)) for t in s.student_scales]
+        teacher_scales, scales = (s.teacher_scales, tuple(c.scales)) if c.ms else ([m.predict_eval(batch.x_w)], (1.0,))
+        if out is None:
+            out = dataclasses.replace(LocalConsistency.from_config(c), weight=1.0)(
+                m.model, batch.x_w, weak.pseudo, m.keep(weak), weak.ignore)
+        t_conf, t_pred = torch.stack([t.float().softmax(1) for t in teacher_scales], 1).max(2)
         b, _, h, w = batch.x_w.shape
-        masks = {s: _cpu(patch_mask(b, h, w, c.lcr_patch, c.lcr_ratio, s,
+        masks = {k: _cpu(patch_mask(b, h, w, c.lcr_patch, c.lcr_ratio, k,
                                     generator=torch.Generator().manual_seed(seed))[:, 0] > 0.5)
-                 for s in MASK_STRATEGIES}
-        terms = [LossTerm("loss_x", float(loss_x), 1.0, float(loss_x), "labeled CE"),
-                 LossTerm("loss_u", float(loss_u), c.unsup_weight, float(loss_u),
-                          "L_MSWS: strong view at every scale vs the ensembled pseudo-label (Eq. 8)")]
-        if lcr.enabled:
-            terms.append(LossTerm("loss_lcr", float(out.loss), lcr.weight, lcr.weight * float(out.loss),
-                                  "L_LCR: masked weak view vs the pseudo-label (Eq. 6)"))
-        expected = {"pseudo": weak.pseudo, "confident": m.keep(weak), "x_s1": x_s,
-                    "pred_s1": logits_s.argmax(1)}
-        if lcr.enabled:
-            expected.update(x_masked=out.x_masked, lcr_visible=out.visible[:, 0] > 0.5)
-        if c.ms:
-            expected.update(ms_pred=t_pred, ms_ensemble=weak.pseudo,
-                            pred_s_scales=torch.stack([t.argmax(1) for t in student], 1))
+                 for k in MASK_STRATEGIES}
         return MaskMatchTrace(
             **_base(session, batch, step, seed, knobs),
-            images={"weak": _u8(session, batch.x_w), "strong": _u8(session, x_s),
+            images={"weak": _u8(session, batch.x_w), "strong": _u8(session, s.x_s),
                     "masked": _u8(session, out.x_masked)},
-            terms=terms, total=sum(t.weight * t.value for t in terms),
-            expected={k: _cpu(v) for k, v in expected.items()},
+            terms=stage_terms(s.terms, MASKMATCH_TERMS), total=float(sum(w * v for w, v in s.terms.values())),
+            expected=_expected(arts, ("pseudo", "confident", "x_s1", "pred_s1", "x_masked", "lcr_visible", "ms_pred",
+                                      "ms_ensemble", "pred_s_scales")),
             tau=float(c.tau), scales=scales, teacher_pred=_cpu(t_pred), teacher_conf=_cpu(t_conf),
             pseudo=_cpu(weak.pseudo), conf=_cpu(weak.conf), confident=_cpu(m.keep(weak)),
             box=_cpu(batch.box1 if c.cutmix else torch.zeros_like(batch.box1)), target_s=_cpu(targets_s.pseudo),
-            confident_s=_cpu(conf_s), valid_s=_cpu(targets_s.ignore != IGNORE),
-            student_pred=_cpu(torch.stack([t.argmax(1) for t in student], 1)), ms_losses=per_scale,
+            confident_s=_cpu(m.keep(targets_s)), valid_s=_cpu(targets_s.ignore != IGNORE),
+            student_pred=_cpu(torch.stack([t.argmax(1) for t in s.student_scales], 1)), ms_losses=per_scale,
             patch=c.lcr_patch, ratio=c.lcr_ratio, strategy=c.lcr_strategy, region=c.lcr_region, strategy_masks=masks,
-            lcr_enabled=lcr.enabled, lcr_visible=_cpu(out.visible[:, 0] > 0.5), lcr_region=_cpu(out.region),
+            lcr_enabled=s.lcr is not None, lcr_visible=_cpu(out.visible[:, 0] > 0.5), lcr_region=_cpu(out.region),
             lcr_pred=_cpu(out.logits.argmax(1)), lcr_loss=float(out.loss))
 
 
