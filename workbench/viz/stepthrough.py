@@ -415,16 +415,18 @@ RANKMATCH_TERMS = {"loss_x": "labeled CE", "loss_s": "strong views vs pseudo-lab
 COMPONENT_TERMS = {"loss_lcr": "L_LCR: masked weak view vs the pseudo-label (add-on component)"}
 
 
-def stage_terms(terms: dict[str, tuple[float, Tensor]], meanings: dict[str, str]) -> list[LossTerm]:
+def stage_terms(terms: dict[str, tuple[float, Tensor]], meanings: dict[str, str],
+                logs: dict[str, Any] | None = None) -> list[LossTerm]:
     """The :class:`LossTerm` rows of a method's stage terms ``{name: (weight, value)}`` (the step's loss is the sum
-    of weight x value), logged as training logs them (:func:`workbench.methods.base.term_logs`)."""
+    of weight x value); ``logged`` is ``logs[name]`` (the step's logs) when given, else what
+    :func:`workbench.methods.base.term_logs` logs."""
     from workbench.methods.base import WEIGHTED_LOGS
 
     rows = []
     for name, (w, v) in terms.items():
         w, v = float(w), float(v)
-        rows.append(LossTerm(name, v, w, w * v if name in WEIGHTED_LOGS else v,
-                             meanings.get(name, COMPONENT_TERMS.get(name, ""))))
+        logged = float(logs[name]) if logs is not None and name in logs else w * v if name in WEIGHTED_LOGS else v
+        rows.append(LossTerm(name, v, w, logged, meanings.get(name, COMPONENT_TERMS.get(name, ""))))
     return rows
 
 

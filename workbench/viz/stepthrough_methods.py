@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from workbench.viz.figures import plt, to_hwc
-from workbench.viz.stepthrough import (FONT, IGNORE, LossTerm, StepSession, Trace, _base,
+from workbench.viz.stepthrough import (FONT, IGNORE, LossTerm, StepSession, Trace, _base, _expected, stage_terms,
                                        _below_threshold_patch, _box_outline, _confident_labels, _cpu, _figure,
                                        _heat, _labels, _legend, _need, _off, _show, _u8, cell_extent)
 
@@ -56,6 +56,11 @@ __all__ = [
 STREAMS = ("labeled", "strong", "weak + fp")
 """S4MIM's masked streams in the method's order: ``x_l * m``, ``x_s * m``, ``x_w * m`` (feature-perturbed)."""
 NO_TERM = (255, 255, 255)  # cells a class head does not write to (per-class reconstructions)
+S4MIM_TERMS = {"loss_x": "L_s: labeled CE", "loss_s": "L_u, strong view vs the weak pseudo-label (Eq. 2)",
+               "loss_fp": "L_u, feature-perturbed weak view vs the weak pseudo-label (Eq. 2)",
+               "loss_mimpi": "L_mimpi: class-wise reconstruction MSE, sum of 3 streams",
+               "loss_mimfea": "L_mimfea: pull of masked positions to prototypes (Eqs. 10-12)",
+               "loss_mimse": "L_mimse: SeD on the masked streams, sum of 3 streams"}
 
 
 def _rng_devices(session: StepSession) -> list[int]:
@@ -189,129 +194,85 @@ def stream_rows(trace: S4MIMTrace, i: int) -> dict[str, int]:
 def s4mim_trace(session: StepSession, step: int = 0, seed: int = 0, tau: float | None = None,
                 mask_ratio: float | None = None, mask_patch: int | None = None, mask_strategy: str | None = None
                 ) -> S4MIMTrace:
-    """S4MIM's ``training_step`` one piece at a time (the knobs, when not None, change ``method.cfg``)."""
-    from workbench.methods.fixmatch import Targets
-    from workbench.methods.supervised import supervised_loss
-    from workbench.ops.losses import masked_ce_loss
-    from workbench.ops.mim import aggregation_loss, class_prototypes, normaliser, resize_labels
-    from workbench.ops.semi import pseudo_label
+    """S4MIM's step as its stages computed it (:meth:`~workbench.methods.s4mim.S4MIM.stages`, the call
+    ``training_step`` makes), kept for display (the knobs, when not None, change ``method.cfg``)."""
+    from workbench.methods.s4mim import Phase2
+    from workbench.ops.mim import class_prototypes
 
     _need(session, "s4mim")
     knobs = dict(tau=tau, mask_ratio=mask_ratio, mask_patch=mask_patch, mask_strategy=mask_strategy)
     batch = session.batch(step)
     m = session.method
     with session.configured(**knobs) as c, session.replay(seed):
-        info = session.step_info(step)
         n = batch.x_l.shape[0]
-        # phase I: the mix batch (eval mode), the CutMixed strong view, cat(x_l, x_w) with UniPerb, the strong view
-        mix = m.mix_targets(batch)
-        x_s = m.strong_view(batch.x_s1, batch.x_s1_mix, batch.box1)
-        logits_l, logits_w, logits_fp, out = m.forward_weak(batch)
-        weak = Targets(*pseudo_label(logits_w), batch.ignore)
-        t_s = m.mixed_targets(weak, mix, batch.box1)
-        logits_s = m.model(x_s)["logits"]
-        loss_x = supervised_loss(c, logits_l, batch.y_l)
-        loss_s, loss_fp = m.unsup_loss(logits_s, t_s), m.unsup_loss(logits_fp, weak)
-        # phase II (Eqs. 5-13): masks, the masked forward (SeD + PiD), reconstruction, dictionary, aggregation, SeD
-        fork = contextlib.nullcontext() if c.any_mim else torch.random.fork_rng(devices=_rng_devices(session))
         before, seen_before = m.prototypes.clone(), m.proto_seen.clone()
+        st = m.stages(batch, session.step_info(step))
+        p, logs, arts = st.passes, m.step_logs(batch, st), m.step_artifacts(batch, st)
+        # phase II's pieces the step skipped (a loss switched off), computed for display only, after the step: all
+        # of phase II on a forked random state when every MIM loss is off; the dictionary restored without mimfea
+        fork = (contextlib.nullcontext() if st.phase2 is not None
+                else torch.random.fork_rng(devices=_rng_devices(session)))
         with fork:
-            s = m.streams(batch, x_s, logits_l, logits_s, logits_fp, weak, t_s)
-            sizes = list(s.sizes)
-            xm = s.x * s.visible
-            logits_m, fea = m.masked_forward(xm, sizes[0] + sizes[1])
-            recon = m.reconstruct(fea, s.groups, tuple(s.x.shape[-2:]))
-            mse = [F.mse_loss(r.float(), x.float()) for r, x in zip(recon.split(sizes), s.x.split(sizes))]
-            fsize = tuple(fea.shape[-2:])
-            groups = resize_labels(s.groups, fsize)
-            vis = resize_labels(s.visible[:, 0] > 0.5, fsize)
-            valid = resize_labels(s.valid, fsize)
-            conf = F.interpolate(s.conf[:, None], size=fsize, mode="nearest")[:, 0]
-            present = class_prototypes(fea[:n].float(), groups[:n], conf[:n].float(), (vis & valid)[:n],
-                                       m.num_classes)[2] > 0
-            with _kept_dictionary(m, keep=not c.mimfea):  # mimfea off: the step leaves the dictionary alone
-                protos, available = m.update_dictionary(fea[:n], groups[:n], conf[:n], (vis & valid)[:n])
-            weights = conf if c.confidence else torch.ones_like(conf)
-            agg, classes = aggregation_loss(fea.float(), groups, weights, ~vis & valid, protos, available,
-                                            c.temperature)
-            semantic = []
-            probs = s.probs.split(sizes) if c.mimse and c.mimse_loss == "mse" else None
-            for k, (lg, t, v) in enumerate(zip(logits_m.split(sizes), s.targets.split(sizes), s.valid.split(sizes))):
-                if c.mimse_loss == "ce":
-                    ign = torch.where(v, torch.zeros_like(t), torch.full_like(t, IGNORE))
-                    semantic.append(masked_ce_loss(lg.float(), t, torch.ones_like(v), ign))
-                else:  # with mimse off the step computed no probabilities: the same softmax here
-                    unmasked = (logits_l, logits_s, logits_fp)[k]
-                    p = probs[k] if probs is not None else unmasked.detach().float().softmax(1)
-                    sq = (lg.float().softmax(1) - p).pow(2).sum(1)
-                    semantic.append((sq * v).sum() / v.sum().clamp(min=1))
-            # derived for display: each position's pull to its class's prototype, each class's term (Eqs. 10-12)
-            flat = fea.float().permute(0, 2, 3, 1)
-            unit = F.normalize(protos.float(), dim=1, eps=1e-12)
-            pull = (1 - F.cosine_similarity(flat, protos.float()[groups], dim=-1, eps=1e-8)) / c.temperature
-            where = ~vis & valid
-            terms = torch.full((m.num_classes,), float("nan"))
-            for k in range(m.num_classes):
-                sel = where & (groups == k)
-                w = weights[sel].float()
-                if bool(classes[k]) and float(w.sum()) > 0:
-                    terms[k] = float((pull[sel] * w).sum() / w.sum())
-            wf = fea[sum(sizes[:2]):].float()
-            class_cos = torch.einsum("bdhw,cd->bchw", F.normalize(wf, dim=1, eps=1e-12), unit)
-            groups_w = groups[sum(sizes[:2]):]
-            per_class = m.class_heads.per_class(fea[sum(sizes[:2]):], groups_w)
-        # opt-in components (LCR), after phase II as in training_step
-        extra = m.component_losses(batch, weak, info)
-        norm = normaliser(c.weight_u, c.weight_mp, c.weight_mf, c.weight_ms, c.mimpi, c.mimfea, c.mimse)
-        terms_out = [LossTerm("loss_x", float(loss_x), 1 / norm, float(loss_x), "L_s: labeled CE"),
-                     LossTerm("loss_s", float(loss_s), c.weight_u / norm, float(loss_s),
-                              "L_u, strong view vs the weak pseudo-label (Eq. 2)"),
-                     LossTerm("loss_fp", float(loss_fp), c.weight_u / norm, float(loss_fp),
-                              "L_u, feature-perturbed weak view vs the weak pseudo-label (Eq. 2)")]
-        mim = [("mimpi", c.weight_mp, float(sum(mse)), "L_mimpi: class-wise reconstruction MSE, sum of 3 streams"),
-               ("mimfea", c.weight_mf, float(agg), "L_mimfea: pull of masked positions to prototypes (Eqs. 10-12)"),
-               ("mimse", c.weight_ms, float(sum(semantic)), "L_mimse: SeD on the masked streams, sum of 3 streams")]
-        for key, wt, value, meaning in mim:
-            if getattr(c, key):
-                terms_out.append(LossTerm(f"loss_{key}", value, wt / norm, wt * value, meaning))
-        terms_out += [LossTerm(k, float(v), 1.0, float(v), "add-on component (weighted)") for k, v in extra.items()]
-        expected = {"pseudo": weak.pseudo, "confident": weak.confident(c.tau), "x_s1": x_s,
-                    "pred_s1": logits_s.argmax(1), "pred_fp": logits_fp.argmax(1),
-                    "sed_features": out["decoder"][n:], "sed_labels": resize_labels(weak.pseudo,
-                                                                                     out["decoder"].shape[-2:])}
-        if c.any_mim:
-            expected.update({f"x_{k}_masked": x for k, x in zip("lsw", xm.split(sizes))})
-            expected.update({f"pred_masked_{k}": lg.argmax(1) for k, lg in zip(("l", "s", "fp"),
-                                                                                logits_m.split(sizes))})
-            expected.update({f"recon_{k}": r for k, r in zip(("l", "s", "fp"), recon.split(sizes))})
-            expected.update(mim_visible=s.visible[n:n + sizes[1], 0] > 0.5, recon_classes=per_class,
-                            mim_groups=groups_w, pid_features=fea[sum(sizes[:2]):], prototypes=m.prototypes.clone(),
-                            proto_seen=m.proto_seen.clone())
+            p2 = st.phase2
+            if p2 is None:
+                streams = m.streams(batch, p)
+                xm = streams.x * streams.visible
+                p2 = Phase2(streams, xm, *m.masked_forward(xm, n + streams.sizes[1]), None, None, None, None)
+            s, sizes, fea = p2.streams, list(p2.streams.sizes), p2.fea
+            recon, mse = (p2.recon, p2.mse) if p2.mse is not None else m.pixel_space(s, fea)
+            with _kept_dictionary(m, keep=not c.mimfea):
+                fs = p2.feature if p2.feature is not None else m.feature_space(s, fea)
+            semantic = p2.semantic if p2.semantic is not None else m.semantic_space(s, p2.logits_m)
+        # derived for display: the classes this batch updates, each position's pull to its class's prototype and
+        # each class's term (Eqs. 10-12), cosines to every prototype, each class's reconstruction term (Eq. 7)
+        groups, vis, valid, conf, weights = fs.groups, fs.visible, fs.valid, fs.conf, fs.weights
+        fsize = tuple(fea.shape[-2:])
+        present = class_prototypes(fea[:n].float(), groups[:n], conf[:n].float(), (vis & valid)[:n],
+                                   m.num_classes)[2] > 0
+        protos, available, classes = fs.prototypes, fs.available, fs.classes
+        flat = fea.float().permute(0, 2, 3, 1)
+        unit = F.normalize(protos.float(), dim=1, eps=1e-12)
+        pull = (1 - F.cosine_similarity(flat, protos.float()[groups], dim=-1, eps=1e-8)) / c.temperature
+        where = ~vis & valid
+        class_terms = torch.full((m.num_classes,), float("nan"))
+        for k in range(m.num_classes):
+            sel = where & (groups == k)
+            w = weights[sel].float()
+            if bool(classes[k]) and float(w.sum()) > 0:
+                class_terms[k] = float((pull[sel] * w).sum() / w.sum())
+        wf = fea[sum(sizes[:2]):].float()
+        class_cos = torch.einsum("bdhw,cd->bchw", F.normalize(wf, dim=1, eps=1e-12), unit)
+        per_class = m.class_heads.per_class(fea[sum(sizes[:2]):], groups[sum(sizes[:2]):])
         d = session.cfg.data
-        images = {"labeled": _u8(session, batch.x_l), "weak": _u8(session, batch.x_w), "strong": _u8(session, x_s)}
-        images.update({f"{k} masked": _u8(session, x) for k, x in zip(STREAMS, xm.split(sizes))})
+        images = {"labeled": _u8(session, batch.x_l), "weak": _u8(session, batch.x_w), "strong": _u8(session, p.x_s)}
+        images.update({f"{k} masked": _u8(session, x) for k, x in zip(STREAMS, p2.xm.split(sizes))})
+        expected = ["pseudo", "confident", "x_s1", "pred_s1", "pred_fp", "sed_features", "sed_labels", "x_l_masked",
+                    "x_s_masked", "x_w_masked", "pred_masked_l", "pred_masked_s", "pred_masked_fp", "recon_l",
+                    "recon_s", "recon_fp", "mim_visible", "recon_classes", "mim_groups", "pid_features", "prototypes",
+                    "proto_seen"]
         return S4MIMTrace(
-            **_base(session, batch, step, seed, knobs), images=images, terms=terms_out,
-            total=sum(t.weight * t.value for t in terms_out), expected={k: _cpu(v) for k, v in expected.items()},
+            **_base(session, batch, step, seed, knobs), images=images,
+            terms=stage_terms(st.terms, S4MIM_TERMS, logs), total=float(st.loss()), expected=_expected(arts, expected),
             tau=float(c.tau), switches={k: getattr(c, k) for k in ("mimpi", "mimfea", "mimse", "classwise",
                                                                     "dictionary", "confidence", "mimse_loss")},
             weights={k: float(getattr(c, k)) for k in ("weight_u", "weight_mp", "weight_mf", "weight_ms")},
-            normaliser=float(norm), alpha=float(c.alpha), temperature=float(c.temperature), mean=tuple(d.mean),
+            normaliser=float(st.norm), alpha=float(c.alpha), temperature=float(c.temperature), mean=tuple(d.mean),
             std=tuple(d.std),
-            y_l=_cpu(batch.y_l), pred_l=_cpu(logits_l.argmax(1)), pseudo=_cpu(weak.pseudo), conf=_cpu(weak.conf),
-            confident=_cpu(weak.confident(c.tau)), box=_cpu(batch.box1 if c.cutmix else torch.zeros_like(batch.box1)),
-            target_s=_cpu(t_s.pseudo), confident_s=_cpu(t_s.confident(c.tau)), valid_s=_cpu(t_s.ignore != IGNORE),
-            pred_s=_cpu(logits_s.argmax(1)), pred_fp=_cpu(logits_fp.argmax(1)),
+            y_l=_cpu(batch.y_l), pred_l=_cpu(p.logits_l.argmax(1)), pseudo=_cpu(p.weak.pseudo),
+            conf=_cpu(p.weak.conf), confident=_cpu(p.weak.confident(c.tau)),
+            box=_cpu(batch.box1 if c.cutmix else torch.zeros_like(batch.box1)), target_s=_cpu(p.targets_s.pseudo),
+            confident_s=_cpu(p.targets_s.confident(c.tau)), valid_s=_cpu(p.targets_s.ignore != IGNORE),
+            pred_s=_cpu(p.logits_s.argmax(1)), pred_fp=_cpu(p.logits_fp.argmax(1)),
             sizes=sizes, patch=c.mask_patch, ratio=c.mask_ratio, strategy=c.mask_strategy,
             stream_visible=_cpu(s.visible[:, 0] > 0.5), stream_valid=_cpu(s.valid), stream_targets=_cpu(s.targets),
-            stream_groups=_cpu(s.groups), stream_x=_cpu(s.x.float()), masked_pred=_cpu(logits_m.argmax(1)),
+            stream_groups=_cpu(s.groups), stream_x=_cpu(s.x.float()), masked_pred=_cpu(p2.logits_m.argmax(1)),
             recon=_cpu(recon.float()),
             recon_classes=_cpu(per_class.float()), feat_size=(int(fsize[0]), int(fsize[1])),
             mse=[float(v) for v in mse], semantic=[float(v) for v in semantic], fea_groups=_cpu(groups),
             fea_masked=_cpu(where), fea_weights=_cpu(weights.float()), pull=_cpu(pull), class_cos=_cpu(class_cos),
             prototypes_before=_cpu(before.float()), seen_before=_cpu(seen_before), prototypes=_cpu(protos.float()),
-            available=_cpu(available), batch_present=_cpu(present), class_terms=terms, agg_classes=_cpu(classes),
-            agg_loss=float(agg), phase2_in_loss=bool(c.any_mim))
+            available=_cpu(available), batch_present=_cpu(present), class_terms=class_terms,
+            agg_classes=_cpu(classes), agg_loss=float(fs.loss), phase2_in_loss=bool(c.any_mim))
 
 
 def main_class(trace: S4MIMTrace, i: int) -> int:
