@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from workbench.viz.figures import plt, to_hwc
-from workbench.viz.stepthrough import (FONT, IGNORE, LossTerm, StepSession, Trace, _base, _expected, stage_terms,
+from workbench.viz.stepthrough import (FONT, IGNORE, StepSession, Trace, _base, _expected, stage_terms,
                                        _below_threshold_patch, _box_outline, _confident_labels, _cpu, _figure,
                                        _heat, _labels, _legend, _need, _off, _show, _u8, cell_extent)
 
@@ -56,6 +56,9 @@ __all__ = [
 STREAMS = ("labeled", "strong", "weak + fp")
 """S4MIM's masked streams in the method's order: ``x_l * m``, ``x_s * m``, ``x_w * m`` (feature-perturbed)."""
 NO_TERM = (255, 255, 255)  # cells a class head does not write to (per-class reconstructions)
+SCALEMATCH_TERMS = {"loss_s": "strong view vs the CutMixed pseudo-label",
+                    "loss_isvc": "ISVC: scale-v prediction vs the pseudo-label",
+                    "loss_fsvc": "FSVC: t-scaled perturbed features vs the pseudo-label"}
 S4MIM_TERMS = {"loss_x": "L_s: labeled CE", "loss_s": "L_u, strong view vs the weak pseudo-label (Eq. 2)",
                "loss_fp": "L_u, feature-perturbed weak view vs the weak pseudo-label (Eq. 2)",
                "loss_mimpi": "L_mimpi: class-wise reconstruction MSE, sum of 3 streams",
@@ -674,14 +677,12 @@ class ScaleMatchTrace(Trace):
 
 def scalematch_trace(session: StepSession, step: int = 0, seed: int = 0, scale: float | None = None,
                      tau: float | None = None, cif_warmup_epochs: int | None = None) -> ScaleMatchTrace:
-    """ScaleMatch's ``training_step`` one piece at a time.
+    """ScaleMatch's step as its stages computed it (:meth:`~workbench.methods.scalematch.ScaleMatch.stages`, the
+    call ``training_step`` makes), kept for display.
 
     ``scale`` (when not None) makes ``v`` that scale (``method.scales = [scale]``, so the step's draw can only give
     it); ``tau`` and ``cif_warmup_epochs`` change ``method.cfg``."""
-    from workbench.methods.fixmatch import Targets
-    from workbench.methods.scalematch import gated_fusion, scaled_image
-    from workbench.methods.supervised import supervised_loss
-    from workbench.ops.semi import pseudo_label
+    from workbench.methods.scalematch import fsvc_logits, gated_fusion, scaled_image
 
     _need(session, "scalematch")
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0):
@@ -692,85 +693,48 @@ def scalematch_trace(session: StepSession, step: int = 0, seed: int = 0, scale: 
     with session.configured(**knobs) as c, session.replay(seed):
         info = session.step_info(step)
         n = batch.x_l.shape[0]
-        # 1. the mix batch (eval mode); the scales of this step (global RNG): v, then t from v
-        mix = m.mix_targets(batch)
-        x = torch.cat([batch.x_l, batch.x_w])
-        size = tuple(x.shape[-2:])
-        scales = m.sample_scales()
-        t = m.sample_feature_scale(max(scales)) if c.fsvc else None
-        # 2-3. the two-scale forward (the method's own): scale 1 (reference: decoded from the t-resized features,
-        # jointly with the FSVC dropout copy; paper: from the unresized ones), each scale-v branch (logits resized
-        # back), and the fusion (s_w = the weight of the scale-1 prediction, s_v = 1 - s_w)
-        sp = m.scale_pass(x, n, scales, t)
-        logits, fused, gates = sp.pred_ori, sp.pred_joint, sp.gates
-        branches = sp.pred_size
-        views = [scaled_image(x[n:], v, c.min_scaled_size) for v in scales] if branches else []
+        s = m.stages(batch, info)
+        sp, pl, t = s.passes, s.pseudo, s.feature_scale
+        logits, fused, gates, branches = sp.pred_ori, sp.pred_joint, sp.gates, sp.pred_size
+        # display only: the weak view at each scale v, and s_v = 1 - s_w of every branch
+        views = [scaled_image(batch.x_w, v, c.min_scaled_size) for v in s.scales] if branches else []
         gates_v = [gated_fusion(g, logits, lv)[1] for g, lv in zip(gates, branches)]
-        # 4. labeled loss (fused when fusing), pseudo-labels (plain during the warm-up), the strong view
-        loss_x = supervised_loss(c, (fused if fused is not None else logits)[:n], batch.y_l)
-        plain = Targets(*pseudo_label(logits[n:]), batch.ignore)
-        fused_t = Targets(*pseudo_label(fused[n:]), batch.ignore) if fused is not None else None
-        use_fused = fused is not None and info.epoch >= c.cif_warmup_epochs
-        weak = fused_t if use_fused else plain
-        x_s = m.strong_view(batch.x_s1, batch.x_s1_mix, batch.box1)
-        logits_s = m.model(x_s)["logits"]
-        t_s = m.mixed_targets(weak, mix, batch.box1)
-        terms = [LossTerm("loss_x", float(loss_x), c.weight_x / 2, float(loss_x),
-                          "labeled CE" + (" of the fused prediction (trains the CIF)" if fused is not None else "")),
-                 LossTerm("loss_s", float(m.unsup_loss(logits_s, t_s)), c.weight_s / 2, 0.0,
-                          "strong view vs the CutMixed pseudo-label")]
-        # 5. ISVC (Eq. 14) and FSVC (Eqs. 15-16)
-        isvc = [float(m.unsup_loss(lv[n:], weak)) for lv in branches] if c.isvc else []
-        if c.isvc:
-            terms.append(LossTerm("loss_isvc", float(np.mean(isvc)), c.weight_isvc / 2, 0.0,
-                                  "ISVC: scale-v prediction vs the pseudo-label"))
-        logits_fp = None
-        if sp.pred_fp is not None:
-            logits_fp = sp.pred_fp[sp.pred_fp.shape[0] - batch.x_w.shape[0]:]
-            terms.append(LossTerm("loss_fsvc", float(m.unsup_loss(logits_fp, weak)), c.weight_fsvc / 2, 0.0,
-                                  "FSVC: t-scaled perturbed features vs the pseudo-label"))
-        for term in terms:
-            term.logged = term.value
-        extra = m.component_losses(batch, weak, info)
-        terms += [LossTerm(k, float(v), 1.0, float(v), "add-on component (weighted)") for k, v in extra.items()]
-        expected = {"pseudo": weak.pseudo, "confident": weak.confident(c.tau), "x_s1": x_s,
-                    "pred_s1": logits_s.argmax(1), "pred_w": logits[n:].argmax(1)}
-        if branches:
-            expected.update(scale=torch.tensor(scales, dtype=torch.float32),
-                            pred_v=torch.stack([lv[n:].argmax(1) for lv in branches], 1))
-        if fused is not None:
-            expected.update(gate_w=torch.stack([g[n:, 0] for g in gates], 1), pseudo_fused=fused[n:].argmax(1),
-                            pseudo_plain=plain.pseudo)
-        if logits_fp is not None:
-            expected.update(feature_scale=torch.tensor([t], dtype=torch.float32), pred_fsvc=logits_fp.argmax(1))
+        logits_fp = fsvc_logits(sp, batch.x_w.shape[0])
+        expected = _expected(m.step_artifacts(batch, s), ("pseudo", "confident", "x_s1", "pred_s1", "pred_w", "scale",
+                                                          "pred_v", "gate_w", "pseudo_fused", "pseudo_plain",
+                                                          "feature_scale", "pred_fsvc"))
+        size = tuple(batch.x_w.shape[-2:])
         fs = sp.feature_sizes if t is not None else {k: sp.feature_sizes[k] for k in ("low", "high")}
+        weak, fused_t, t_s = pl.weak, pl.fused, s.targets_s
+        meanings = {**SCALEMATCH_TERMS, "loss_x": "labeled CE" + (" of the fused prediction (trains the CIF)"
+                                                                  if fused is not None else "")}
 
         def stack(ts: list[Tensor]) -> Tensor | None:
             return _cpu(torch.stack([g[n:, 0].float() for g in ts], 1)) if ts else None
 
         return ScaleMatchTrace(
             **_base(session, batch, step, seed, knobs),
-            images={"weak": _u8(session, batch.x_w), "strong": _u8(session, x_s), "labeled": _u8(session, batch.x_l)},
-            terms=terms, total=sum(term.weight * term.value for term in terms),
-            expected={k: _cpu(v) for k, v in expected.items()},
-            tau=float(c.tau), scales=tuple(float(v) for v in scales), sampling=c.scale_sampling,
+            images={"weak": _u8(session, batch.x_w), "strong": _u8(session, s.x_s),
+                    "labeled": _u8(session, batch.x_l)},
+            terms=stage_terms(s.terms, meanings), total=float(sum(w * v for w, v in s.terms.values())),
+            expected=expected, tau=float(c.tau), scales=tuple(float(v) for v in s.scales), sampling=c.scale_sampling,
             feature_scale=t, image_size=(int(size[0]), int(size[1])),
             scaled_sizes=list(sp.scaled_sizes), structure=c.structure,
             feature_sizes={k: (int(a), int(b)) for k, (a, b) in fs.items()}, epoch=info.epoch,
-            warmup_epochs=c.cif_warmup_epochs, use_fused=use_fused,
+            warmup_epochs=c.cif_warmup_epochs, use_fused=pl.use_fused,
             fusion=c.fusion if c.cif else None,
             scaled_views=[_u8(session, v) for v in views], logits_w=_cpu(logits[n:].float()),
             logits_v=_cpu(torch.stack([lv[n:].float() for lv in branches], 1)) if branches else
             torch.zeros(0), fused=None if fused is None else _cpu(fused[n:].float()), gate_w=stack(gates),
-            gate_v=stack(gates_v), pseudo_plain=_cpu(plain.pseudo), conf_plain=_cpu(plain.conf),
-            confident_plain=_cpu(plain.confident(c.tau)),
+            gate_v=stack(gates_v), pseudo_plain=_cpu(pl.plain.pseudo), conf_plain=_cpu(pl.plain.conf),
+            confident_plain=_cpu(pl.plain.confident(c.tau)),
             pseudo_fused=None if fused_t is None else _cpu(fused_t.pseudo),
             conf_fused=None if fused_t is None else _cpu(fused_t.conf),
             confident_fused=None if fused_t is None else _cpu(fused_t.confident(c.tau)),
             pseudo=_cpu(weak.pseudo), confident=_cpu(weak.confident(c.tau)),
             box=_cpu(batch.box1 if c.cutmix else torch.zeros_like(batch.box1)), target_s=_cpu(t_s.pseudo),
             confident_s=_cpu(t_s.confident(c.tau)), valid_s=_cpu(t_s.ignore != IGNORE),
-            pred_s=_cpu(logits_s.argmax(1)), isvc_losses=isvc,
+            pred_s=_cpu(s.logits_s.argmax(1)), isvc_losses=[float(v) for v in s.isvc],
             pred_fsvc=None if logits_fp is None else _cpu(logits_fp.argmax(1)))
 
 
