@@ -1,17 +1,16 @@
 """Step through one training step of MaskMatch, CorrMatch or RankMatch and show every intermediate.
 
-(S4MIM and ScaleMatch: :mod:`workbench.viz.stepthrough_methods`, built on this module's sessions, check and helpers.)
+(S4MIM and ScaleMatch: :mod:`workbench.viz.stepthrough_methods`, built on this module's sessions and helpers.)
 
 The notebooks ``10_maskmatch``, ``13_corrmatch`` and ``14_rankmatch`` are thin layers over this module:
 
 1. :func:`open_session` loads a method — a run directory's checkpoint, or a freshly initialised model with the
    method's default config — and the training data exactly as the trainer reads it (the same
    :class:`~workbench.data.dataset.StepDataset`, then :meth:`~workbench.methods.SemiBatch.from_loader`).
-2. :func:`maskmatch_trace`, :func:`corrmatch_trace` and :func:`rankmatch_trace` call the method's own pieces (its
-   methods and the ``workbench.ops`` functions it composes), in the order of its ``training_step``, from the same
-   weights and the same global random state, and keep every intermediate as CPU tensors.
-   :func:`training_step_check` then runs the real ``training_step`` from that same state and compares the losses and
-   the captured artifacts with the trace: what the notebook shows is what training computes.
+2. :func:`maskmatch_trace`, :func:`corrmatch_trace` and :func:`rankmatch_trace` run the method's own stages (its
+   ``stages``, the very call its ``training_step`` makes) from the same weights and the same global random state,
+   and keep every intermediate as CPU tensors, adding only what is drawn for display: what the notebook shows is
+   what training computes, because it is the same call.
 3. Figures (matplotlib, the dataset manifest's palette; padding white in every label map) and tables
    (:class:`workbench.runs.Table`) of a trace.
 4. :func:`explore` shows figures as static PNG outputs (papermill) or behind ipywidgets controls that redraw them.
@@ -43,7 +42,7 @@ from workbench.viz.notebook import show
 
 __all__ = [
     "StepSession", "open_session", "LossTerm", "Trace", "MaskMatchTrace", "CorrMatchTrace", "RankMatchTrace",
-    "maskmatch_trace", "corrmatch_trace", "rankmatch_trace", "training_step_check", "losses_table", "stage_terms",
+    "maskmatch_trace", "corrmatch_trace", "rankmatch_trace", "losses_table", "stage_terms",
     "feature_cell", "cell_position", "cell_extent", "upsample_map", "agent_coherence", "correlation_row", "point_shape",
     "repropagate", "rank_at", "threshold_table", "rank_table", "ms_loss_table", "session_table",
     "patch_masks_figure", "multiscale_figure", "student_scales_figure", "lcr_figure", "correlation_rows_figure",
@@ -353,8 +352,8 @@ class LossTerm:
 
 @dataclass
 class Trace:
-    """What every trace holds: the step, its knobs and images, the loss terms, and the tensors ``training_step``
-    must reproduce (``expected``: artifact name -> tensor)."""
+    """What every trace holds: the step, its knobs and images, and the loss terms of the method's stages (``total``
+    = the step's loss)."""
 
     method: str
     step: int
@@ -369,7 +368,6 @@ class Trace:
     """long [B, H, W] unlabeled ground truth (diagnostics only) or None"""
     terms: list[LossTerm]
     total: float
-    expected: dict[str, Tensor]
 
     @property
     def batch_size(self) -> int:
@@ -430,10 +428,6 @@ def stage_terms(terms: dict[str, tuple[float, Tensor]], meanings: dict[str, str]
     return rows
 
 
-def _expected(artifacts: dict[str, Tensor], keys: Sequence[str]) -> dict[str, Tensor]:
-    return {k: _cpu(artifacts[k]) for k in keys if k in artifacts}
-
-
 @dataclass
 class MaskMatchTrace(Trace):
     """MaskMatch's step: multi-scale teacher, CutMixed strong view at every scale, LCR on the masked weak view."""
@@ -486,7 +480,6 @@ def maskmatch_trace(session: StepSession, step: int = 0, seed: int = 0, tau: flo
     with session.configured(**knobs) as c, session.replay(seed):
         s = m.stages(batch, session.step_info(step))
         weak, targets_s, out = s.weak, s.targets_s, s.lcr
-        arts = m.step_artifacts(batch, s)
         # display only, after the step: each scale's L_MSWS alone (their mean is L_MSWS), the single-scale teacher
         # when ms is off, LCR drawn with weight 1 when it is off, and every masking strategy with its own generator
         per_scale = [float(m.msws_loss([t], targets_s)) for t in s.student_scales]
@@ -504,8 +497,6 @@ def maskmatch_trace(session: StepSession, step: int = 0, seed: int = 0, tau: flo
             images={"weak": _u8(session, batch.x_w), "strong": _u8(session, s.x_s),
                     "masked": _u8(session, out.x_masked)},
             terms=stage_terms(s.terms, MASKMATCH_TERMS), total=float(sum(w * v for w, v in s.terms.values())),
-            expected=_expected(arts, ("pseudo", "confident", "x_s1", "pred_s1", "x_masked", "lcr_visible", "ms_pred",
-                                      "ms_ensemble", "pred_s_scales")),
             tau=float(c.tau), scales=scales, teacher_pred=_cpu(t_pred), teacher_conf=_cpu(t_conf),
             pseudo=_cpu(weak.pseudo), conf=_cpu(weak.conf), confident=_cpu(m.keep(weak)),
             box=_cpu(batch.box1 if c.cutmix else torch.zeros_like(batch.box1)), target_s=_cpu(targets_s.pseudo),
@@ -575,9 +566,6 @@ def corrmatch_trace(session: StepSession, step: int = 0, seed: int = 0, num_shap
             **_base(session, batch, step, seed, knobs),
             images={"weak": _u8(session, batch.x_w), "strong": _u8(session, p.x_s)},
             terms=stage_terms(s.terms, CORRMATCH_TERMS), total=float(sum(w * v for w, v in s.terms.values())),
-            expected=_expected(m.step_artifacts(batch, s), ("pseudo", "confident", "x_s1", "pred_s1", "pred_fp",
-                                                            "threshold", "pseudo_prop", "confident_prop",
-                                                            "pred_corr_s")),
             tau=float(t.tau), dynamic=m.dynamic is not None, threshold_before=before,
             momentum=m.dynamic.momentum if m.dynamic is not None else None, class_max=_cpu(class_max),
             pseudo=_cpu(t.weak.pseudo), conf=_cpu(t.weak.conf), confident=_cpu(t.confident),
@@ -638,9 +626,6 @@ def rankmatch_trace(session: StepSession, step: int = 0, seed: int = 0, num_agen
         rand = random_agents(v.features, v.agents.shape[1], generator=torch.Generator().manual_seed(seed))
         # the image under the agents: the weak view with the mix batch's weak view in box 1, like the features
         mixed_w = cutmix_images(batch.x_w, batch.x_w_mix, batch.box1) if c.cutmix else batch.x_w
-        arts = m.capture_pass(batch, p)
-        if s.views:
-            arts.update(m.agent_artifacts(s.views[0]))
         return RankMatchTrace(
             **_base(session, batch, step, seed, knobs),
             images={"weak": _u8(session, batch.x_w), "weak mixed": _u8(session, mixed_w),
@@ -648,7 +633,6 @@ def rankmatch_trace(session: StepSession, step: int = 0, seed: int = 0, num_agen
             terms=stage_terms(s.terms, {**RANKMATCH_TERMS, "loss_rank": f"{c.consistency} consistency of the agent "
                                         "correlations, (view 1 + view 2) / 2"}),
             total=float(sum(w * x for w, x in s.terms.values())),
-            expected=_expected(arts, ("pseudo", "x_s1", "x_s2", "pred_fp", "agents", "agent_maps")),
             feat_size=tuple(int(x) for x in v.feat_size), top_k=c.top_k, consistency=c.consistency,
             selection=c.agents, agents=_cpu(v.agents), random_agents=_cpu(rand), features=_cpu(v.features.float()),
             corr_w=_cpu(v.corr_w.float()), corr_s=_cpu(v.corr_s.float()),
@@ -665,50 +649,6 @@ def _need(session: StepSession, name: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------- check and tables
-
-
-def training_step_check(session: StepSession, trace: Trace, atol: float = 1e-5) -> Any:
-    """Run the method's real ``training_step`` (same step, seed and knobs, capture on) and compare it with
-    ``trace``: every loss term as logged, the total loss, and every tensor of ``trace.expected`` against the
-    captured artifact of that name. A :class:`~workbench.runs.Table` "step-through vs training_step" with a
-    ``match`` column (yes / NO; floats within ``atol``, labels and masks exactly)."""
-    from workbench.runs import Table
-
-    if trace.method != session.name:
-        raise ValueError(f"trace of {trace.method!r} does not belong to this {session.name!r} session")
-    batch = session.batch(trace.step)
-    with session.configured(**trace.knobs), session.replay(trace.seed):
-        out = session.method.training_step(batch, session.step_info(trace.step))
-    logs = {k: float(v) for k, v in out.logs.items()}
-    rows = []
-
-    def compare(name: str, a: float, b: float | None) -> list[Any]:
-        if b is None:
-            return [name, f"{a:.6f}", "not logged", None, "NO"]
-        ok = abs(a - b) <= atol * max(1.0, abs(b))
-        return [name, f"{a:.6f}", f"{b:.6f}", f"{abs(a - b):.1e}", "yes" if ok else "NO"]
-
-    for t in trace.terms:
-        rows.append(compare(t.name, t.logged, logs.get(t.name)))
-    rows.append(compare("loss (total)", trace.total, float(out.loss)))
-    for key, mine in trace.expected.items():
-        art = out.artifacts.get(key)
-        if art is None:
-            rows.append([f"artifact {key}", str(tuple(mine.shape)), "missing", None, "NO"])
-            continue
-        art = _cpu(art)
-        if art.shape != mine.shape:
-            rows.append([f"artifact {key}", str(tuple(mine.shape)), str(tuple(art.shape)), None, "NO"])
-        elif mine.is_floating_point():
-            diff = float((mine.float() - art.float()).abs().max()) if mine.numel() else 0.0
-            rows.append([f"artifact {key}", f"float {tuple(mine.shape)}", "same shape", f"{diff:.1e}",
-                         "yes" if diff <= atol else "NO"])
-        else:
-            same = int((mine.long() != art.long()).sum())
-            rows.append([f"artifact {key}", f"{mine.dtype} {tuple(mine.shape)}", f"{same} differ", same,
-                         "yes" if same == 0 else "NO"])
-    return Table(["quantity", "step-through", "training_step", "|difference|", "match"], rows,
-                 "step-through vs training_step")
 
 
 def losses_table(trace: Trace) -> Any:

@@ -3,11 +3,10 @@
 The notebooks ``11_s4mim`` and ``12_scalematch`` are thin layers over this module, which works like
 :mod:`workbench.viz.stepthrough` and reuses its machinery: :func:`~workbench.viz.stepthrough.open_session` loads the
 method (a run's checkpoint or a fresh model) and the trainer's batches; :func:`s4mim_trace` and
-:func:`scalematch_trace` call the method's own pieces (its methods and the ``workbench.ops`` functions it composes) in
-the order of its ``training_step``, from the same weights and global random state, and keep every intermediate as CPU
-tensors; :func:`~workbench.viz.stepthrough.training_step_check` then runs the real ``training_step`` and compares
-every loss term and captured artifact; :func:`~workbench.viz.stepthrough.explore` shows the figures below (static
-PNGs under papermill, ipywidgets controls interactively).
+:func:`scalematch_trace` run the method's own stages (its ``stages``, the very call its ``training_step`` makes)
+from the same weights and global random state and keep every intermediate as CPU tensors;
+:func:`~workbench.viz.stepthrough.explore` shows the figures below (static PNGs under papermill, ipywidgets controls
+interactively).
 
 - **S4MIM**: phase I (weak pseudo-label, CutMixed strong view, feature-perturbed prediction), the patch masks and the
   three masked streams ``x_l * m``, ``x_s * m``, ``x_w * m``, the pixel decoder's reconstructions (per class,
@@ -19,9 +18,10 @@ PNGs under papermill, ipywidgets controls interactively).
   ``s_v = 1 - s_w``), the fused pseudo-label against the plain one, the ISVC and FSVC predictions with their targets,
   and the loss.
 
-A piece the step computes only for its artifacts, or not at all because a switch is off (an S4MIM loss switched off,
-all of phase II when every MIM loss is off), is still computed for display, without touching the step: its random
-draws are made on a forked random state and the prototype dictionary is restored, so the check still holds.
+A piece the step does not compute because a switch is off (an S4MIM loss switched off, all of phase II when every
+MIM loss is off) is computed for display after the step by the method's own stage (``pixel_space``,
+``feature_space``, ``semantic_space``), without touching the step: its random draws are made on a forked random
+state and the prototype dictionary is restored.
 
 Feature cells are drawn over the image with the package's ``align_corners=True`` convention
 (:func:`~workbench.viz.stepthrough.cell_extent`). S4MIM's grouping labels are nearest-resized by the method
@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from workbench.viz.figures import plt, to_hwc
-from workbench.viz.stepthrough import (FONT, IGNORE, StepSession, Trace, _base, _expected, stage_terms,
+from workbench.viz.stepthrough import (FONT, IGNORE, StepSession, Trace, _base, stage_terms,
                                        _below_threshold_patch, _box_outline, _confident_labels, _cpu, _figure,
                                        _heat, _labels, _legend, _need, _off, _show, _u8, cell_extent)
 
@@ -210,7 +210,7 @@ def s4mim_trace(session: StepSession, step: int = 0, seed: int = 0, tau: float |
         n = batch.x_l.shape[0]
         before, seen_before = m.prototypes.clone(), m.proto_seen.clone()
         st = m.stages(batch, session.step_info(step))
-        p, logs, arts = st.passes, m.step_logs(batch, st), m.step_artifacts(batch, st)
+        p, logs = st.passes, m.step_logs(batch, st)
         # phase II's pieces the step skipped (a loss switched off), computed for display only, after the step: all
         # of phase II on a forked random state when every MIM loss is off; the dictionary restored without mimfea
         fork = (contextlib.nullcontext() if st.phase2 is not None
@@ -249,13 +249,9 @@ def s4mim_trace(session: StepSession, step: int = 0, seed: int = 0, tau: float |
         d = session.cfg.data
         images = {"labeled": _u8(session, batch.x_l), "weak": _u8(session, batch.x_w), "strong": _u8(session, p.x_s)}
         images.update({f"{k} masked": _u8(session, x) for k, x in zip(STREAMS, p2.xm.split(sizes))})
-        expected = ["pseudo", "confident", "x_s1", "pred_s1", "pred_fp", "sed_features", "sed_labels", "x_l_masked",
-                    "x_s_masked", "x_w_masked", "pred_masked_l", "pred_masked_s", "pred_masked_fp", "recon_l",
-                    "recon_s", "recon_fp", "mim_visible", "recon_classes", "mim_groups", "pid_features", "prototypes",
-                    "proto_seen"]
         return S4MIMTrace(
             **_base(session, batch, step, seed, knobs), images=images,
-            terms=stage_terms(st.terms, S4MIM_TERMS, logs), total=float(st.loss()), expected=_expected(arts, expected),
+            terms=stage_terms(st.terms, S4MIM_TERMS, logs), total=float(st.loss()),
             tau=float(c.tau), switches={k: getattr(c, k) for k in ("mimpi", "mimfea", "mimse", "classwise",
                                                                     "dictionary", "confidence", "mimse_loss")},
             weights={k: float(getattr(c, k)) for k in ("weight_u", "weight_mp", "weight_mf", "weight_ms")},
@@ -700,9 +696,6 @@ def scalematch_trace(session: StepSession, step: int = 0, seed: int = 0, scale: 
         views = [scaled_image(batch.x_w, v, c.min_scaled_size) for v in s.scales] if branches else []
         gates_v = [gated_fusion(g, logits, lv)[1] for g, lv in zip(gates, branches)]
         logits_fp = fsvc_logits(sp, batch.x_w.shape[0])
-        expected = _expected(m.step_artifacts(batch, s), ("pseudo", "confident", "x_s1", "pred_s1", "pred_w", "scale",
-                                                          "pred_v", "gate_w", "pseudo_fused", "pseudo_plain",
-                                                          "feature_scale", "pred_fsvc"))
         size = tuple(batch.x_w.shape[-2:])
         fs = sp.feature_sizes if t is not None else {k: sp.feature_sizes[k] for k in ("low", "high")}
         weak, fused_t, t_s = pl.weak, pl.fused, s.targets_s
@@ -717,7 +710,7 @@ def scalematch_trace(session: StepSession, step: int = 0, seed: int = 0, scale: 
             images={"weak": _u8(session, batch.x_w), "strong": _u8(session, s.x_s),
                     "labeled": _u8(session, batch.x_l)},
             terms=stage_terms(s.terms, meanings), total=float(sum(w * v for w, v in s.terms.values())),
-            expected=expected, tau=float(c.tau), scales=tuple(float(v) for v in s.scales), sampling=c.scale_sampling,
+            tau=float(c.tau), scales=tuple(float(v) for v in s.scales), sampling=c.scale_sampling,
             feature_scale=t, image_size=(int(size[0]), int(size[1])),
             scaled_sizes=list(sp.scaled_sizes), structure=c.structure,
             feature_sizes={k: (int(a), int(b)) for k, (a, b) in fs.items()}, epoch=info.epoch,
