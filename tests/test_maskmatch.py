@@ -242,8 +242,9 @@ def test_lcr_switched_on_by_config_adds_its_loss(name, tmp_path, tiny_data):
     from workbench.methods import StepInfo
 
     def step(weight):
+        fixed = {"method.threshold": "fixed"} if name == "corrmatch" else {}  # tau is CorrMatch's only when fixed
         cfg = config_from_dict(tiny_config_dict(tmp_path, tiny_data, **{
-            "method.name": name, "method.tau": 0.0, "method.lcr_weight": weight, "method.lcr_patch": 8}))
+            "method.name": name, "method.tau": 0.0, "method.lcr_weight": weight, "method.lcr_patch": 8, **fixed}))
         torch.manual_seed(0)
         method = build_from_config(cfg, 6, torch.device("cpu"))
         torch.manual_seed(1)
@@ -255,6 +256,27 @@ def test_lcr_switched_on_by_config_adds_its_loss(name, tmp_path, tiny_data):
     assert on.logs["loss_lcr"].item() > 0
     assert on.loss.item() == pytest.approx(off.loss.item() + on.logs["loss_lcr"].item(), rel=1e-5)
     assert on.loss.requires_grad
+
+
+def test_lcr_uses_the_hosts_confident_mask_under_corrmatchs_dynamic_threshold(tmp_path, tiny_data):
+    # CorrMatch's dynamic threshold from thresh_init 0 with momentum 1 stays at 0 (0 x 1 + 0 x maxima), so every
+    # non-padding pixel is confident for CorrMatch while the fixed cfg.tau = 1 would keep none (softmax < 1): LCR
+    # follows the step's own mask, so its loss is positive (it would be exactly 0 under cfg.tau)
+    from conftest import tiny_config_dict
+    from workbench.engine.trainer import build_from_config
+    from workbench.methods import StepInfo
+
+    cfg = config_from_dict(tiny_config_dict(tmp_path, tiny_data, **{
+        "method.name": "corrmatch", "method.tau": 1.0, "method.thresh_init": 0.0, "method.thresh_momentum": 1.0,
+        "method.lcr_weight": 1.0, "method.lcr_patch": 8}))
+    torch.manual_seed(0)
+    method = build_from_config(cfg, 6, torch.device("cpu"))
+    torch.manual_seed(1)
+    out = method.training_step(semi_batch(tiny_data, cfg), StepInfo(0, 0, 1, 1, capture=True))
+    assert out.logs["threshold"].item() == 0.0
+    assert out.logs["loss_lcr"].item() > 0
+    assert torch.equal(out.artifacts["confident"], out.artifacts["ignore"] != 255)
+    assert out.artifacts["pred_masked"].shape == (2, 32, 32)   # LCR's artifacts are captured with the step's
 
 
 # ---------------------------------------------------------------- the method

@@ -97,6 +97,24 @@ class StepOutput:
     artifacts: dict[str, Tensor] = field(default_factory=dict)
 
 
+#: a step's loss terms by log name: (weight, value); the step's loss is the sum of weight x value
+LossTerms = dict[str, tuple[float, Tensor]]
+#: terms logged with their weight applied (add-on components such as LCR), every other term logs its value
+WEIGHTED_LOGS = ("loss_lcr",)
+
+
+def weighted_sum(terms: LossTerms) -> Tensor:
+    """The loss of ``terms``: the sum of weight x value, in the terms' order."""
+    if not terms:
+        raise ValueError("terms: a step needs at least one loss term")
+    return sum(w * v for w, v in terms.values())
+
+
+def term_logs(terms: LossTerms) -> dict[str, Tensor]:
+    """What a step logs of ``terms``: each value detached (weight x value for :data:`WEIGHTED_LOGS`)."""
+    return {k: (w * v if k in WEIGHTED_LOGS else v).detach() for k, (w, v) in terms.items()}
+
+
 class Method(nn.Module):
     """Base class of every semi-supervised recipe (the interface every method implements)."""
 

@@ -32,6 +32,7 @@ backbone / aspp / fusion / classifier) and Table 8 (``num_shapes``, ``sampling``
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,7 +40,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from workbench.methods.base import SemiBatch, StepInfo, StepOutput, register_method
+from workbench.methods.base import (LossTerms, SemiBatch, StepInfo, StepOutput, register_method, term_logs,
+                                    weighted_sum)
+from workbench.methods.components import LCROutput
 from workbench.methods.fixmatch import FixMatchConfig, Targets, WeakStrong
 from workbench.methods.supervised import supervised_loss
 from workbench.ops import IGNORE
@@ -233,90 +236,213 @@ class CorrMatch(WeakStrong):
         return pseudo, confident, rows, shapes
 
     def training_step(self, batch: SemiBatch, step: StepInfo) -> StepOutput:
-        c, k = self.cfg, self.num_classes
+        s = self.stages(batch, step)
+        arts = self.step_artifacts(batch, s) if step.capture else {}
+        return StepOutput(weighted_sum(s.terms), self.step_logs(batch, s), arts)
+
+    def stages(self, batch: SemiBatch, step: StepInfo) -> "CorrMatchStep":
+        """One CorrMatch step as the paper's Sec. 3 reads (the module docstring's numbers), stage by stage; the
+        step-through (:func:`workbench.viz.stepthrough.corrmatch_trace`) shows this very call."""
+        passes = self.forward_passes(batch)                                    # 1-2
+        targets = self.weak_targets(batch, passes)                             # 4: tau, pseudo-labels, masks
+        corr = self.correlate(passes) if self.corr_head is not None else None   # 3
+        if corr is not None and self.cfg.region_propagation:                   # 5
+            targets = self.relabel_regions(batch, targets, corr)
+        targets = self.strong_targets(batch, targets)
+        terms = self.loss_terms(batch, passes, targets, corr)                  # 6
+        lcr = self.local_consistency(batch, targets.weak, targets.confident)   # opt-in component
+        if lcr is not None:
+            terms["loss_lcr"] = (self.cfg.lcr_weight, lcr.loss)
+        return CorrMatchStep(passes, targets, corr, terms, lcr)
+
+    def cutmixed(self, batch: SemiBatch, value: Tensor, value_mix: Tensor) -> Tensor:
+        """A per-pixel target ([B,H,W] or [B,K,H,W]) of the strong view: ``value_mix`` inside CutMix box 1 (when
+        CutMix is on), ``value`` elsewhere, like the images."""
+        if not self.cfg.cutmix:
+            return value
+        box = batch.box1 if value.dim() == 3 else batch.box1[:, None]
+        return torch.where(box, value_mix, value)
+
+    def forward_passes(self, batch: SemiBatch) -> "CorrPasses":
+        """The mix batch in eval mode without gradients, one pass of ``cat(x_l, x_w)`` with feature perturbation and
+        one of the CutMixed strong view."""
         n = batch.x_l.shape[0]
         mix_logits = self.predict_eval(batch.x_w_mix)
         x_s = self.strong_view(batch.x_s1, batch.x_s1_mix, batch.box1)
         out = self.model(torch.cat([batch.x_l, batch.x_w]), perturb=True)
         out_s = self.model(x_s)
         logits_l, logits_w = out["logits"].split([n, batch.x_w.shape[0]])
-        logits_fp, logits_s = out["logits_fp"][n:], out_s["logits"]
-        def mixed(value: Tensor, value_mix: Tensor) -> Tensor:  # CutMix a per-pixel target like the images
-            if not c.cutmix:
-                return value
-            box = batch.box1 if value.dim() == 3 else batch.box1[:, None]
-            return torch.where(box, value_mix, value)
+        return CorrPasses(mix_logits, x_s, out, out_s, logits_l, logits_w, out["logits_fp"][n:], out_s["logits"])
 
-        ignore_s = mixed(batch.ignore, batch.ignore_mix)
-        tau = self.current_threshold(logits_w, ignore_s if c.threshold_ignore == "mixed" else batch.ignore)
-        weak = Targets(*pseudo_label(logits_w), batch.ignore)
-        mix = Targets(*pseudo_label(mix_logits), batch.ignore_mix)
-        q_w, q_mix = weak.confident(tau), mix.confident(tau)
+    def weak_targets(self, batch: SemiBatch, p: "CorrPasses") -> "CorrTargets":
+        """This step's threshold (updated first when dynamic, :meth:`current_threshold`, over the ignore mask
+        ``threshold_ignore`` picks) and the weak and mix batches' pseudo-labels and confident masks."""
+        ignore_s = self.cutmixed(batch, batch.ignore, batch.ignore_mix)
+        thr_ignore = ignore_s if self.cfg.threshold_ignore == "mixed" else batch.ignore
+        tau = self.current_threshold(p.logits_w, thr_ignore)
+        weak = Targets(*pseudo_label(p.logits_w), batch.ignore)
+        mix = Targets(*pseudo_label(p.mix_logits), batch.ignore_mix)
+        q_w = weak.confident(tau)
+        return CorrTargets(tau, thr_ignore, weak, mix, q_w, mix.confident(tau), weak.pseudo, q_w, ignore_s)
 
-        pseudo_p, q_p, corr = weak.pseudo, q_w, None
-        if self.corr_head is not None:
-            feats = correlation_features(out, c.feature)
-            corr_lw, z_lw = self.corr_head(feats, out["logits"])
-            _, z_s = self.corr_head(correlation_features(out_s, c.feature), logits_s)
-            z_l, z_w = z_lw.split([n, batch.x_w.shape[0]])
-            corr = {"map": corr_lw[n:].detach(), "size": tuple(feats.shape[-2:])}
-            if c.region_propagation:
-                pseudo_p, q_p, corr["rows"], corr["shapes"] = self.propagate_regions(
-                    corr["map"], corr["size"], weak, q_w, tau, batch.box1 if c.cutmix else None)
+    def correlate(self, p: "CorrPasses") -> "Propagation":
+        """The correlation head on both passes (Eqs. 4-5): the correlation maps and the propagated predictions z."""
+        n, c = p.logits_l.shape[0], self.cfg
+        feats = correlation_features(p.out, c.feature)
+        corr_lw, z_lw = self.corr_head(feats, p.out["logits"])
+        _, z_s = self.corr_head(correlation_features(p.out_s, c.feature), p.logits_s)
+        z_l, z_w = z_lw.split([n, p.logits_w.shape[0]])
+        return Propagation(corr_lw[n:].detach(), tuple(feats.shape[-2:]), z_l, z_w, z_s)
 
-        pseudo_s, q_s = mixed(pseudo_p, mix.pseudo), mixed(q_p, q_mix)
-        terms: dict[str, tuple[float, Tensor]] = {
-            "loss_x": (c.weight_x if self.corr_head is not None else c.weight_x + c.weight_x_corr,
-                       supervised_loss(c, logits_l, batch.y_l))}
+    def relabel_regions(self, batch: SemiBatch, t: "CorrTargets", corr: "Propagation") -> "CorrTargets":
+        """``t`` with the weak view's pseudo-label and confident mask after region propagation (Eqs. 7-10); the
+        sampled rows and shapes are kept on ``corr``."""
+        box = batch.box1 if self.cfg.cutmix else None
+        pseudo, confident, corr.rows, corr.shapes = self.propagate_regions(corr.map, corr.size, t.weak, t.confident,
+                                                                           t.tau, box)
+        return dataclasses.replace(t, pseudo_prop=pseudo, confident_prop=confident)
+
+    def strong_targets(self, batch: SemiBatch, t: "CorrTargets") -> "CorrTargets":
+        """``t`` with the strong view's targets: the (propagated) weak ones, the mix batch's inside the CutMix box."""
+        return dataclasses.replace(t, pseudo_s=self.cutmixed(batch, t.pseudo_prop, t.mix.pseudo),
+                                   confident_s=self.cutmixed(batch, t.confident_prop, t.confident_mix))
+
+    def soft_target(self, batch: SemiBatch, p: "CorrPasses") -> Tensor:
+        """The soft loss's teacher probabilities: the un-mixed weak softmax (reference), CutMixed with the mix
+        batch's softmax when ``kl_target`` is ``mixed``."""
+        probs = p.logits_w.detach().float().softmax(1)
+        if self.cfg.kl_target == "mixed":
+            probs = self.cutmixed(batch, probs, p.mix_logits.float().softmax(1))
+        return probs
+
+    def loss_terms(self, batch: SemiBatch, p: "CorrPasses", t: "CorrTargets", corr: "Propagation | None"
+                   ) -> LossTerms:
+        """The reference's terms ``(0.5 L_x + 0.5 L_x_corr + 0.25 L_s + 0.25 L_kl + 0.25 L_fp + 0.25 L_corr_u) / 2``
+        as ``{name: (weight, value)}``, the halving folded into the weights."""
+        c, weak = self.cfg, t.weak
+        terms: LossTerms = {"loss_x": ((c.weight_x if corr is not None else c.weight_x + c.weight_x_corr) / 2,
+                                       supervised_loss(c, p.logits_l, batch.y_l))}
         if c.hard_loss:
-            terms["loss_s"] = (c.weight_hard, masked_ce_loss(logits_s, pseudo_s, q_s, ignore_s))
-            terms["loss_fp"] = (c.weight_fp, masked_ce_loss(logits_fp, weak.pseudo, q_w, weak.ignore))
+            terms["loss_s"] = (c.weight_hard / 2, masked_ce_loss(p.logits_s, t.pseudo_s, t.confident_s, t.ignore_s))
+            terms["loss_fp"] = (c.weight_fp / 2, masked_ce_loss(p.logits_fp, weak.pseudo, t.confident, weak.ignore))
         if c.soft_loss:
-            probs_s = logits_w.detach().float().softmax(1)
-            if c.kl_target == "mixed":
-                probs_s = mixed(probs_s, mix_logits.float().softmax(1))
-            terms["loss_kl"] = (c.weight_soft, masked_kl_loss(logits_s, probs_s, mixed(q_w, q_mix), ignore_s))
-        if self.corr_head is not None:
-            terms["loss_x_corr"] = (c.weight_x_corr, supervised_loss(c, z_l, batch.y_l))
-            corr_u = masked_ce_loss(z_s, pseudo_s, q_s, ignore_s) + masked_ce_loss(z_w, weak.pseudo, q_w, weak.ignore)
-            terms["loss_corr_u"] = (c.weight_corr_u, corr_u / 2)
-        extra = self.component_losses(batch, weak, step)
-        loss = sum(w * v for w, v in terms.values()) / 2 + sum(extra.values())
+            q_soft = self.cutmixed(batch, t.confident, t.confident_mix)   # confident mask *before* propagation
+            terms["loss_kl"] = (c.weight_soft / 2,
+                                masked_kl_loss(p.logits_s, self.soft_target(batch, p), q_soft, t.ignore_s))
+        if corr is not None:
+            terms["loss_x_corr"] = (c.weight_x_corr / 2, supervised_loss(c, corr.z_l, batch.y_l))
+            corr_u = (masked_ce_loss(corr.z_s, t.pseudo_s, t.confident_s, t.ignore_s)
+                      + masked_ce_loss(corr.z_w, weak.pseudo, t.confident, weak.ignore))
+            terms["loss_corr_u"] = (c.weight_corr_u / 2, corr_u / 2)
+        return terms
 
-        threshold = torch.as_tensor(tau, dtype=torch.float32, device=logits_w.device).detach()
-        logs: dict[str, Tensor | float] = {key: v.detach() for key, (_, v) in terms.items()}
-        logs["threshold"] = threshold
-        logs.update(pseudo_label_diagnostics(weak.pseudo, q_w, weak.ignore, batch.y_u, k))
-        if c.region_propagation:
-            after = pseudo_label_diagnostics(pseudo_p, q_p, weak.ignore, batch.y_u, k)
+    def step_logs(self, batch: SemiBatch, s: "CorrMatchStep") -> dict[str, Tensor | float]:
+        """The terms, the threshold and the pseudo-label diagnostics (before and, with region propagation, after)."""
+        t, k = s.targets, self.num_classes
+        logs: dict[str, Tensor | float] = term_logs(s.terms)
+        logs["threshold"] = s.threshold
+        logs.update(pseudo_label_diagnostics(t.weak.pseudo, t.confident, t.weak.ignore, batch.y_u, k))
+        if self.cfg.region_propagation:
+            after = pseudo_label_diagnostics(t.pseudo_prop, t.confident_prop, t.weak.ignore, batch.y_u, k)
             logs.update({f"{key}_prop": v for key, v in after.items()})
-        logs.update({key: v.detach() for key, v in extra.items()})
-        arts: dict[str, Tensor] = {}
-        if step.capture:
-            arts = self.capture(batch, weak, x_s, logits_s, confident=q_w, threshold=threshold,
-                                pred_fp=logits_fp.argmax(1))
-            if c.region_propagation:
-                arts.update(pseudo_prop=pseudo_p, confident_prop=q_p)
-            if corr is not None:
-                arts.update(self.correlation_artifacts(corr), pred_corr_s=z_s.argmax(1))
-        return StepOutput(loss, logs, arts)
+        return logs
+
+    def step_artifacts(self, batch: SemiBatch, s: "CorrMatchStep") -> dict[str, Tensor]:
+        """The captured tensors of a step (the weak-to-strong ones, propagation, correlation rows, LCR)."""
+        p, t = s.passes, s.targets
+        arts = self.capture(batch, t.weak, p.x_s, p.logits_s, confident=t.confident, threshold=s.threshold,
+                            pred_fp=p.logits_fp.argmax(1))
+        if self.cfg.region_propagation:
+            arts.update(pseudo_prop=t.pseudo_prop, confident_prop=t.confident_prop)
+        if s.corr is not None:
+            arts.update(self.correlation_artifacts(s.corr), pred_corr_s=s.corr.z_s.argmax(1))
+        if s.lcr is not None:
+            arts.update(s.lcr.artifacts())
+        return arts
 
     @torch.no_grad()
-    def correlation_artifacts(self, corr: dict[str, Any]) -> dict[str, Tensor]:
+    def correlation_artifacts(self, corr: "Propagation") -> dict[str, Tensor]:
         """The paper's Fig. 3 for the first ``capture_shapes`` sampled rows: ``corr_rows`` [B, m, h, w] (rows of the
         weak view's correlation map), ``corr_points`` [B, m] (their flat pixel indices) and, with region
         propagation, ``shapes`` [B, m, H, W] (as used, cleared of padding and the CutMix box). Without region
         propagation the rows are evenly spaced, so capturing draws nothing from the random generator."""
-        cmap, size = corr["map"], corr["size"]
-        rows = corr["rows"] if "rows" in corr else self.shape_rows(cmap.shape[0], cmap.shape[1], cmap.device,
-                                                                    "uniform")
+        cmap, size = corr.map, corr.size
+        rows = corr.rows if corr.rows is not None else self.shape_rows(cmap.shape[0], cmap.shape[1], cmap.device,
+                                                                        "uniform")
         m = min(self.cfg.capture_shapes, rows.shape[1])
         picked = cmap.gather(1, rows[:, :m, None].expand(-1, -1, cmap.shape[2]))
         arts = {"corr_rows": picked.reshape(*picked.shape[:2], *size), "corr_points": rows[:, :m]}
-        if "shapes" in corr:
-            arts["shapes"] = corr["shapes"][:, :m]
+        if corr.shapes is not None:
+            arts["shapes"] = corr.shapes[:, :m]
         return arts
 
 
-__all__ = ["CorrMatch", "CorrMatchConfig", "CorrelationHead", "FEATURE_POSITIONS", "correlation_features",
-           "feature_channels"]
+@dataclass
+class CorrPasses:
+    """The forward passes of a CorrMatch step: the mix batch's eval-mode logits, the CutMixed strong view ``x_s``,
+    the outputs ``out`` of cat(x_l, x_w) (with feature perturbation) and ``out_s`` of ``x_s``, and their logits."""
+
+    mix_logits: Tensor
+    x_s: Tensor
+    out: dict[str, Tensor]
+    out_s: dict[str, Tensor]
+    logits_l: Tensor
+    logits_w: Tensor
+    logits_fp: Tensor
+    logits_s: Tensor
+
+
+@dataclass
+class CorrTargets:
+    """A step's threshold ``tau`` (and the ignore mask its update read), the weak / mix targets with their confident
+    masks, the weak view's after region propagation (``*_prop``, the plain ones without it) and the strong view's
+    (``*_s``: CutMixed, the mix batch's inside the box; set by :meth:`CorrMatch.strong_targets`)."""
+
+    tau: Tensor | float
+    threshold_ignore: Tensor
+    weak: Targets
+    mix: Targets
+    confident: Tensor
+    confident_mix: Tensor
+    pseudo_prop: Tensor
+    confident_prop: Tensor
+    ignore_s: Tensor
+    pseudo_s: Tensor | None = None
+    confident_s: Tensor | None = None
+
+
+@dataclass
+class Propagation:
+    """Pixel propagation: the weak view's correlation ``map`` [B, hw, hw] (detached) at feature ``size``, the
+    propagated predictions ``z_l``, ``z_w``, ``z_s``; region propagation's sampled ``rows`` [B, M] and bool
+    ``shapes`` [B, M, H, W] (None without it)."""
+
+    map: Tensor
+    size: tuple[int, int]
+    z_l: Tensor
+    z_w: Tensor
+    z_s: Tensor
+    rows: Tensor | None = None
+    shapes: Tensor | None = None
+
+
+@dataclass
+class CorrMatchStep:
+    """What :meth:`CorrMatch.stages` computed: passes, targets, pixel/region propagation (None without the
+    correlation head), the loss ``terms`` ``{name: (weight, value)}`` (loss = sum of weight x value) and the LCR
+    component's output (None when off)."""
+
+    passes: CorrPasses
+    targets: CorrTargets
+    corr: Propagation | None
+    terms: LossTerms
+    lcr: LCROutput | None
+
+    @property
+    def threshold(self) -> Tensor:
+        """The step's threshold as a detached float32 0-d tensor."""
+        return torch.as_tensor(self.targets.tau, dtype=torch.float32, device=self.passes.logits_w.device).detach()
+
+
+__all__ = ["CorrMatch", "CorrMatchConfig", "CorrMatchStep", "CorrPasses", "CorrTargets", "CorrelationHead",
+           "Propagation", "FEATURE_POSITIONS", "correlation_features", "feature_channels"]

@@ -14,8 +14,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from workbench.methods.base import Method, SemiBatch, StepInfo, StepOutput, register_method
-from workbench.methods.components import LocalConsistency, check_lcr_config
+from workbench.methods.base import (LossTerms, Method, SemiBatch, StepInfo, StepOutput, register_method, term_logs,
+                                    weighted_sum)
+from workbench.methods.components import LCROutput, LocalConsistency, check_lcr_config
 from workbench.methods.supervised import SupervisedConfig, supervised_loss
 from workbench.ops.ema import ema_update
 from workbench.ops.losses import masked_ce_loss
@@ -27,10 +28,11 @@ from workbench.ops.semi import (confident_mask, cutmix_images, paste_in_box, pse
 class FixMatchConfig(SupervisedConfig):
     """FixMatch: confidence threshold ``tau``; CutMix across the batch on/off.
 
-    Every weak-to-strong method inherits the opt-in LCR component (MaskMatch's local consistency regularisation, see
-    :mod:`workbench.methods.components`): ``lcr_weight`` > 0 adds ``lcr_weight x L_LCR`` to the loss (logged as
-    ``loss_lcr``, weighted); ``lcr_patch`` (pixels), ``lcr_ratio`` (hidden fraction), ``lcr_strategy``
-    (random/block/grid) and ``lcr_region`` (both/unmasked/masked) shape it.
+    Every weak-to-strong method's step calls the opt-in LCR component (MaskMatch's local consistency regularisation,
+    see :mod:`workbench.methods.components`) by name, :meth:`WeakStrong.local_consistency`, with the step's own
+    confident mask (CorrMatch's dynamic threshold included): ``lcr_weight`` > 0 adds ``lcr_weight x L_LCR`` to the
+    loss (logged as ``loss_lcr``, weighted); ``lcr_patch`` (pixels), ``lcr_ratio`` (hidden fraction),
+    ``lcr_strategy`` (random/block/grid) and ``lcr_region`` (both/unmasked/masked) shape it.
 
     ``loss_norm``: how the confidence-masked CE losses (the weak-to-strong loss, LCR, MaskMatch's multi-scale loss)
     are normalised, ``batch_valid`` (the UniMatch convention of the authors' code bases: by the non-ignored pixels of
@@ -54,6 +56,11 @@ class FixMatchConfig(SupervisedConfig):
         super().__post_init__()
         check_lcr_config(self.lcr_weight, self.lcr_patch, self.lcr_ratio, self.lcr_strategy, self.lcr_region,
                          self.loss_norm)
+
+
+def lcr_artifacts(out: LCROutput | None) -> dict[str, Tensor]:
+    """The LCR component's capture tensors ({} when it is off)."""
+    return {} if out is None else out.artifacts()
 
 
 @dataclass
@@ -118,26 +125,15 @@ class WeakStrong(Method):
         """Pseudo-label quality of the weak view (GT read for diagnostics only)."""
         return pseudo_label_diagnostics(weak.pseudo, self.keep(weak), weak.ignore, batch.y_u, self.num_classes)
 
-    def component_losses(self, batch: SemiBatch, weak: Targets, step: StepInfo) -> dict[str, Tensor]:
-        """Weighted losses of opt-in components shared across methods (e.g. MaskMatch's LCR), keyed by log name.
-
-        Every weak-to-strong method adds ``sum(values)`` to its loss and logs each entry; empty when every
-        component is off. ``{"loss_lcr": lcr_weight x L_LCR}`` when ``cfg.lcr_weight > 0``.
-        """
-        return self.component_outputs(batch, weak, step)[0]
-
-    def component_outputs(self, batch: SemiBatch, weak: Targets, step: StepInfo
-                          ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        """(weighted losses, artifacts) of the opt-in components; artifacts only when ``step.capture``.
-
-        LCR: the student (``self.model``) predicts the patch-masked weak view, supervised by ``weak`` (the pseudo-label
-        and confidence of the unmasked weak view, thresholded at ``cfg.tau``, with its ignore mask).
-        """
+    def local_consistency(self, batch: SemiBatch, weak: Targets, confident: Tensor) -> LCROutput | None:
+        """MaskMatch's LCR component (None when ``cfg.lcr_weight`` is 0): the student (``self.model``) predicts the
+        patch-masked weak view, supervised by ``weak``'s pseudo-label on the pixels ``confident`` (bool [B,H,W], the
+        calling method's own confident mask) with ``weak``'s ignore mask. The loss is unweighted (weight:
+        ``cfg.lcr_weight``)."""
         lcr = LocalConsistency.from_config(self.cfg)
         if not lcr.enabled:
-            return {}, {}
-        out = lcr(self.model, batch.x_w, weak.pseudo, self.keep(weak), weak.ignore)
-        return {"loss_lcr": lcr.weight * out.loss}, (out.artifacts() if step.capture else {})
+            return None
+        return lcr(self.model, batch.x_w, weak.pseudo, confident, weak.ignore)
 
     def capture(self, batch: SemiBatch, weak: Targets, x_s: Tensor, logits_s: Tensor, **extra: Tensor
                 ) -> dict[str, Tensor]:
@@ -166,14 +162,13 @@ class FixMatch(WeakStrong):
             [n, batch.x_w.shape[0]])
         weak = Targets(*pseudo_label(logits_w), batch.ignore)
         logits_s = self.model(x_s)["logits"]
-        loss_x = supervised_loss(self.cfg, logits_l, batch.y_l)
-        loss_s = self.unsup_loss(logits_s, self.mixed_targets(weak, mix, batch.box1))
-        extra = self.component_losses(batch, weak, step)
-        loss = (loss_x + loss_s) / 2 + sum(extra.values())
-        logs = {"loss_x": loss_x.detach(), "loss_s": loss_s.detach(), **self.diagnostics(weak, batch),
-                **{k: v.detach() for k, v in extra.items()}}
-        arts = self.capture(batch, weak, x_s, logits_s) if step.capture else {}
-        return StepOutput(loss, logs, arts)
+        terms: LossTerms = {"loss_x": (0.5, supervised_loss(self.cfg, logits_l, batch.y_l)),
+                            "loss_s": (0.5, self.unsup_loss(logits_s, self.mixed_targets(weak, mix, batch.box1)))}
+        lcr = self.local_consistency(batch, weak, self.keep(weak))
+        if lcr is not None:
+            terms["loss_lcr"] = (self.cfg.lcr_weight, lcr.loss)
+        arts = self.capture(batch, weak, x_s, logits_s, **lcr_artifacts(lcr)) if step.capture else {}
+        return StepOutput(weighted_sum(terms), {**term_logs(terms), **self.diagnostics(weak, batch)}, arts)
 
 
 @dataclass
@@ -225,14 +220,14 @@ class MeanTeacher(WeakStrong):
         weak = Targets(*pseudo_label(self.predict_eval(batch.x_w)), batch.ignore)
         x_s = self.strong_view(batch.x_s1, batch.x_s1_mix, batch.box1)
         logits_l, logits_s = self.model(torch.cat([batch.x_l, x_s]))["logits"].split([n, x_s.shape[0]])
-        loss_x = supervised_loss(self.cfg, logits_l, batch.y_l)
-        loss_u = self.unsup_loss(logits_s, self.mixed_targets(weak, mix, batch.box1))
-        extra = self.component_losses(batch, weak, step)
-        loss = loss_x + self.cfg.unsup_weight * loss_u + sum(extra.values())
-        logs = {"loss_x": loss_x.detach(), "loss_u": loss_u.detach(), **self.diagnostics(weak, batch),
-                **{k: v.detach() for k, v in extra.items()}}
-        arts = self.capture(batch, weak, x_s, logits_s) if step.capture else {}
-        return StepOutput(loss, logs, arts)
+        terms: LossTerms = {"loss_x": (1.0, supervised_loss(self.cfg, logits_l, batch.y_l)),
+                            "loss_u": (self.cfg.unsup_weight,
+                                       self.unsup_loss(logits_s, self.mixed_targets(weak, mix, batch.box1)))}
+        lcr = self.local_consistency(batch, weak, self.keep(weak))
+        if lcr is not None:
+            terms["loss_lcr"] = (self.cfg.lcr_weight, lcr.loss)
+        arts = self.capture(batch, weak, x_s, logits_s, **lcr_artifacts(lcr)) if step.capture else {}
+        return StepOutput(weighted_sum(terms), {**term_logs(terms), **self.diagnostics(weak, batch)}, arts)
 
     def after_step(self, step: StepInfo) -> None:  # noqa: D102
         ema_update(self.ema, self.model, self.ema_alpha(step.iteration))
@@ -263,7 +258,9 @@ class UniMatch(WeakStrong):
         return logits_l, logits_w, out["logits_fp"][n:], out
 
     def unimatch_pass(self, batch: SemiBatch, step: StepInfo, mix: Targets) -> "UniMatchPass":
-        """The UniMatch loss and logs of a step, with the intermediate tensors that extensions (RankMatch) reuse."""
+        """UniMatch's passes and loss terms (with the opt-in LCR component), with the intermediate tensors that
+        extensions (RankMatch) reuse. Terms: ``(L_x + w_s (L_s1 + L_s2) + w_fp L_fp) / 2`` as ``loss_x`` (1/2),
+        ``loss_s`` = (L_s1 + L_s2) / 2 (w_s), ``loss_fp`` (w_fp / 2)."""
         c = self.cfg
         x_s1 = self.strong_view(batch.x_s1, batch.x_s1_mix, batch.box1)
         x_s2 = self.strong_view(batch.x_s2, batch.x_s2_mix, batch.box2)
@@ -271,33 +268,38 @@ class UniMatch(WeakStrong):
         weak = Targets(*pseudo_label(logits_w), batch.ignore)
         out_s = self.model(torch.cat([x_s1, x_s2]))
         logits_s1, logits_s2 = out_s["logits"].chunk(2)
-        loss_x = supervised_loss(c, logits_l, batch.y_l)
         loss_s1 = self.unsup_loss(logits_s1, self.mixed_targets(weak, mix, batch.box1))
         loss_s2 = self.unsup_loss(logits_s2, self.mixed_targets(weak, mix, batch.box2))
-        loss_fp = self.unsup_loss(logits_fp, weak)
-        extra = self.component_losses(batch, weak, step)
-        loss = (loss_x + c.weight_s * (loss_s1 + loss_s2) + c.weight_fp * loss_fp) / 2 + sum(extra.values())
-        logs = {"loss_x": loss_x.detach(), "loss_s": ((loss_s1 + loss_s2) / 2).detach(),
-                "loss_fp": loss_fp.detach(), **self.diagnostics(weak, batch), **{k: v.detach() for k, v in extra.items()}}
-        return UniMatchPass(loss, logs, weak, x_s1, x_s2, logits_s1, logits_fp, out, out_s)
+        terms: LossTerms = {"loss_x": (0.5, supervised_loss(c, logits_l, batch.y_l)),
+                            "loss_s": (c.weight_s, (loss_s1 + loss_s2) / 2),
+                            "loss_fp": (c.weight_fp / 2, self.unsup_loss(logits_fp, weak))}
+        lcr = self.local_consistency(batch, weak, self.keep(weak))
+        if lcr is not None:
+            terms["loss_lcr"] = (c.lcr_weight, lcr.loss)
+        return UniMatchPass(terms, weak, x_s1, x_s2, logits_s1, logits_fp, out, out_s, lcr)
+
+    def pass_logs(self, batch: SemiBatch, p: "UniMatchPass") -> dict[str, Tensor]:
+        """What a UniMatch step logs: its terms and the weak view's pseudo-label diagnostics."""
+        return {**term_logs(p.terms), **self.diagnostics(p.weak, batch)}
 
     def capture_pass(self, batch: SemiBatch, p: "UniMatchPass", **extra: Tensor) -> dict[str, Tensor]:
-        """Artifacts of a UniMatch pass (both strong views, boxes, feature-perturbed prediction)."""
+        """Artifacts of a UniMatch pass (both strong views, boxes, feature-perturbed prediction, LCR's)."""
         return self.capture(batch, p.weak, p.x_s1, p.logits_s1, x_s2=p.x_s2, box2=batch.box2,
-                            pred_fp=p.logits_fp.argmax(1), **extra)
+                            pred_fp=p.logits_fp.argmax(1), **lcr_artifacts(p.lcr), **extra)
 
     def training_step(self, batch: SemiBatch, step: StepInfo) -> StepOutput:
         p = self.unimatch_pass(batch, step, self.mix_targets(batch))
-        return StepOutput(p.loss, p.logs, self.capture_pass(batch, p) if step.capture else {})
+        arts = self.capture_pass(batch, p) if step.capture else {}
+        return StepOutput(weighted_sum(p.terms), self.pass_logs(batch, p), arts)
 
 
 @dataclass
 class UniMatchPass:
-    """What :meth:`UniMatch.unimatch_pass` computed: loss, logs, weak targets, strong views and network outputs
-    (``out`` of cat(x_l, x_w) with perturbation, ``out_s`` of cat(x_s1, x_s2))."""
+    """What :meth:`UniMatch.unimatch_pass` computed: the loss ``terms`` ``{name: (weight, value)}`` (loss = sum of
+    weight x value), weak targets, strong views and network outputs (``out`` of cat(x_l, x_w) with perturbation,
+    ``out_s`` of cat(x_s1, x_s2)), and the LCR component's output (None when off)."""
 
-    loss: Tensor
-    logs: dict[str, Tensor]
+    terms: LossTerms
     weak: Targets
     x_s1: Tensor
     x_s2: Tensor
@@ -305,3 +307,4 @@ class UniMatchPass:
     logits_fp: Tensor
     out: dict[str, Tensor]
     out_s: dict[str, Tensor]
+    lcr: LCROutput | None = None

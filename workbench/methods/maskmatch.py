@@ -37,7 +37,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from workbench.methods.base import SemiBatch, StepInfo, StepOutput, register_method
+from workbench.methods.base import LossTerms, SemiBatch, StepInfo, StepOutput, register_method, term_logs, weighted_sum
+from workbench.methods.components import LCROutput
 from workbench.methods.fixmatch import MeanTeacher, MeanTeacherConfig, Targets
 from workbench.methods.supervised import supervised_loss
 from workbench.ops.ensemble import (DEFAULT_SCALES, ensemble_probs, multiscale_ce_loss, predict_scales, rescale,
@@ -89,34 +90,68 @@ class MaskMatch(MeanTeacher):
         return self.teacher_targets(batch.x_w_mix, batch.ignore_mix)[0]
 
     def training_step(self, batch: SemiBatch, step: StepInfo) -> StepOutput:
+        s = self.stages(batch, step)
+        logs = {**term_logs(s.terms), **self.diagnostics(s.weak, batch)}
+        return StepOutput(weighted_sum(s.terms), logs, self.step_artifacts(batch, s) if step.capture else {})
+
+    def stages(self, batch: SemiBatch, step: StepInfo) -> "MaskMatchStep":
+        """One MaskMatch step, ``L = L_x + lambda1 L_MSWS + lambda2 L_LCR`` (Eq. 9), stage by stage; the
+        step-through (:func:`workbench.viz.stepthrough.maskmatch_trace`) shows this very call."""
         c = self.cfg
-        n = batch.x_l.shape[0]
-        mix = self.mix_targets(batch)
-        weak, teacher_scales = self.teacher_targets(batch.x_w, batch.ignore)
+        mix = self.mix_targets(batch)                                            # teacher, mix batch (Eq. 7)
+        weak, teacher_scales = self.teacher_targets(batch.x_w, batch.ignore)     # teacher, weak view (Eq. 7)
         x_s = self.strong_view(batch.x_s1, batch.x_s1_mix, batch.box1)
-        targets_s = self.mixed_targets(weak, mix, batch.box1)
+        targets_s = self.mixed_targets(weak, mix, batch.box1)                    # the mix batch's in the box
+        n = batch.x_l.shape[0]
         logits_l, logits_s = self.model(torch.cat([batch.x_l, x_s]))["logits"].split([n, x_s.shape[0]])
-        loss_x = supervised_loss(c, logits_l, batch.y_l)
-        if c.ms:
-            size = x_s.shape[-2:]
-            student_scales = [logits_s if s == 1.0 else resize_logits(self.model(rescale(x_s, s))["logits"], size)
-                              for s in c.scales]
-            loss_u = multiscale_ce_loss(student_scales, targets_s.pseudo, self.keep(targets_s), targets_s.ignore,
-                                        norm=c.loss_norm)
-        else:
-            student_scales = [logits_s]
-            loss_u = self.unsup_loss(logits_s, targets_s)
-        extra, extra_arts = self.component_outputs(batch, weak, step)
-        loss = loss_x + c.unsup_weight * loss_u + sum(extra.values())
-        logs = {"loss_x": loss_x.detach(), "loss_u": loss_u.detach(), **self.diagnostics(weak, batch),
-                **{k: v.detach() for k, v in extra.items()}}
-        arts: dict[str, Tensor] = {}
-        if step.capture:
-            arts = self.capture(batch, weak, x_s, logits_s, **extra_arts)
-            if teacher_scales is not None:
-                probs = torch.stack([t.float().softmax(1) for t in teacher_scales], 1)   # [B, S, K, H, W]
-                conf, pred = probs.max(2)
-                arts.update(ms_scales=torch.tensor(c.scales), ms_pred=pred, ms_conf=conf, ms_ensemble=weak.pseudo,
-                            ms_ensemble_conf=weak.conf,
-                            pred_s_scales=torch.stack([t.argmax(1) for t in student_scales], 1))
-        return StepOutput(loss, logs, arts)
+        terms: LossTerms = {"loss_x": (1.0, supervised_loss(c, logits_l, batch.y_l))}
+        student_scales = self.student_scales(x_s, logits_s)                      # Eq. 8's predictions
+        terms["loss_u"] = (c.unsup_weight, self.msws_loss(student_scales, targets_s))   # Eq. 8
+        lcr = self.local_consistency(batch, weak, self.keep(weak))               # Eqs. 5-6, the step's confident mask
+        if lcr is not None:
+            terms["loss_lcr"] = (c.lcr_weight, lcr.loss)
+        return MaskMatchStep(terms, weak, teacher_scales, x_s, targets_s, logits_s, student_scales, lcr)
+
+    def student_scales(self, x_s: Tensor, logits_s: Tensor) -> list[Tensor]:
+        """The student's logits of the strong view at every scale of ``cfg.scales``, resized back (``logits_s`` at
+        1.0); only ``[logits_s]`` when ``ms`` is off."""
+        if not self.cfg.ms:
+            return [logits_s]
+        size = x_s.shape[-2:]
+        return [logits_s if s == 1.0 else resize_logits(self.model(rescale(x_s, s))["logits"], size)
+                for s in self.cfg.scales]
+
+    def msws_loss(self, student_scales: list[Tensor], targets: Targets) -> Tensor:
+        """L_MSWS (Eq. 8): the confidence-masked CE of every scale's prediction against ``targets``, averaged over
+        the scales (the single-scale weak-to-strong loss when ``ms`` is off)."""
+        if not self.cfg.ms:
+            return self.unsup_loss(student_scales[0], targets)
+        return multiscale_ce_loss(student_scales, targets.pseudo, self.keep(targets), targets.ignore,
+                                  norm=self.cfg.loss_norm)
+
+    def step_artifacts(self, batch: SemiBatch, s: "MaskMatchStep") -> dict[str, Tensor]:
+        """The captured tensors: the weak-to-strong ones, LCR's and the multi-scale ones (module docstring)."""
+        arts = self.capture(batch, s.weak, s.x_s, s.logits_s, **(s.lcr.artifacts() if s.lcr is not None else {}))
+        if s.teacher_scales is not None:
+            probs = torch.stack([t.float().softmax(1) for t in s.teacher_scales], 1)   # [B, S, K, H, W]
+            conf, pred = probs.max(2)
+            arts.update(ms_scales=torch.tensor(self.cfg.scales), ms_pred=pred, ms_conf=conf,
+                        ms_ensemble=s.weak.pseudo, ms_ensemble_conf=s.weak.conf,
+                        pred_s_scales=torch.stack([t.argmax(1) for t in s.student_scales], 1))
+        return arts
+
+
+@dataclass
+class MaskMatchStep:
+    """What :meth:`MaskMatch.stages` computed: the loss ``terms`` ``{name: (weight, value)}`` (loss = sum of weight
+    x value), the teacher's (ensembled) weak targets and per-scale logits (None without ``ms``), the CutMixed strong
+    view with its targets, the student's logits of it (at 1.0 and at every scale) and LCR's output (None when off)."""
+
+    terms: LossTerms
+    weak: Targets
+    teacher_scales: list[Tensor] | None
+    x_s: Tensor
+    targets_s: Targets
+    logits_s: Tensor
+    student_scales: list[Tensor]
+    lcr: LCROutput | None

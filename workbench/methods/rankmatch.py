@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from workbench.methods.base import SemiBatch, StepInfo, StepOutput, register_method
-from workbench.methods.fixmatch import Targets, UniMatch, UniMatchConfig
+from workbench.methods.base import LossTerms, SemiBatch, StepInfo, StepOutput, register_method, weighted_sum
+from workbench.methods.fixmatch import Targets, UniMatch, UniMatchConfig, UniMatchPass
 from workbench.ops.agents import agent_correlation, orthogonal_agents, random_agents, topn_agents
 from workbench.ops.ranking import GUARDS, MAX_K, rank_consistency_loss, rank_distributions
 from workbench.ops.semi import pseudo_label
@@ -147,6 +147,8 @@ class AgentView:
     corr_s: Tensor
     feat_size: tuple[int, int]
     loss: Tensor
+    features: Tensor | None = None
+    """the weak features the agents were chosen on (CutMixed with the mix batch's in the box, resized)"""
 
 
 @register_method
@@ -191,28 +193,30 @@ class RankMatch(UniMatch):
         corr_s = agent_correlation(feat_s, agents, c.agent_normalize, c.agent_temperature, check=False)
         loss = correlation_consistency(corr_w.float(), corr_s.float(), c.consistency, c.top_k, c.rank_eps,
                                        c.rank_guard)
-        return AgentView(agents, corr_w, corr_s, size, loss)
+        return AgentView(agents, corr_w, corr_s, size, loss, fw)
 
     def training_step(self, batch: SemiBatch, step: StepInfo) -> StepOutput:
-        c = self.cfg
-        mix, feat_mix = self.mix_outputs(batch)
-        p = self.unimatch_pass(batch, step, mix)
-        loss, logs = p.loss, dict(p.logs)
+        s = self.stages(batch, step)
+        arts: dict[str, Tensor] = {}
+        if step.capture:
+            arts = self.capture_pass(batch, s.unimatch, features=s.feat_w.detach())
+            if s.views:
+                arts.update(self.agent_artifacts(s.views[0]))
+        return StepOutput(weighted_sum(s.terms), self.pass_logs(batch, s.unimatch), arts)
+
+    def stages(self, batch: SemiBatch, step: StepInfo) -> "RankMatchStep":
+        """One RankMatch step as the module docstring's numbers read; the step-through
+        (:func:`workbench.viz.stepthrough.rankmatch_trace`) shows this very call."""
+        mix, feat_mix = self.mix_outputs(batch)                                  # 1
+        p = self.unimatch_pass(batch, step, mix)                                 # 2: UniMatch's terms
         feat_w = p.out["aspp"][batch.x_l.shape[0]:]
         views: list[AgentView] = []
-        if c.weight_rank > 0:
+        if self.cfg.weight_rank > 0:                                             # 3-4, per strong view
             feat_s1, feat_s2 = p.out_s["aspp"].chunk(2)
             views = [self.agent_view(feat_w, feat_mix, batch.box1, feat_s1),
                      self.agent_view(feat_w, feat_mix, batch.box2, feat_s2)]
-            loss_rank = (views[0].loss + views[1].loss) / 2
-            loss = loss + c.weight_rank * loss_rank
-            logs["loss_rank"] = loss_rank.detach()
-        arts: dict[str, Tensor] = {}
-        if step.capture:
-            arts = self.capture_pass(batch, p, features=feat_w.detach())
-            if views:
-                arts.update(self.agent_artifacts(views[0]))
-        return StepOutput(loss, logs, arts)
+            p.terms["loss_rank"] = (self.cfg.weight_rank, (views[0].loss + views[1].loss) / 2)   # 5
+        return RankMatchStep(p, feat_w, feat_mix, views)
 
     @torch.no_grad()
     def agent_artifacts(self, view: AgentView) -> dict[str, Tensor]:
@@ -236,4 +240,21 @@ class RankMatch(UniMatch):
                 "rank_agents": spatial(view.corr_w.topk(k, dim=-1).indices)}
 
 
-__all__ = ["AgentView", "RankMatch", "RankMatchConfig", "correlation_consistency", "cutmix_features"]
+@dataclass
+class RankMatchStep:
+    """What :meth:`RankMatch.stages` computed: UniMatch's pass (its ``terms`` include ``loss_rank``), the weak view's
+    ASPP features ``feat_w``, the mix batch's ``feat_mix`` and the two strong views' :class:`AgentView` (empty when
+    ``weight_rank`` is 0)."""
+
+    unimatch: UniMatchPass
+    feat_w: Tensor
+    feat_mix: Tensor
+    views: list[AgentView]
+
+    @property
+    def terms(self) -> LossTerms:
+        """The step's loss terms ``{name: (weight, value)}``."""
+        return self.unimatch.terms
+
+
+__all__ = ["AgentView", "RankMatch", "RankMatchConfig", "RankMatchStep", "correlation_consistency", "cutmix_features"]

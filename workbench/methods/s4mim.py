@@ -55,7 +55,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from workbench.methods.base import SemiBatch, StepInfo, StepOutput, register_method
+from workbench.methods.base import LossTerms, SemiBatch, StepInfo, StepOutput, register_method
+from workbench.methods.components import LCROutput
 from workbench.methods.fixmatch import FixMatchConfig, Targets, UniMatch
 from workbench.methods.supervised import supervised_loss
 from workbench.models.deeplab import DeepLabV3PlusHead
@@ -125,7 +126,7 @@ class Streams:
     conf: Tensor        # float [N,H,W] confidence of the unmasked prediction (aggregation weights)
     valid: Tensor       # bool [N,H,W] non-ignored pixels
     targets: Tensor     # long [N,H,W] semantic-space targets (argmax of the unmasked predictions)
-    probs: Tensor       # float [N,K,H,W] softmax of the unmasked predictions (for mimse_loss = mse)
+    probs: Tensor       # float [N,K,H,W] softmax of the unmasked predictions (mimse_loss = mse; else empty)
     sizes: list[int]    # stream lengths [n, m, m]
 
 
@@ -192,10 +193,10 @@ class S4MIM(UniMatch):
             self.proto_seen |= present
             return self.prototypes.clone(), self.proto_seen.clone()
 
-    def streams(self, batch: SemiBatch, x_s: Tensor, logits_l: Tensor, logits_s: Tensor, logits_fp: Tensor,
-                weak: Targets, t_s: Targets) -> Streams:
+    def streams(self, batch: SemiBatch, p: "Phase1") -> Streams:
         """Masks, grouping labels, confidences and targets of the three masked streams (no gradients)."""
         c = self.cfg
+        x_s, logits_l, logits_s, logits_fp, weak, t_s = p.x_s, p.logits_l, p.logits_s, p.logits_fp, p.weak, p.targets_s
         n, m = batch.x_l.shape[0], batch.x_w.shape[0]
         h, w = batch.x_w.shape[-2:]
         dev = batch.x_w.device
@@ -206,7 +207,7 @@ class S4MIM(UniMatch):
             pl_s, conf_s = pseudo_label(logits_s)
             pl_fp, conf_fp = pseudo_label(logits_fp)
             probs = torch.cat([lg.detach().float().softmax(1) for lg in (logits_l, logits_s, logits_fp)]) \
-                if c.mimse and c.mimse_loss == "mse" else torch.empty(0)
+                if c.mimse_loss == "mse" else torch.empty(0)
         return Streams(
             x=torch.cat([batch.x_l, x_s, batch.x_w]),
             visible=torch.cat([vis_l, vis_u, vis_u]).to(batch.x_w.dtype),
@@ -218,50 +219,50 @@ class S4MIM(UniMatch):
             sizes=[n, m, m],
         )
 
-    def phase2(self, s: Streams, step: StepInfo) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Tensor]]:
-        """Weighted phase-II losses ``{"loss_mimpi", "loss_mimfea", "loss_mimse"}`` (those switched on), extra logs
-        (``mimfea_classes``: classes averaged by the aggregation loss) and the captured tensors (when
-        ``step.capture``)."""
+    def phase2(self, s: Streams) -> "Phase2":
+        """Phase II on the streams ``s``: the masked forward (SeD + PiD), then the spaces whose loss is on:
+        :meth:`pixel_space` (Eqs. 5-8), :meth:`feature_space` (Eqs. 9-12, updates the dictionary) and
+        :meth:`semantic_space` (Eq. 13)."""
         c = self.cfg
         n, m, _ = s.sizes
-        size = tuple(s.x.shape[-2:])
         xm = s.x * s.visible
         logits_m, fea = self.masked_forward(xm, n + m)
-        losses: dict[str, Tensor] = {}
-        logs: dict[str, Tensor] = {}
-        arts: dict[str, Tensor] = {}
-        recon = None
-        if c.mimpi:
-            recon = self.reconstruct(fea, s.groups, size)
-            per_stream = [F.mse_loss(r.float(), x.float()) for r, x in zip(recon.split(s.sizes), s.x.split(s.sizes))]
-            losses["loss_mimpi"] = c.weight_mp * sum(per_stream)
-        if c.mimfea:
-            fsize = fea.shape[-2:]
-            groups = resize_labels(s.groups, fsize)
-            vis = resize_labels(s.visible[:, 0] > 0.5, fsize)
-            valid = resize_labels(s.valid, fsize)
-            conf = F.interpolate(s.conf[:, None], size=tuple(fsize), mode="nearest")[:, 0]
-            protos, available = self.update_dictionary(fea[:n], groups[:n], conf[:n], (vis & valid)[:n])
-            weights = conf if c.confidence else torch.ones_like(conf)
-            agg, classes = aggregation_loss(fea.float(), groups, weights, ~vis & valid, protos, available,
-                                            c.temperature)
-            losses["loss_mimfea"] = c.weight_mf * agg
-            logs["mimfea_classes"] = classes.sum().float()
-        if c.mimse:
-            per_stream = []
-            for lg, t, v, i in zip(logits_m.split(s.sizes), s.targets.split(s.sizes), s.valid.split(s.sizes),
-                                   range(3)):
-                if c.mimse_loss == "ce":
-                    ign = torch.where(v, torch.zeros_like(t), torch.full_like(t, IGNORE))
-                    per_stream.append(masked_ce_loss(lg.float(), t, torch.ones_like(v), ign))
-                else:
-                    p = s.probs.split(s.sizes)[i]
-                    sq = (lg.float().softmax(1) - p).pow(2).sum(1)
-                    per_stream.append((sq * v).sum() / v.sum().clamp(min=1))
-            losses["loss_mimse"] = c.weight_ms * sum(per_stream)
-        if step.capture:
-            arts.update(self.phase2_artifacts(s, xm, logits_m, fea, recon))
-        return losses, logs, arts
+        recon, mse = self.pixel_space(s, fea) if c.mimpi else (None, None)
+        feature = self.feature_space(s, fea) if c.mimfea else None
+        semantic = self.semantic_space(s, logits_m) if c.mimse else None
+        return Phase2(s, xm, logits_m, fea, recon, mse, feature, semantic)
+
+    def pixel_space(self, s: Streams, fea: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """The reconstructions [N,3,H,W] of the streams and each stream's MSE against its unmasked images (Eq. 8)."""
+        recon = self.reconstruct(fea, s.groups, tuple(s.x.shape[-2:]))
+        return recon, [F.mse_loss(r.float(), x.float()) for r, x in zip(recon.split(s.sizes), s.x.split(s.sizes))]
+
+    def feature_space(self, s: Streams, fea: Tensor) -> "FeatureSpace":
+        """The aggregation loss (Eqs. 9-12) at the feature size: the labeled stream's prototypes update the
+        dictionary (:meth:`update_dictionary`), then masked valid positions are pulled to their class's one."""
+        c, n = self.cfg, s.sizes[0]
+        fsize = fea.shape[-2:]
+        groups = resize_labels(s.groups, fsize)
+        vis = resize_labels(s.visible[:, 0] > 0.5, fsize)
+        valid = resize_labels(s.valid, fsize)
+        conf = F.interpolate(s.conf[:, None], size=tuple(fsize), mode="nearest")[:, 0]
+        protos, available = self.update_dictionary(fea[:n], groups[:n], conf[:n], (vis & valid)[:n])
+        weights = conf if c.confidence else torch.ones_like(conf)
+        agg, classes = aggregation_loss(fea.float(), groups, weights, ~vis & valid, protos, available, c.temperature)
+        return FeatureSpace(groups, vis, valid, conf, weights, protos, available, agg, classes)
+
+    def semantic_space(self, s: Streams, logits_m: Tensor) -> list[Tensor]:
+        """Each stream's loss of SeD's prediction of the masked stream against the unmasked one's argmax (Eq. 13;
+        CE, or the squared error of the softmaxes with ``mimse_loss: mse``), padding excluded, no threshold."""
+        per_stream = []
+        for i, (lg, t, v) in enumerate(zip(logits_m.split(s.sizes), s.targets.split(s.sizes), s.valid.split(s.sizes))):
+            if self.cfg.mimse_loss == "ce":
+                ign = torch.where(v, torch.zeros_like(t), torch.full_like(t, IGNORE))
+                per_stream.append(masked_ce_loss(lg.float(), t, torch.ones_like(v), ign))
+            else:
+                sq = (lg.float().softmax(1) - s.probs.split(s.sizes)[i]).pow(2).sum(1)
+                per_stream.append((sq * v).sum() / v.sum().clamp(min=1))
+        return per_stream
 
     @torch.no_grad()
     def phase2_artifacts(self, s: Streams, xm: Tensor, logits_m: Tensor, fea: Tensor,
@@ -283,35 +284,145 @@ class S4MIM(UniMatch):
         return arts
 
     # ---- the step ------------------------------------------------------------------------------------------------
-    def training_step(self, batch: SemiBatch, step: StepInfo) -> StepOutput:
-        c = self.cfg
+    def phase1(self, batch: SemiBatch) -> "Phase1":
+        """Phase I's passes: the mix batch (eval mode), the CutMixed strong view, ``cat(x_l, x_w)`` with UniPerb and
+        the strong view; the weak targets and the strong view's (the mix batch's inside the box)."""
         mix = self.mix_targets(batch)
         x_s = self.strong_view(batch.x_s1, batch.x_s1_mix, batch.box1)
         logits_l, logits_w, logits_fp, out = self.forward_weak(batch)
         weak = Targets(*pseudo_label(logits_w), batch.ignore)
         t_s = self.mixed_targets(weak, mix, batch.box1)
-        logits_s = self.model(x_s)["logits"]
-        loss_x = supervised_loss(c, logits_l, batch.y_l)
-        loss_s = self.unsup_loss(logits_s, t_s)
-        loss_fp = self.unsup_loss(logits_fp, weak)
-        total = loss_x + c.weight_u * (loss_s + loss_fp)
-        mim: dict[str, Tensor] = {}
-        mim_logs: dict[str, Tensor] = {}
-        arts2: dict[str, Tensor] = {}
-        if c.any_mim:
-            s = self.streams(batch, x_s, logits_l, logits_s, logits_fp, weak, t_s)
-            mim, mim_logs, arts2 = self.phase2(s, step)
-            total = total + sum(mim.values())
-        extra, extra_arts = self.component_outputs(batch, weak, step)
-        norm = normaliser(c.weight_u, c.weight_mp, c.weight_mf, c.weight_ms, c.mimpi, c.mimfea, c.mimse)
-        loss = total / norm + sum(extra.values())
-        logs = {"loss_x": loss_x.detach(), "loss_s": loss_s.detach(), "loss_fp": loss_fp.detach(),
-                **{k: v.detach() for k, v in mim.items()}, **mim_logs, **{k: v.detach() for k, v in extra.items()},
-                "proto_seen": self.proto_seen.sum().float(), **self.diagnostics(weak, batch)}
+        return Phase1(x_s, logits_l, logits_fp, self.model(x_s)["logits"], out, weak, t_s)
+
+    def stages(self, batch: SemiBatch, step: StepInfo) -> "S4MIMStep":
+        """One S4MIM step, the two phases of the paper's Fig. 2 summed by Eq. 14, stage by stage; the step-through
+        (:func:`workbench.viz.stepthrough_methods.s4mim_trace`) shows this very call."""
+        c = self.cfg
+        p = self.phase1(batch)
+        phase1: LossTerms = {"loss_x": (1.0, supervised_loss(c, p.logits_l, batch.y_l)),            # Eq. 1
+                             "loss_s": (c.weight_u, self.unsup_loss(p.logits_s, p.targets_s)),     # Eq. 2
+                             "loss_fp": (c.weight_u, self.unsup_loss(p.logits_fp, p.weak))}
+        p2 = self.phase2(self.streams(batch, p)) if c.any_mim else None                          # Eqs. 5-13
+        norm = normaliser(c.weight_u, c.weight_mp, c.weight_mf, c.weight_ms, c.mimpi, c.mimfea, c.mimse)  # Eq. 14
+        lcr = self.local_consistency(batch, p.weak, self.keep(p.weak))                           # opt-in component
+        return S4MIMStep(p, phase1, p2.terms(c) if p2 is not None else {}, float(norm), p2, lcr, c.lcr_weight)
+
+    def training_step(self, batch: SemiBatch, step: StepInfo) -> StepOutput:
+        s = self.stages(batch, step)
         arts: dict[str, Tensor] = {}
         if step.capture:
-            n = batch.x_l.shape[0]
-            sed_labels = resize_labels(weak.pseudo, out["decoder"].shape[-2:])
-            arts = self.capture(batch, weak, x_s, logits_s, pred_fp=logits_fp.argmax(1), **arts2, **extra_arts,
-                                sed_features=out["decoder"][n:], sed_labels=sed_labels)
-        return StepOutput(loss, logs, arts)
+            arts = self.step_artifacts(batch, s)
+        return StepOutput(s.loss(), self.step_logs(batch, s), arts)
+
+    def step_logs(self, batch: SemiBatch, s: "S4MIMStep") -> dict[str, Tensor]:
+        """Phase I's losses, phase II's weighted by their lambdas (l_mp L_mimpi, ...), ``mimfea_classes``, LCR's
+        weighted loss, the dictionary's seen classes and the pseudo-label diagnostics."""
+        logs = {k: v.detach() for k, (_, v) in s.phase1.items()}
+        logs.update({k: (w * v).detach() for k, (w, v) in s.mim.items()})
+        if s.phase2 is not None and s.phase2.feature is not None:
+            logs["mimfea_classes"] = s.phase2.feature.classes.sum().float()
+        if s.lcr is not None:
+            logs["loss_lcr"] = (self.cfg.lcr_weight * s.lcr.loss).detach()
+        return {**logs, "proto_seen": self.proto_seen.sum().float(), **self.diagnostics(s.passes.weak, batch)}
+
+    def step_artifacts(self, batch: SemiBatch, s: "S4MIMStep") -> dict[str, Tensor]:
+        """The captured tensors: the weak-to-strong ones, phase II's, LCR's and the SeD features (module docstring)."""
+        p, n = s.passes, batch.x_l.shape[0]
+        extra = dict(s.lcr.artifacts()) if s.lcr is not None else {}
+        if s.phase2 is not None:
+            p2 = s.phase2
+            extra.update(self.phase2_artifacts(p2.streams, p2.xm, p2.logits_m, p2.fea, p2.recon))
+        sed_labels = resize_labels(p.weak.pseudo, p.out["decoder"].shape[-2:])
+        return self.capture(batch, p.weak, p.x_s, p.logits_s, pred_fp=p.logits_fp.argmax(1), **extra,
+                            sed_features=p.out["decoder"][n:], sed_labels=sed_labels)
+
+
+@dataclass
+class Phase1:
+    """Phase I of an S4MIM step: the CutMixed strong view, the logits (labeled, feature-perturbed weak, strong),
+    the output of ``cat(x_l, x_w)``, the weak targets and the strong view's."""
+
+    x_s: Tensor
+    logits_l: Tensor
+    logits_fp: Tensor
+    logits_s: Tensor
+    out: dict[str, Tensor]
+    weak: Targets
+    targets_s: Targets
+
+
+@dataclass
+class FeatureSpace:
+    """The aggregation loss's inputs at the feature size [N,h,w] (grouping labels, visible, valid, confidence,
+    weights), the prototypes it used with their availability ([C,D], bool [C]), the loss and the classes averaged."""
+
+    groups: Tensor
+    visible: Tensor
+    valid: Tensor
+    conf: Tensor
+    weights: Tensor
+    prototypes: Tensor
+    available: Tensor
+    loss: Tensor
+    classes: Tensor
+
+
+@dataclass
+class Phase2:
+    """Phase II of an S4MIM step: the streams, masked inputs ``xm``, SeD logits and PiD features of the masked
+    forward, and each space's result (None when its loss is off): reconstructions with per-stream MSE, the feature
+    space, per-stream semantic losses."""
+
+    streams: Streams
+    xm: Tensor
+    logits_m: Tensor
+    fea: Tensor
+    recon: Tensor | None
+    mse: list[Tensor] | None
+    feature: FeatureSpace | None
+    semantic: list[Tensor] | None
+
+    def terms(self, c: S4MIMConfig) -> LossTerms:
+        """Eq. 14's phase-II terms ``{name: (lambda, value)}`` of the losses switched on."""
+        terms: LossTerms = {}
+        if self.mse is not None:
+            terms["loss_mimpi"] = (c.weight_mp, sum(self.mse))
+        if self.feature is not None:
+            terms["loss_mimfea"] = (c.weight_mf, self.feature.loss)
+        if self.semantic is not None:
+            terms["loss_mimse"] = (c.weight_ms, sum(self.semantic))
+        return terms
+
+
+@dataclass
+class S4MIMStep:
+    """What :meth:`S4MIM.stages` computed: phase I's passes and terms, phase II's terms (``{name: (lambda,
+    value)}``, Eq. 14's numerator) and outputs (None when every MIM loss is off), Eq. 14's normaliser and LCR's
+    output (None when off)."""
+
+    passes: Phase1
+    phase1: LossTerms
+    mim: LossTerms
+    norm: float
+    phase2: Phase2 | None
+    lcr: LCROutput | None
+    lcr_weight: float = 0.0
+
+    def loss(self) -> Tensor:
+        """The step's loss as Eq. 14 writes it, ``(L_s + l_u (L_u,s + L_u,fp) + sum of l L_mim) / normaliser`` (+ LCR):
+        the sum of :attr:`terms`' weight x value up to float rounding, in the order the reference record holds."""
+        (_, loss_x), (wu, loss_s), (_, loss_fp) = (self.phase1[k] for k in ("loss_x", "loss_s", "loss_fp"))
+        total = loss_x + wu * (loss_s + loss_fp)
+        if self.mim:
+            total = total + sum(w * v for w, v in self.mim.values())
+        extra = self.lcr_weight * self.lcr.loss if self.lcr is not None else 0
+        return total / self.norm + extra
+
+    @property
+    def terms(self) -> LossTerms:
+        """The step's loss terms ``{name: (weight, value)}``: Eq. 14's numerator terms with their weights over the
+        normaliser, then LCR."""
+        terms = {k: (w / self.norm, v) for k, (w, v) in {**self.phase1, **self.mim}.items()}
+        if self.lcr is not None:
+            terms["loss_lcr"] = (self.lcr_weight, self.lcr.loss)
+        return terms

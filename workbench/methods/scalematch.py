@@ -78,7 +78,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from workbench.methods.base import SemiBatch, StepInfo, StepOutput, register_method
+from workbench.methods.base import (LossTerms, SemiBatch, StepInfo, StepOutput, register_method, term_logs,
+                                    weighted_sum)
+from workbench.methods.components import LCROutput
 from workbench.methods.fixmatch import FixMatchConfig, Targets, WeakStrong
 from workbench.methods.supervised import supervised_loss
 from workbench.ops import IGNORE
@@ -89,7 +91,8 @@ from workbench.ops.semi import pseudo_label
 from workbench.registry import EvalMode, register_eval_mode
 
 __all__ = ["CIFInferenceRequest", "CIF_EVAL_MODE", "CrossScaleFusion", "ReferenceCIF", "ScaleMatch", "ScaleMatchConfig",
-           "ScaleMatchPredictor", "ScalePass", "SqueezeExcite", "cif_multiscale_inference", "fuse_predictions",
+           "ScaleMatchPredictor", "ScaleMatchStep", "ScalePass", "ScalePseudoLabels", "SqueezeExcite",
+           "cif_multiscale_inference", "fsvc_logits", "fuse_predictions",
            "gated_fusion", "paper_two_scale", "reference_fusion", "reference_two_scale", "resized_feature_size",
            "scaled_image", "scaled_image_size", "cif_eval_scales"]
 
@@ -719,63 +722,127 @@ class ScaleMatch(WeakStrong):
                                fp_from=n, min_size=c.min_scaled_size)
 
     def training_step(self, batch: SemiBatch, step: StepInfo) -> StepOutput:
-        c = self.cfg
-        n = batch.x_l.shape[0]
-        mix = self.mix_targets(batch)
-        x = torch.cat([batch.x_l, batch.x_w])
-        scales = self.sample_scales()
-        t = self.sample_feature_scale(max(scales)) if c.fsvc else None
-        sp = self.scale_pass(x, n, scales, t)
-        logits, fused = sp.pred_ori, sp.pred_joint
+        s = self.stages(batch, step)
+        arts = self.step_artifacts(batch, s) if step.capture else {}
+        return StepOutput(weighted_sum(s.terms), self.step_logs(batch, s), arts)
 
-        loss_x = supervised_loss(c, (fused if fused is not None else logits)[:n], batch.y_l)
-        plain = Targets(*pseudo_label(logits[n:]), batch.ignore)
-        use_fused = fused is not None and step.epoch >= c.cif_warmup_epochs
-        weak = Targets(*pseudo_label(fused[n:]), batch.ignore) if use_fused else plain
+    def stages(self, batch: SemiBatch, step: StepInfo) -> "ScaleMatchStep":
+        """One ScaleMatch step (the module docstring), stage by stage; the step-through
+        (:func:`workbench.viz.stepthrough_methods.scalematch_trace`) shows this very call."""
+        c, n = self.cfg, batch.x_l.shape[0]
+        mix = self.mix_targets(batch)                                            # the mix batch (eval mode)
+        scales = self.sample_scales()                                            # image scale v
+        t = self.sample_feature_scale(max(scales)) if c.fsvc else None           # feature scale t
+        sp = self.scale_pass(torch.cat([batch.x_l, batch.x_w]), n, scales, t)    # scale 1, scale v, CIF, FSVC
+        pl = self.pseudo_labels(batch, sp, step)                                 # plain; fused after the warm-up
         x_s = self.strong_view(batch.x_s1, batch.x_s1_mix, batch.box1)
         logits_s = self.model(x_s)["logits"]
-        terms: dict[str, tuple[float, Tensor]] = {
-            "loss_x": (c.weight_x, loss_x),
-            "loss_s": (c.weight_s, self.unsup_loss(logits_s, self.mixed_targets(weak, mix, batch.box1))),
-        }
-        if c.isvc:
-            isvc = [self.unsup_loss(lv[n:], weak) for lv in sp.pred_size]
-            terms["loss_isvc"] = (c.weight_isvc, isvc[0] if len(isvc) == 1 else torch.stack(isvc).mean())
-        logits_fp = None
-        if sp.pred_fp is not None:
-            logits_fp = sp.pred_fp[sp.pred_fp.shape[0] - batch.x_w.shape[0]:]       # the unlabeled images
-            terms["loss_fsvc"] = (c.weight_fsvc, self.unsup_loss(logits_fp, weak))
-        extra, extra_arts = self.component_outputs(batch, weak, step)
-        loss = sum(w * v for w, v in terms.values()) / 2 + sum(extra.values())
+        targets_s = self.mixed_targets(pl.weak, mix, batch.box1)
+        isvc = [self.unsup_loss(lv[n:], pl.weak) for lv in sp.pred_size] if c.isvc else []   # Eq. 14, per branch
+        terms = self.loss_terms(batch, sp, pl, logits_s, targets_s, isvc)
+        lcr = self.local_consistency(batch, pl.weak, self.keep(pl.weak))        # opt-in component
+        if lcr is not None:
+            terms["loss_lcr"] = (c.lcr_weight, lcr.loss)
+        return ScaleMatchStep(scales, t, sp, pl, x_s, logits_s, targets_s, isvc, terms, lcr)
 
-        logs: dict[str, Tensor | float] = {key: v.detach() for key, (_, v) in terms.items()}
-        logs.update(self.diagnostics(weak, batch))
-        if c.scale_branch:
-            logs["scale"] = max(scales)
-        if t is not None:
-            logs["feature_scale"] = t
-        if fused is not None:
-            fused_t = Targets(*pseudo_label(fused[n:]), batch.ignore)
-            logs["pl_fused"] = float(use_fused)
-            logs.update({f"{k}_plain": v for k, v in self.diagnostics(plain, batch).items()})
-            logs.update({f"{k}_fused": v for k, v in self.diagnostics(fused_t, batch).items()})
+    def pseudo_labels(self, batch: SemiBatch, sp: ScalePass, step: StepInfo) -> "ScalePseudoLabels":
+        """The unlabeled images' plain (scale-1) and fused targets; the step uses the fused ones once
+        ``step.epoch`` reaches ``cif_warmup_epochs``, the plain ones before (and without fusion)."""
+        n = batch.x_l.shape[0]
+        plain = Targets(*pseudo_label(sp.pred_ori[n:]), batch.ignore)
+        fused = Targets(*pseudo_label(sp.pred_joint[n:]), batch.ignore) if sp.pred_joint is not None else None
+        use_fused = fused is not None and step.epoch >= self.cfg.cif_warmup_epochs
+        return ScalePseudoLabels(plain, fused, use_fused)
+
+    def loss_terms(self, batch: SemiBatch, sp: ScalePass, pl: "ScalePseudoLabels", logits_s: Tensor,
+                   targets_s: Targets, isvc: list[Tensor]) -> LossTerms:
+        """``(w_x L_x + w_s L_s + w_isvc L_ISVC + w_fsvc L_FSVC) / 2`` as ``{name: (weight, value)}``, the halving
+        folded into the weights: ``L_x`` of the fused prediction when fusing (it trains the CIF), ``L_s`` of the
+        strong view, ``L_ISVC`` the mean of ``isvc`` over the branches, ``L_FSVC`` of the t-scaled perturbed
+        decode (Eqs. 15-16)."""
+        c, n = self.cfg, batch.x_l.shape[0]
+        labeled = sp.pred_joint if sp.pred_joint is not None else sp.pred_ori
+        terms: LossTerms = {"loss_x": (c.weight_x / 2, supervised_loss(c, labeled[:n], batch.y_l)),
+                            "loss_s": (c.weight_s / 2, self.unsup_loss(logits_s, targets_s))}
+        if c.isvc:
+            terms["loss_isvc"] = (c.weight_isvc / 2, isvc[0] if len(isvc) == 1 else torch.stack(isvc).mean())
+        logits_fp = fsvc_logits(sp, batch.x_w.shape[0])
+        if logits_fp is not None:
+            terms["loss_fsvc"] = (c.weight_fsvc / 2, self.unsup_loss(logits_fp, pl.weak))
+        return terms
+
+    def step_logs(self, batch: SemiBatch, s: "ScaleMatchStep") -> dict[str, Tensor | float]:
+        """The terms, the pseudo-label diagnostics, the scales, and with fusion the plain and fused diagnostics,
+        whether the fused targets were used and the gate's mean over valid pixels."""
+        n, sp, pl = batch.x_l.shape[0], s.passes, s.pseudo
+        logs: dict[str, Tensor | float] = term_logs(s.terms)
+        logs.update(self.diagnostics(pl.weak, batch))
+        if self.cfg.scale_branch:
+            logs["scale"] = max(s.scales)
+        if s.feature_scale is not None:
+            logs["feature_scale"] = s.feature_scale
+        if pl.fused is not None:
+            logs["pl_fused"] = float(pl.use_fused)
+            logs.update({f"{k}_plain": v for k, v in self.diagnostics(pl.plain, batch).items()})
+            logs.update({f"{k}_fused": v for k, v in self.diagnostics(pl.fused, batch).items()})
             valid = (batch.ignore != IGNORE).float()
             gate = sp.gates[0][n:, 0].detach().float()
             logs["gate_mean"] = (gate * valid).sum() / valid.sum().clamp(min=1)
-        logs.update({k: v.detach() for k, v in extra.items()})
+        return logs
 
-        arts: dict[str, Tensor] = {}
-        if step.capture:
-            arts = self.capture(batch, weak, x_s, logits_s, **extra_arts)
-            arts["pred_w"] = logits[n:].argmax(1)
-            if sp.pred_size:
-                arts["scale"] = torch.tensor(scales, dtype=torch.float32)
-                arts["pred_v"] = torch.stack([lv[n:].argmax(1) for lv in sp.pred_size], 1)
-            if fused is not None:
-                arts["gate_w"] = torch.stack([g[n:, 0] for g in sp.gates], 1)
-                arts["pseudo_fused"] = fused[n:].argmax(1)
-                arts["pseudo_plain"] = plain.pseudo
-            if logits_fp is not None:
-                arts["feature_scale"] = torch.tensor([t], dtype=torch.float32)
-                arts["pred_fsvc"] = logits_fp.argmax(1)
-        return StepOutput(loss, logs, arts)
+    def step_artifacts(self, batch: SemiBatch, s: "ScaleMatchStep") -> dict[str, Tensor]:
+        """The captured tensors: the weak-to-strong ones, LCR's, the scale-1 / scale-v predictions, the gate and
+        both pseudo-labels (with fusion), the FSVC prediction (module docstring)."""
+        n, sp, pl = batch.x_l.shape[0], s.passes, s.pseudo
+        arts = self.capture(batch, pl.weak, s.x_s, s.logits_s, **(s.lcr.artifacts() if s.lcr is not None else {}))
+        arts["pred_w"] = sp.pred_ori[n:].argmax(1)
+        if sp.pred_size:
+            arts["scale"] = torch.tensor(s.scales, dtype=torch.float32)
+            arts["pred_v"] = torch.stack([lv[n:].argmax(1) for lv in sp.pred_size], 1)
+        if sp.pred_joint is not None:
+            arts["gate_w"] = torch.stack([g[n:, 0] for g in sp.gates], 1)
+            arts["pseudo_fused"] = sp.pred_joint[n:].argmax(1)
+            arts["pseudo_plain"] = pl.plain.pseudo
+        logits_fp = fsvc_logits(sp, batch.x_w.shape[0])
+        if logits_fp is not None:
+            arts["feature_scale"] = torch.tensor([s.feature_scale], dtype=torch.float32)
+            arts["pred_fsvc"] = logits_fp.argmax(1)
+        return arts
+
+
+def fsvc_logits(sp: ScalePass, unlabeled: int) -> Tensor | None:
+    """The FSVC prediction of the ``unlabeled`` (last) images of a two-scale pass; None without FSVC."""
+    return None if sp.pred_fp is None else sp.pred_fp[sp.pred_fp.shape[0] - unlabeled:]
+
+
+@dataclass
+class ScalePseudoLabels:
+    """The unlabeled images' targets of the plain (scale-1) and fused (None without fusion) predictions, and
+    whether the step uses the fused ones (after the CIF warm-up)."""
+
+    plain: Targets
+    fused: Targets | None
+    use_fused: bool
+
+    @property
+    def weak(self) -> Targets:
+        """The targets the step uses."""
+        return self.fused if self.use_fused else self.plain
+
+
+@dataclass
+class ScaleMatchStep:
+    """What :meth:`ScaleMatch.stages` computed: the image scales and feature scale t (None without FSVC), the
+    two-scale pass, the pseudo-labels, the CutMixed strong view with its logits and targets, each branch's ISVC
+    loss, the loss ``terms`` ``{name: (weight, value)}`` (loss = sum of weight x value) and LCR's output."""
+
+    scales: list[float]
+    feature_scale: float | None
+    passes: ScalePass
+    pseudo: ScalePseudoLabels
+    x_s: Tensor
+    logits_s: Tensor
+    targets_s: Targets
+    isvc: list[Tensor]
+    terms: LossTerms
+    lcr: LCROutput | None

@@ -1,17 +1,16 @@
 """Step through one training step of MaskMatch, CorrMatch or RankMatch and show every intermediate.
 
-(S4MIM and ScaleMatch: :mod:`workbench.viz.stepthrough_methods`, built on this module's sessions, check and helpers.)
+(S4MIM and ScaleMatch: :mod:`workbench.viz.stepthrough_methods`, built on this module's sessions and helpers.)
 
 The notebooks ``10_maskmatch``, ``13_corrmatch`` and ``14_rankmatch`` are thin layers over this module:
 
 1. :func:`open_session` loads a method — a run directory's checkpoint, or a freshly initialised model with the
    method's default config — and the training data exactly as the trainer reads it (the same
    :class:`~workbench.data.dataset.StepDataset`, then :meth:`~workbench.methods.SemiBatch.from_loader`).
-2. :func:`maskmatch_trace`, :func:`corrmatch_trace` and :func:`rankmatch_trace` call the method's own pieces (its
-   methods and the ``workbench.ops`` functions it composes), in the order of its ``training_step``, from the same
-   weights and the same global random state, and keep every intermediate as CPU tensors.
-   :func:`training_step_check` then runs the real ``training_step`` from that same state and compares the losses and
-   the captured artifacts with the trace: what the notebook shows is what training computes.
+2. :func:`maskmatch_trace`, :func:`corrmatch_trace` and :func:`rankmatch_trace` run the method's own stages (its
+   ``stages``, the very call its ``training_step`` makes) from the same weights and the same global random state,
+   and keep every intermediate as CPU tensors, adding only what is drawn for display: what the notebook shows is
+   what training computes, because it is the same call.
 3. Figures (matplotlib, the dataset manifest's palette; padding white in every label map) and tables
    (:class:`workbench.runs.Table`) of a trace.
 4. :func:`explore` shows figures as static PNG outputs (papermill) or behind ipywidgets controls that redraw them.
@@ -43,7 +42,7 @@ from workbench.viz.notebook import show
 
 __all__ = [
     "StepSession", "open_session", "LossTerm", "Trace", "MaskMatchTrace", "CorrMatchTrace", "RankMatchTrace",
-    "maskmatch_trace", "corrmatch_trace", "rankmatch_trace", "training_step_check", "losses_table",
+    "maskmatch_trace", "corrmatch_trace", "rankmatch_trace", "losses_table", "stage_terms",
     "feature_cell", "cell_position", "cell_extent", "upsample_map", "agent_coherence", "correlation_row", "point_shape",
     "repropagate", "rank_at", "threshold_table", "rank_table", "ms_loss_table", "session_table",
     "patch_masks_figure", "multiscale_figure", "student_scales_figure", "lcr_figure", "correlation_rows_figure",
@@ -350,8 +349,8 @@ class LossTerm:
 
 @dataclass
 class Trace:
-    """What every trace holds: the step, its knobs and images, the loss terms, and the tensors ``training_step``
-    must reproduce (``expected``: artifact name -> tensor)."""
+    """What every trace holds: the step, its knobs and images, and the loss terms of the method's stages (``total``
+    = the step's loss)."""
 
     method: str
     step: int
@@ -366,7 +365,6 @@ class Trace:
     """long [B, H, W] unlabeled ground truth (diagnostics only) or None"""
     terms: list[LossTerm]
     total: float
-    expected: dict[str, Tensor]
 
     @property
     def batch_size(self) -> int:
@@ -396,6 +394,35 @@ def _base(session: StepSession, batch: Any, step: int, seed: int, knobs: dict[st
                                                                         if v is not None},
             "ids": list(batch.ids_u), "valid": _cpu(batch.ignore != IGNORE),
             "gt": None if batch.y_u is None else _cpu(batch.y_u)}
+
+
+#: what each method's loss terms mean, shown in :func:`losses_table`
+CORRMATCH_TERMS = {
+    "loss_x": "labeled CE", "loss_s": "hard: strong view vs propagated pseudo-label",
+    "loss_fp": "feature perturbation vs weak pseudo-label", "loss_kl": "soft: KL(weak || strong) on confident pixels",
+    "loss_x_corr": "labeled CE of the propagated prediction",
+    "loss_corr_u": "propagated predictions vs pseudo-labels (strong + weak) / 2"}
+MASKMATCH_TERMS = {"loss_x": "labeled CE",
+                   "loss_u": "L_MSWS: strong view at every scale vs the ensembled pseudo-label (Eq. 8)",
+                   "loss_lcr": "L_LCR: masked weak view vs the pseudo-label (Eq. 6)"}
+RANKMATCH_TERMS = {"loss_x": "labeled CE", "loss_s": "strong views vs pseudo-label, (L_s1 + L_s2) / 2",
+                   "loss_fp": "feature perturbation vs pseudo-label"}
+COMPONENT_TERMS = {"loss_lcr": "L_LCR: masked weak view vs the pseudo-label (add-on component)"}
+
+
+def stage_terms(terms: dict[str, tuple[float, Tensor]], meanings: dict[str, str],
+                logs: dict[str, Any] | None = None) -> list[LossTerm]:
+    """The :class:`LossTerm` rows of a method's stage terms ``{name: (weight, value)}`` (the step's loss is the sum
+    of weight x value); ``logged`` is ``logs[name]`` (the step's logs) when given, else what
+    :func:`workbench.methods.base.term_logs` logs."""
+    from workbench.methods.base import WEIGHTED_LOGS
+
+    rows = []
+    for name, (w, v) in terms.items():
+        w, v = float(w), float(v)
+        logged = float(logs[name]) if logs is not None and name in logs else w * v if name in WEIGHTED_LOGS else v
+        rows.append(LossTerm(name, v, w, logged, meanings.get(name, COMPONENT_TERMS.get(name, ""))))
+    return rows
 
 
 @dataclass
@@ -438,10 +465,9 @@ class MaskMatchTrace(Trace):
 def maskmatch_trace(session: StepSession, step: int = 0, seed: int = 0, tau: float | None = None,
                     lcr_patch: int | None = None, lcr_ratio: float | None = None, lcr_strategy: str | None = None,
                     lcr_region: str | None = None) -> MaskMatchTrace:
-    """MaskMatch's ``training_step`` one piece at a time (the knobs, when not None, change ``method.cfg``)."""
+    """MaskMatch's step as its stages computed it (:meth:`~workbench.methods.maskmatch.MaskMatch.stages`, the call
+    ``training_step`` makes), kept for display (the knobs, when not None, change ``method.cfg``)."""
     from workbench.methods.components import LocalConsistency
-    from workbench.methods.supervised import supervised_loss
-    from workbench.ops.ensemble import multiscale_ce_loss, rescale, resize_logits
     from workbench.ops.masking import MASK_STRATEGIES, patch_mask
 
     _need(session, "maskmatch")
@@ -449,68 +475,32 @@ def maskmatch_trace(session: StepSession, step: int = 0, seed: int = 0, tau: flo
     batch = session.batch(step)
     m = session.method
     with session.configured(**knobs) as c, session.replay(seed):
-        n = batch.x_l.shape[0]
-        # 1. teacher (EMA, eval mode): the mix batch and the weak view at every scale, ensembled (Eq. 7)
-        mix = m.mix_targets(batch)
-        weak, teacher_scales = m.teacher_targets(batch.x_w, batch.ignore)
-        if teacher_scales is None:  # ms off: the single-scale teacher
-            teacher_scales, scales = [m.predict_eval(batch.x_w)], (1.0,)
-        else:
-            scales = tuple(c.scales)
-        # 2. the CutMixed strong view and its targets
-        x_s = m.strong_view(batch.x_s1, batch.x_s1_mix, batch.box1)
-        targets_s = m.mixed_targets(weak, mix, batch.box1)
-        conf_s = m.keep(targets_s)
-        # 3. the student on labeled + strong, then the strong view at the other scales (Eq. 8)
-        logits_l, logits_s = m.model(torch.cat([batch.x_l, x_s]))["logits"].split([n, x_s.shape[0]])
-        loss_x = supervised_loss(c, logits_l, batch.y_l)
-        if c.ms:
-            size = x_s.shape[-2:]
-            student = [logits_s if s == 1.0 else resize_logits(m.model(rescale(x_s, s))["logits"], size)
-                       for s in c.scales]
-            loss_u = multiscale_ce_loss(student, targets_s.pseudo, conf_s, targets_s.ignore, norm=c.loss_norm)
-            per_scale = [float(multiscale_ce_loss([t], targets_s.pseudo, conf_s, targets_s.ignore, norm=c.loss_norm))
-                         for t in student]
-        else:
-            student = [logits_s]
-            loss_u = m.unsup_loss(logits_s, targets_s)
-            per_scale = [float(loss_u)]
-        # 4. LCR: the component masks the weak view and the student predicts it (Eqs. 5-6)
-        lcr = LocalConsistency.from_config(c)
-        shown = lcr if lcr.enabled else dataclasses.replace(lcr, weight=1.0)  # off: drawn for display only
-        out = shown(m.model, batch.x_w, weak.pseudo, m.keep(weak), weak.ignore)
-        probs = torch.stack([t.float().softmax(1) for t in teacher_scales], 1)
-        t_conf, t_pred = probs.max(2)
+        s = m.stages(batch, session.step_info(step))
+        weak, targets_s, out = s.weak, s.targets_s, s.lcr
+        # display only, after the step: each scale's L_MSWS alone (their mean is L_MSWS), the single-scale teacher
+        # when ms is off, LCR drawn with weight 1 when it is off, and every masking strategy with its own generator
+        per_scale = [float(m.msws_loss([t], targets_s)) for t in s.student_scales]
+        teacher_scales, scales = (s.teacher_scales, tuple(c.scales)) if c.ms else ([m.predict_eval(batch.x_w)], (1.0,))
+        if out is None:
+            out = dataclasses.replace(LocalConsistency.from_config(c), weight=1.0)(
+                m.model, batch.x_w, weak.pseudo, m.keep(weak), weak.ignore)
+        t_conf, t_pred = torch.stack([t.float().softmax(1) for t in teacher_scales], 1).max(2)
         b, _, h, w = batch.x_w.shape
-        masks = {s: _cpu(patch_mask(b, h, w, c.lcr_patch, c.lcr_ratio, s,
+        masks = {k: _cpu(patch_mask(b, h, w, c.lcr_patch, c.lcr_ratio, k,
                                     generator=torch.Generator().manual_seed(seed))[:, 0] > 0.5)
-                 for s in MASK_STRATEGIES}
-        terms = [LossTerm("loss_x", float(loss_x), 1.0, float(loss_x), "labeled CE"),
-                 LossTerm("loss_u", float(loss_u), c.unsup_weight, float(loss_u),
-                          "L_MSWS: strong view at every scale vs the ensembled pseudo-label (Eq. 8)")]
-        if lcr.enabled:
-            terms.append(LossTerm("loss_lcr", float(out.loss), lcr.weight, lcr.weight * float(out.loss),
-                                  "L_LCR: masked weak view vs the pseudo-label (Eq. 6)"))
-        expected = {"pseudo": weak.pseudo, "confident": m.keep(weak), "x_s1": x_s,
-                    "pred_s1": logits_s.argmax(1)}
-        if lcr.enabled:
-            expected.update(x_masked=out.x_masked, lcr_visible=out.visible[:, 0] > 0.5)
-        if c.ms:
-            expected.update(ms_pred=t_pred, ms_ensemble=weak.pseudo,
-                            pred_s_scales=torch.stack([t.argmax(1) for t in student], 1))
+                 for k in MASK_STRATEGIES}
         return MaskMatchTrace(
             **_base(session, batch, step, seed, knobs),
-            images={"weak": _u8(session, batch.x_w), "strong": _u8(session, x_s),
+            images={"weak": _u8(session, batch.x_w), "strong": _u8(session, s.x_s),
                     "masked": _u8(session, out.x_masked)},
-            terms=terms, total=sum(t.weight * t.value for t in terms),
-            expected={k: _cpu(v) for k, v in expected.items()},
+            terms=stage_terms(s.terms, MASKMATCH_TERMS), total=float(sum(w * v for w, v in s.terms.values())),
             tau=float(c.tau), scales=scales, teacher_pred=_cpu(t_pred), teacher_conf=_cpu(t_conf),
             pseudo=_cpu(weak.pseudo), conf=_cpu(weak.conf), confident=_cpu(m.keep(weak)),
             box=_cpu(batch.box1 if c.cutmix else torch.zeros_like(batch.box1)), target_s=_cpu(targets_s.pseudo),
-            confident_s=_cpu(conf_s), valid_s=_cpu(targets_s.ignore != IGNORE),
-            student_pred=_cpu(torch.stack([t.argmax(1) for t in student], 1)), ms_losses=per_scale,
+            confident_s=_cpu(m.keep(targets_s)), valid_s=_cpu(targets_s.ignore != IGNORE),
+            student_pred=_cpu(torch.stack([t.argmax(1) for t in s.student_scales], 1)), ms_losses=per_scale,
             patch=c.lcr_patch, ratio=c.lcr_ratio, strategy=c.lcr_strategy, region=c.lcr_region, strategy_masks=masks,
-            lcr_enabled=lcr.enabled, lcr_visible=_cpu(out.visible[:, 0] > 0.5), lcr_region=_cpu(out.region),
+            lcr_enabled=s.lcr is not None, lcr_visible=_cpu(out.visible[:, 0] > 0.5), lcr_region=_cpu(out.region),
             lcr_pred=_cpu(out.logits.argmax(1)), lcr_loss=float(out.loss))
 
 
@@ -547,15 +537,11 @@ class CorrMatchTrace(Trace):
 
 def corrmatch_trace(session: StepSession, step: int = 0, seed: int = 0, num_shapes: int | None = None,
                     sampling: str | None = None) -> CorrMatchTrace:
-    """CorrMatch's ``training_step`` one piece at a time (``num_shapes``/``sampling``, when set, change the config).
+    """CorrMatch's step as its stages computed it (:meth:`~workbench.methods.corrmatch.CorrMatch.stages`, the
+    call ``training_step`` makes), kept for display (``num_shapes``/``sampling``, when set, change the config).
 
     The threshold is the method's own for this step (the dynamic one after its update, or the fixed ``tau``);
     :func:`repropagate` shows region propagation at any other threshold."""
-    from workbench.methods.corrmatch import correlation_features
-    from workbench.methods.fixmatch import Targets
-    from workbench.methods.supervised import supervised_loss
-    from workbench.ops.losses import masked_ce_loss, masked_kl_loss
-    from workbench.ops.semi import cutmix_images, paste_in_box, pseudo_label
     from workbench.ops.threshold import class_max_confidence
 
     _need(session, "corrmatch")
@@ -563,92 +549,28 @@ def corrmatch_trace(session: StepSession, step: int = 0, seed: int = 0, num_shap
     batch = session.batch(step)
     m = session.method
     with session.configured(**knobs) as c, session.replay(seed):
-        n, bu = batch.x_l.shape[0], batch.x_w.shape[0]
-        # 1. the mix batch in eval mode, the strong view, the two training-mode passes
-        mix_logits = m.predict_eval(batch.x_w_mix)
-        x_s = m.strong_view(batch.x_s1, batch.x_s1_mix, batch.box1)
-        out = m.model(torch.cat([batch.x_l, batch.x_w]), perturb=True)
-        out_s = m.model(x_s)
-        logits_l, logits_w = out["logits"].split([n, bu])
-        logits_fp, logits_s = out["logits_fp"][n:], out_s["logits"]
-        # 2. the threshold (Eq. 11: EMA of the mean per-class maximum confidence), then the weak targets
         before = float(m.dynamic.value) if m.dynamic is not None else None
-        # the reference updates it over the CutMixed ignore mask (method.threshold_ignore=mixed)
-        thr_ignore = batch.ignore
-        if c.cutmix and c.threshold_ignore == "mixed":
-            thr_ignore = paste_in_box(batch.box1, (batch.ignore, batch.ignore_mix))[0]
-        class_max = class_max_confidence(logits_w, thr_ignore)
-        tau = m.current_threshold(logits_w, thr_ignore)
-        weak = Targets(*pseudo_label(logits_w), batch.ignore)
-        mix = Targets(*pseudo_label(mix_logits), batch.ignore_mix)
-        q_w, q_mix = weak.confident(tau), mix.confident(tau)
-        # 3. correlation map and pixel propagation (Eqs. 4-5); region propagation (Eqs. 7-10)
-        pseudo_p, q_p, corr, rows, size = weak.pseudo, q_w, None, None, (1, 1)
-        pred = {"weak": logits_w.argmax(1), "strong": logits_s.argmax(1), "perturbed": logits_fp.argmax(1)}
-        box = batch.box1 if c.cutmix else None
-        if m.corr_head is not None:
-            feats = correlation_features(out, c.feature)
-            corr_lw, z_lw = m.corr_head(feats, out["logits"])
-            _, z_s = m.corr_head(correlation_features(out_s, c.feature), logits_s)
-            z_l, z_w = z_lw.split([n, bu])
-            corr, size = corr_lw[n:], (int(feats.shape[-2]), int(feats.shape[-1]))
-            pred.update({"propagated weak": z_w.argmax(1), "propagated strong": z_s.argmax(1)})
-            if c.region_propagation:
-                pseudo_p, q_p, rows, _ = m.propagate_regions(corr, size, weak, q_w, tau, box)
-        # 4. the losses, with the reference weights (halved: the step's total is divided by 2)
-        if c.cutmix:
-            pseudo_s, q_s, ignore_s = paste_in_box(batch.box1, (pseudo_p, mix.pseudo), (q_p, q_mix),
-                                                   (weak.ignore, mix.ignore))
-            q_soft = paste_in_box(batch.box1, (q_w, q_mix))[0]
-            probs_s = logits_w.float().softmax(1)   # the reference's soft target: the un-mixed weak softmax
-            if c.kl_target == "mixed":
-                probs_s = cutmix_images(probs_s, mix_logits.float().softmax(1), batch.box1)
-        else:
-            pseudo_s, q_s, ignore_s, q_soft = pseudo_p, q_p, weak.ignore, q_w
-            probs_s = logits_w.float().softmax(1)
-        terms = [LossTerm("loss_x", float(supervised_loss(c, logits_l, batch.y_l)),
-                          (c.weight_x if m.corr_head is not None else c.weight_x + c.weight_x_corr) / 2, 0.0,
-                          "labeled CE")]
-        if c.hard_loss:
-            terms += [LossTerm("loss_s", float(masked_ce_loss(logits_s, pseudo_s, q_s, ignore_s)), c.weight_hard / 2,
-                               0.0, "hard: strong view vs propagated pseudo-label"),
-                      LossTerm("loss_fp", float(masked_ce_loss(logits_fp, weak.pseudo, q_w, weak.ignore)),
-                               c.weight_fp / 2, 0.0, "feature perturbation vs weak pseudo-label")]
-        if c.soft_loss:
-            terms.append(LossTerm("loss_kl", float(masked_kl_loss(logits_s, probs_s, q_soft, ignore_s)),
-                                  c.weight_soft / 2, 0.0, "soft: KL(weak || strong) on confident pixels"))
-        if m.corr_head is not None:
-            corr_u = (masked_ce_loss(z_s, pseudo_s, q_s, ignore_s) + masked_ce_loss(z_w, weak.pseudo, q_w,
-                                                                                     weak.ignore)) / 2
-            terms += [LossTerm("loss_x_corr", float(supervised_loss(c, z_l, batch.y_l)), c.weight_x_corr / 2, 0.0,
-                               "labeled CE of the propagated prediction"),
-                      LossTerm("loss_corr_u", float(corr_u), c.weight_corr_u / 2, 0.0,
-                               "propagated predictions vs pseudo-labels (strong + weak) / 2")]
-        for t in terms:
-            t.logged = t.value
-        # opt-in components (e.g. LCR), after the losses as in training_step: already weighted
-        extra = m.component_losses(batch, weak, session.step_info(step))
-        terms += [LossTerm(k, float(v), 1.0, float(v), "add-on component (weighted)") for k, v in extra.items()]
-        keep = batch.ignore != IGNORE
-        if box is not None:
-            keep &= ~box
-        expected = {"pseudo": weak.pseudo, "confident": q_w, "x_s1": x_s, "pred_s1": logits_s.argmax(1),
-                    "pred_fp": logits_fp.argmax(1), "threshold": torch.as_tensor(float(tau))}
-        if c.region_propagation and corr is not None:
-            expected.update(pseudo_prop=pseudo_p, confident_prop=q_p)
-        if "propagated strong" in pred:
-            expected["pred_corr_s"] = pred["propagated strong"]
+        s = m.stages(batch, session.step_info(step))
+        p, t, corr = s.passes, s.targets, s.corr
+        # display only: each class's max confidence, the dynamic threshold's input (Eq. 11)
+        class_max = class_max_confidence(p.logits_w, t.threshold_ignore)
+        pred = {"weak": p.logits_w.argmax(1), "strong": p.logits_s.argmax(1), "perturbed": p.logits_fp.argmax(1)}
+        if corr is not None:
+            pred.update({"propagated weak": corr.z_w.argmax(1), "propagated strong": corr.z_s.argmax(1)})
+        box = batch.box1 if c.cutmix else torch.zeros_like(batch.box1)
+        keep = (batch.ignore != IGNORE) & ~box
         return CorrMatchTrace(
             **_base(session, batch, step, seed, knobs),
-            images={"weak": _u8(session, batch.x_w), "strong": _u8(session, x_s)},
-            terms=terms, total=sum(t.weight * t.value for t in terms),
-            expected={k: _cpu(v) for k, v in expected.items()},
-            tau=float(tau), dynamic=m.dynamic is not None, threshold_before=before,
+            images={"weak": _u8(session, batch.x_w), "strong": _u8(session, p.x_s)},
+            terms=stage_terms(s.terms, CORRMATCH_TERMS), total=float(sum(w * v for w, v in s.terms.values())),
+            tau=float(t.tau), dynamic=m.dynamic is not None, threshold_before=before,
             momentum=m.dynamic.momentum if m.dynamic is not None else None, class_max=_cpu(class_max),
-            pseudo=_cpu(weak.pseudo), conf=_cpu(weak.conf), confident=_cpu(q_w), pseudo_prop=_cpu(pseudo_p),
-            confident_prop=_cpu(q_p), box=_cpu(batch.box1 if c.cutmix else torch.zeros_like(batch.box1)),
-            valid_s=_cpu(ignore_s != IGNORE), corr=None if corr is None else _cpu(corr.float()), feat_size=size,
-            rows=None if rows is None else _cpu(rows), keep=_cpu(keep), pred={k: _cpu(v) for k, v in pred.items()})
+            pseudo=_cpu(t.weak.pseudo), conf=_cpu(t.weak.conf), confident=_cpu(t.confident),
+            pseudo_prop=_cpu(t.pseudo_prop), confident_prop=_cpu(t.confident_prop), box=_cpu(box),
+            valid_s=_cpu(t.ignore_s != IGNORE), corr=None if corr is None else _cpu(corr.map.float()),
+            feat_size=(1, 1) if corr is None else tuple(int(x) for x in corr.size),
+            rows=None if corr is None or corr.rows is None else _cpu(corr.rows), keep=_cpu(keep),
+            pred={k: _cpu(v) for k, v in pred.items()})
 
 
 @dataclass
@@ -681,9 +603,9 @@ class RankMatchTrace(Trace):
 def rankmatch_trace(session: StepSession, step: int = 0, seed: int = 0, num_agents: int | None = None,
                     top_k: int | None = None, agents: str | None = None, consistency: str | None = None
                     ) -> RankMatchTrace:
-    """RankMatch's ``training_step`` one piece at a time (the knobs, when not None, change ``method.cfg``)."""
-    from workbench.methods.rankmatch import correlation_consistency, cutmix_features
-    from workbench.ops.agents import agent_correlation, random_agents
+    """RankMatch's step as its stages computed it (:meth:`~workbench.methods.rankmatch.RankMatch.stages`, the call
+    ``training_step`` makes), kept for display (the knobs, when not None, change ``method.cfg``)."""
+    from workbench.ops.agents import random_agents
     from workbench.ops.semi import cutmix_images
 
     _need(session, "rankmatch")
@@ -691,50 +613,27 @@ def rankmatch_trace(session: StepSession, step: int = 0, seed: int = 0, num_agen
     batch = session.batch(step)
     m = session.method
     with session.configured(**knobs) as c, session.replay(seed):
-        # 1. the mix batch (eval mode: targets and ASPP features), then UniMatch's passes and losses
-        mix, feat_mix = m.mix_outputs(batch)
-        p = m.unimatch_pass(batch, session.step_info(step), mix)
-        feat_w = p.out["aspp"][batch.x_l.shape[0]:]
-        feat_s1, feat_s2 = p.out_s["aspp"].chunk(2)
-        # 2. per strong view: CutMixed weak features, agents, correlations (Eq. 4), consistency (Eqs. 6-8)
-        views = []
-        for box, feat_s in ((batch.box1, feat_s1), (batch.box2, feat_s2)):
-            size = (int(feat_s.shape[-2]), int(feat_s.shape[-1]))
-            fw = cutmix_features(feat_w.detach(), feat_mix, box if c.cutmix else None, size)
-            chosen = m.select_agents(fw)
-            corr_w = agent_correlation(fw, chosen, c.agent_normalize, c.agent_temperature)
-            corr_s = agent_correlation(feat_s, chosen, c.agent_normalize, c.agent_temperature)
-            loss = correlation_consistency(corr_w.float(), corr_s.float(), c.consistency, c.top_k, c.rank_eps,
-                                           c.rank_guard)
-            views.append((fw, chosen, corr_w, corr_s, float(loss), size))
-        fw, chosen, corr_w, corr_s, _, size = views[0]
-        rand = random_agents(fw, chosen.shape[1], generator=torch.Generator().manual_seed(seed))
+        s = m.stages(batch, session.step_info(step))
+        p, views = s.unimatch, s.views
+        if not views:  # weight_rank 0: the agent stage run for display only, after the step
+            feat_s1, feat_s2 = p.out_s["aspp"].chunk(2)
+            views = [m.agent_view(s.feat_w, s.feat_mix, batch.box1, feat_s1),
+                     m.agent_view(s.feat_w, s.feat_mix, batch.box2, feat_s2)]
+        v = views[0]
+        rand = random_agents(v.features, v.agents.shape[1], generator=torch.Generator().manual_seed(seed))
         # the image under the agents: the weak view with the mix batch's weak view in box 1, like the features
         mixed_w = cutmix_images(batch.x_w, batch.x_w_mix, batch.box1) if c.cutmix else batch.x_w
-        logs = {k: float(v) for k, v in p.logs.items()}
-        terms = [LossTerm("loss_x", logs["loss_x"], 0.5, logs["loss_x"], "labeled CE"),
-                 LossTerm("loss_s", logs["loss_s"], c.weight_s, logs["loss_s"],
-                          "strong views vs pseudo-label, (L_s1 + L_s2) / 2"),
-                 LossTerm("loss_fp", logs["loss_fp"], c.weight_fp / 2, logs["loss_fp"],
-                          "feature perturbation vs pseudo-label")]
-        terms += [LossTerm(k, v, 1.0, v, "add-on component") for k, v in logs.items() if k == "loss_lcr"]
-        rank = (views[0][4] + views[1][4]) / 2
-        if c.weight_rank > 0:
-            terms.append(LossTerm("loss_rank", rank, c.weight_rank, rank,
-                                  f"{c.consistency} consistency of the agent correlations, (view 1 + view 2) / 2"))
-        expected = {"pseudo": p.weak.pseudo, "x_s1": p.x_s1, "x_s2": p.x_s2, "pred_fp": p.logits_fp.argmax(1)}
-        if c.weight_rank > 0:
-            expected.update(agents=chosen, agent_maps=corr_w.transpose(1, 2).reshape(
-                corr_w.shape[0], -1, *size)[:, : min(c.capture_agents, chosen.shape[1])])
         return RankMatchTrace(
             **_base(session, batch, step, seed, knobs),
             images={"weak": _u8(session, batch.x_w), "weak mixed": _u8(session, mixed_w),
                     "strong": _u8(session, p.x_s1), "strong 2": _u8(session, p.x_s2)},
-            terms=terms, total=sum(t.weight * t.value for t in terms),
-            expected={k: _cpu(v) for k, v in expected.items()},
-            feat_size=size, top_k=c.top_k, consistency=c.consistency, selection=c.agents, agents=_cpu(chosen),
-            random_agents=_cpu(rand), features=_cpu(fw.float()), corr_w=_cpu(corr_w.float()),
-            corr_s=_cpu(corr_s.float()), view_losses=[views[0][4], views[1][4]],
+            terms=stage_terms(s.terms, {**RANKMATCH_TERMS, "loss_rank": f"{c.consistency} consistency of the agent "
+                                        "correlations, (view 1 + view 2) / 2"}),
+            total=float(sum(w * x for w, x in s.terms.values())),
+            feat_size=tuple(int(x) for x in v.feat_size), top_k=c.top_k, consistency=c.consistency,
+            selection=c.agents, agents=_cpu(v.agents), random_agents=_cpu(rand), features=_cpu(v.features.float()),
+            corr_w=_cpu(v.corr_w.float()), corr_s=_cpu(v.corr_s.float()),
+            view_losses=[float(views[0].loss), float(views[1].loss)],
             box=_cpu(batch.box1 if c.cutmix else torch.zeros_like(batch.box1)), pseudo=_cpu(p.weak.pseudo),
             confident=_cpu(p.weak.confident(c.tau)), rank_guard=c.rank_guard, rank_eps=c.rank_eps)
 
@@ -747,50 +646,6 @@ def _need(session: StepSession, name: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------- check and tables
-
-
-def training_step_check(session: StepSession, trace: Trace, atol: float = 1e-5) -> Any:
-    """Run the method's real ``training_step`` (same step, seed and knobs, capture on) and compare it with
-    ``trace``: every loss term as logged, the total loss, and every tensor of ``trace.expected`` against the
-    captured artifact of that name. A :class:`~workbench.runs.Table` "step-through vs training_step" with a
-    ``match`` column (yes / NO; floats within ``atol``, labels and masks exactly)."""
-    from workbench.runs import Table
-
-    if trace.method != session.name:
-        raise ValueError(f"trace of {trace.method!r} does not belong to this {session.name!r} session")
-    batch = session.batch(trace.step)
-    with session.configured(**trace.knobs), session.replay(trace.seed):
-        out = session.method.training_step(batch, session.step_info(trace.step))
-    logs = {k: float(v) for k, v in out.logs.items()}
-    rows = []
-
-    def compare(name: str, a: float, b: float | None) -> list[Any]:
-        if b is None:
-            return [name, f"{a:.6f}", "not logged", None, "NO"]
-        ok = abs(a - b) <= atol * max(1.0, abs(b))
-        return [name, f"{a:.6f}", f"{b:.6f}", f"{abs(a - b):.1e}", "yes" if ok else "NO"]
-
-    for t in trace.terms:
-        rows.append(compare(t.name, t.logged, logs.get(t.name)))
-    rows.append(compare("loss (total)", trace.total, float(out.loss)))
-    for key, mine in trace.expected.items():
-        art = out.artifacts.get(key)
-        if art is None:
-            rows.append([f"artifact {key}", str(tuple(mine.shape)), "missing", None, "NO"])
-            continue
-        art = _cpu(art)
-        if art.shape != mine.shape:
-            rows.append([f"artifact {key}", str(tuple(mine.shape)), str(tuple(art.shape)), None, "NO"])
-        elif mine.is_floating_point():
-            diff = float((mine.float() - art.float()).abs().max()) if mine.numel() else 0.0
-            rows.append([f"artifact {key}", f"float {tuple(mine.shape)}", "same shape", f"{diff:.1e}",
-                         "yes" if diff <= atol else "NO"])
-        else:
-            same = int((mine.long() != art.long()).sum())
-            rows.append([f"artifact {key}", f"{mine.dtype} {tuple(mine.shape)}", f"{same} differ", same,
-                         "yes" if same == 0 else "NO"])
-    return Table(["quantity", "step-through", "training_step", "|difference|", "match"], rows,
-                 "step-through vs training_step")
 
 
 def losses_table(trace: Trace) -> Any:

@@ -3,11 +3,10 @@
 The notebooks ``11_s4mim`` and ``12_scalematch`` are thin layers over this module, which works like
 :mod:`workbench.viz.stepthrough` and reuses its machinery: :func:`~workbench.viz.stepthrough.open_session` loads the
 method (a run's checkpoint or a fresh model) and the trainer's batches; :func:`s4mim_trace` and
-:func:`scalematch_trace` call the method's own pieces (its methods and the ``workbench.ops`` functions it composes) in
-the order of its ``training_step``, from the same weights and global random state, and keep every intermediate as CPU
-tensors; :func:`~workbench.viz.stepthrough.training_step_check` then runs the real ``training_step`` and compares
-every loss term and captured artifact; :func:`~workbench.viz.stepthrough.explore` shows the figures below (static
-PNGs under papermill, ipywidgets controls interactively).
+:func:`scalematch_trace` run the method's own stages (its ``stages``, the very call its ``training_step`` makes)
+from the same weights and global random state and keep every intermediate as CPU tensors;
+:func:`~workbench.viz.stepthrough.explore` shows the figures below (static PNGs under papermill, ipywidgets controls
+interactively).
 
 - **S4MIM**: phase I (weak pseudo-label, CutMixed strong view, feature-perturbed prediction), the patch masks and the
   three masked streams ``x_l * m``, ``x_s * m``, ``x_w * m``, the pixel decoder's reconstructions (per class,
@@ -19,9 +18,10 @@ PNGs under papermill, ipywidgets controls interactively).
   ``s_v = 1 - s_w``), the fused pseudo-label against the plain one, the ISVC and FSVC predictions with their targets,
   and the loss.
 
-A piece the step computes only for its artifacts, or not at all because a switch is off (an S4MIM loss switched off,
-all of phase II when every MIM loss is off), is still computed for display, without touching the step: its random
-draws are made on a forked random state and the prototype dictionary is restored, so the check still holds.
+A piece the step does not compute because a switch is off (an S4MIM loss switched off, all of phase II when every
+MIM loss is off) is computed for display after the step by the method's own stage (``pixel_space``,
+``feature_space``, ``semantic_space``), without touching the step: its random draws are made on a forked random
+state and the prototype dictionary is restored.
 
 Feature cells are drawn over the image with the package's ``align_corners=True`` convention
 (:func:`~workbench.viz.stepthrough.cell_extent`). S4MIM's grouping labels are nearest-resized by the method
@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from workbench.viz.figures import plt, to_hwc
-from workbench.viz.stepthrough import (FONT, IGNORE, LossTerm, StepSession, Trace, _base,
+from workbench.viz.stepthrough import (FONT, IGNORE, StepSession, Trace, _base, stage_terms,
                                        _below_threshold_patch, _box_outline, _confident_labels, _cpu, _figure,
                                        _heat, _labels, _legend, _need, _off, _show, _u8, cell_extent)
 
@@ -56,6 +56,14 @@ __all__ = [
 STREAMS = ("labeled", "strong", "weak + fp")
 """S4MIM's masked streams in the method's order: ``x_l * m``, ``x_s * m``, ``x_w * m`` (feature-perturbed)."""
 NO_TERM = (255, 255, 255)  # cells a class head does not write to (per-class reconstructions)
+SCALEMATCH_TERMS = {"loss_s": "strong view vs the CutMixed pseudo-label",
+                    "loss_isvc": "ISVC: scale-v prediction vs the pseudo-label",
+                    "loss_fsvc": "FSVC: t-scaled perturbed features vs the pseudo-label"}
+S4MIM_TERMS = {"loss_x": "L_s: labeled CE", "loss_s": "L_u, strong view vs the weak pseudo-label (Eq. 2)",
+               "loss_fp": "L_u, feature-perturbed weak view vs the weak pseudo-label (Eq. 2)",
+               "loss_mimpi": "L_mimpi: class-wise reconstruction MSE, sum of 3 streams",
+               "loss_mimfea": "L_mimfea: pull of masked positions to prototypes (Eqs. 10-12)",
+               "loss_mimse": "L_mimse: SeD on the masked streams, sum of 3 streams"}
 
 
 def _rng_devices(session: StepSession) -> list[int]:
@@ -189,129 +197,81 @@ def stream_rows(trace: S4MIMTrace, i: int) -> dict[str, int]:
 def s4mim_trace(session: StepSession, step: int = 0, seed: int = 0, tau: float | None = None,
                 mask_ratio: float | None = None, mask_patch: int | None = None, mask_strategy: str | None = None
                 ) -> S4MIMTrace:
-    """S4MIM's ``training_step`` one piece at a time (the knobs, when not None, change ``method.cfg``)."""
-    from workbench.methods.fixmatch import Targets
-    from workbench.methods.supervised import supervised_loss
-    from workbench.ops.losses import masked_ce_loss
-    from workbench.ops.mim import aggregation_loss, class_prototypes, normaliser, resize_labels
-    from workbench.ops.semi import pseudo_label
+    """S4MIM's step as its stages computed it (:meth:`~workbench.methods.s4mim.S4MIM.stages`, the call
+    ``training_step`` makes), kept for display (the knobs, when not None, change ``method.cfg``)."""
+    from workbench.methods.s4mim import Phase2
+    from workbench.ops.mim import class_prototypes
 
     _need(session, "s4mim")
     knobs = dict(tau=tau, mask_ratio=mask_ratio, mask_patch=mask_patch, mask_strategy=mask_strategy)
     batch = session.batch(step)
     m = session.method
     with session.configured(**knobs) as c, session.replay(seed):
-        info = session.step_info(step)
         n = batch.x_l.shape[0]
-        # phase I: the mix batch (eval mode), the CutMixed strong view, cat(x_l, x_w) with UniPerb, the strong view
-        mix = m.mix_targets(batch)
-        x_s = m.strong_view(batch.x_s1, batch.x_s1_mix, batch.box1)
-        logits_l, logits_w, logits_fp, out = m.forward_weak(batch)
-        weak = Targets(*pseudo_label(logits_w), batch.ignore)
-        t_s = m.mixed_targets(weak, mix, batch.box1)
-        logits_s = m.model(x_s)["logits"]
-        loss_x = supervised_loss(c, logits_l, batch.y_l)
-        loss_s, loss_fp = m.unsup_loss(logits_s, t_s), m.unsup_loss(logits_fp, weak)
-        # phase II (Eqs. 5-13): masks, the masked forward (SeD + PiD), reconstruction, dictionary, aggregation, SeD
-        fork = contextlib.nullcontext() if c.any_mim else torch.random.fork_rng(devices=_rng_devices(session))
         before, seen_before = m.prototypes.clone(), m.proto_seen.clone()
+        st = m.stages(batch, session.step_info(step))
+        p, logs = st.passes, m.step_logs(batch, st)
+        # phase II's pieces the step skipped (a loss switched off), computed for display only, after the step: all
+        # of phase II on a forked random state when every MIM loss is off; the dictionary restored without mimfea
+        fork = (contextlib.nullcontext() if st.phase2 is not None
+                else torch.random.fork_rng(devices=_rng_devices(session)))
         with fork:
-            s = m.streams(batch, x_s, logits_l, logits_s, logits_fp, weak, t_s)
-            sizes = list(s.sizes)
-            xm = s.x * s.visible
-            logits_m, fea = m.masked_forward(xm, sizes[0] + sizes[1])
-            recon = m.reconstruct(fea, s.groups, tuple(s.x.shape[-2:]))
-            mse = [F.mse_loss(r.float(), x.float()) for r, x in zip(recon.split(sizes), s.x.split(sizes))]
-            fsize = tuple(fea.shape[-2:])
-            groups = resize_labels(s.groups, fsize)
-            vis = resize_labels(s.visible[:, 0] > 0.5, fsize)
-            valid = resize_labels(s.valid, fsize)
-            conf = F.interpolate(s.conf[:, None], size=fsize, mode="nearest")[:, 0]
-            present = class_prototypes(fea[:n].float(), groups[:n], conf[:n].float(), (vis & valid)[:n],
-                                       m.num_classes)[2] > 0
-            with _kept_dictionary(m, keep=not c.mimfea):  # mimfea off: the step leaves the dictionary alone
-                protos, available = m.update_dictionary(fea[:n], groups[:n], conf[:n], (vis & valid)[:n])
-            weights = conf if c.confidence else torch.ones_like(conf)
-            agg, classes = aggregation_loss(fea.float(), groups, weights, ~vis & valid, protos, available,
-                                            c.temperature)
-            semantic = []
-            probs = s.probs.split(sizes) if c.mimse and c.mimse_loss == "mse" else None
-            for k, (lg, t, v) in enumerate(zip(logits_m.split(sizes), s.targets.split(sizes), s.valid.split(sizes))):
-                if c.mimse_loss == "ce":
-                    ign = torch.where(v, torch.zeros_like(t), torch.full_like(t, IGNORE))
-                    semantic.append(masked_ce_loss(lg.float(), t, torch.ones_like(v), ign))
-                else:  # with mimse off the step computed no probabilities: the same softmax here
-                    unmasked = (logits_l, logits_s, logits_fp)[k]
-                    p = probs[k] if probs is not None else unmasked.detach().float().softmax(1)
-                    sq = (lg.float().softmax(1) - p).pow(2).sum(1)
-                    semantic.append((sq * v).sum() / v.sum().clamp(min=1))
-            # derived for display: each position's pull to its class's prototype, each class's term (Eqs. 10-12)
-            flat = fea.float().permute(0, 2, 3, 1)
-            unit = F.normalize(protos.float(), dim=1, eps=1e-12)
-            pull = (1 - F.cosine_similarity(flat, protos.float()[groups], dim=-1, eps=1e-8)) / c.temperature
-            where = ~vis & valid
-            terms = torch.full((m.num_classes,), float("nan"))
-            for k in range(m.num_classes):
-                sel = where & (groups == k)
-                w = weights[sel].float()
-                if bool(classes[k]) and float(w.sum()) > 0:
-                    terms[k] = float((pull[sel] * w).sum() / w.sum())
-            wf = fea[sum(sizes[:2]):].float()
-            class_cos = torch.einsum("bdhw,cd->bchw", F.normalize(wf, dim=1, eps=1e-12), unit)
-            groups_w = groups[sum(sizes[:2]):]
-            per_class = m.class_heads.per_class(fea[sum(sizes[:2]):], groups_w)
-        # opt-in components (LCR), after phase II as in training_step
-        extra = m.component_losses(batch, weak, info)
-        norm = normaliser(c.weight_u, c.weight_mp, c.weight_mf, c.weight_ms, c.mimpi, c.mimfea, c.mimse)
-        terms_out = [LossTerm("loss_x", float(loss_x), 1 / norm, float(loss_x), "L_s: labeled CE"),
-                     LossTerm("loss_s", float(loss_s), c.weight_u / norm, float(loss_s),
-                              "L_u, strong view vs the weak pseudo-label (Eq. 2)"),
-                     LossTerm("loss_fp", float(loss_fp), c.weight_u / norm, float(loss_fp),
-                              "L_u, feature-perturbed weak view vs the weak pseudo-label (Eq. 2)")]
-        mim = [("mimpi", c.weight_mp, float(sum(mse)), "L_mimpi: class-wise reconstruction MSE, sum of 3 streams"),
-               ("mimfea", c.weight_mf, float(agg), "L_mimfea: pull of masked positions to prototypes (Eqs. 10-12)"),
-               ("mimse", c.weight_ms, float(sum(semantic)), "L_mimse: SeD on the masked streams, sum of 3 streams")]
-        for key, wt, value, meaning in mim:
-            if getattr(c, key):
-                terms_out.append(LossTerm(f"loss_{key}", value, wt / norm, wt * value, meaning))
-        terms_out += [LossTerm(k, float(v), 1.0, float(v), "add-on component (weighted)") for k, v in extra.items()]
-        expected = {"pseudo": weak.pseudo, "confident": weak.confident(c.tau), "x_s1": x_s,
-                    "pred_s1": logits_s.argmax(1), "pred_fp": logits_fp.argmax(1),
-                    "sed_features": out["decoder"][n:], "sed_labels": resize_labels(weak.pseudo,
-                                                                                     out["decoder"].shape[-2:])}
-        if c.any_mim:
-            expected.update({f"x_{k}_masked": x for k, x in zip("lsw", xm.split(sizes))})
-            expected.update({f"pred_masked_{k}": lg.argmax(1) for k, lg in zip(("l", "s", "fp"),
-                                                                                logits_m.split(sizes))})
-            expected.update({f"recon_{k}": r for k, r in zip(("l", "s", "fp"), recon.split(sizes))})
-            expected.update(mim_visible=s.visible[n:n + sizes[1], 0] > 0.5, recon_classes=per_class,
-                            mim_groups=groups_w, pid_features=fea[sum(sizes[:2]):], prototypes=m.prototypes.clone(),
-                            proto_seen=m.proto_seen.clone())
+            p2 = st.phase2
+            if p2 is None:
+                streams = m.streams(batch, p)
+                xm = streams.x * streams.visible
+                p2 = Phase2(streams, xm, *m.masked_forward(xm, n + streams.sizes[1]), None, None, None, None)
+            s, sizes, fea = p2.streams, list(p2.streams.sizes), p2.fea
+            recon, mse = (p2.recon, p2.mse) if p2.mse is not None else m.pixel_space(s, fea)
+            with _kept_dictionary(m, keep=not c.mimfea):
+                fs = p2.feature if p2.feature is not None else m.feature_space(s, fea)
+            semantic = p2.semantic if p2.semantic is not None else m.semantic_space(s, p2.logits_m)
+        # derived for display: the classes this batch updates, each position's pull to its class's prototype and
+        # each class's term (Eqs. 10-12), cosines to every prototype, each class's reconstruction term (Eq. 7)
+        groups, vis, valid, conf, weights = fs.groups, fs.visible, fs.valid, fs.conf, fs.weights
+        fsize = tuple(fea.shape[-2:])
+        present = class_prototypes(fea[:n].float(), groups[:n], conf[:n].float(), (vis & valid)[:n],
+                                   m.num_classes)[2] > 0
+        protos, available, classes = fs.prototypes, fs.available, fs.classes
+        flat = fea.float().permute(0, 2, 3, 1)
+        unit = F.normalize(protos.float(), dim=1, eps=1e-12)
+        pull = (1 - F.cosine_similarity(flat, protos.float()[groups], dim=-1, eps=1e-8)) / c.temperature
+        where = ~vis & valid
+        class_terms = torch.full((m.num_classes,), float("nan"))
+        for k in range(m.num_classes):
+            sel = where & (groups == k)
+            w = weights[sel].float()
+            if bool(classes[k]) and float(w.sum()) > 0:
+                class_terms[k] = float((pull[sel] * w).sum() / w.sum())
+        wf = fea[sum(sizes[:2]):].float()
+        class_cos = torch.einsum("bdhw,cd->bchw", F.normalize(wf, dim=1, eps=1e-12), unit)
+        per_class = m.class_heads.per_class(fea[sum(sizes[:2]):], groups[sum(sizes[:2]):])
         d = session.cfg.data
-        images = {"labeled": _u8(session, batch.x_l), "weak": _u8(session, batch.x_w), "strong": _u8(session, x_s)}
-        images.update({f"{k} masked": _u8(session, x) for k, x in zip(STREAMS, xm.split(sizes))})
+        images = {"labeled": _u8(session, batch.x_l), "weak": _u8(session, batch.x_w), "strong": _u8(session, p.x_s)}
+        images.update({f"{k} masked": _u8(session, x) for k, x in zip(STREAMS, p2.xm.split(sizes))})
         return S4MIMTrace(
-            **_base(session, batch, step, seed, knobs), images=images, terms=terms_out,
-            total=sum(t.weight * t.value for t in terms_out), expected={k: _cpu(v) for k, v in expected.items()},
+            **_base(session, batch, step, seed, knobs), images=images,
+            terms=stage_terms(st.terms, S4MIM_TERMS, logs), total=float(st.loss()),
             tau=float(c.tau), switches={k: getattr(c, k) for k in ("mimpi", "mimfea", "mimse", "classwise",
                                                                     "dictionary", "confidence", "mimse_loss")},
             weights={k: float(getattr(c, k)) for k in ("weight_u", "weight_mp", "weight_mf", "weight_ms")},
-            normaliser=float(norm), alpha=float(c.alpha), temperature=float(c.temperature), mean=tuple(d.mean),
+            normaliser=float(st.norm), alpha=float(c.alpha), temperature=float(c.temperature), mean=tuple(d.mean),
             std=tuple(d.std),
-            y_l=_cpu(batch.y_l), pred_l=_cpu(logits_l.argmax(1)), pseudo=_cpu(weak.pseudo), conf=_cpu(weak.conf),
-            confident=_cpu(weak.confident(c.tau)), box=_cpu(batch.box1 if c.cutmix else torch.zeros_like(batch.box1)),
-            target_s=_cpu(t_s.pseudo), confident_s=_cpu(t_s.confident(c.tau)), valid_s=_cpu(t_s.ignore != IGNORE),
-            pred_s=_cpu(logits_s.argmax(1)), pred_fp=_cpu(logits_fp.argmax(1)),
+            y_l=_cpu(batch.y_l), pred_l=_cpu(p.logits_l.argmax(1)), pseudo=_cpu(p.weak.pseudo),
+            conf=_cpu(p.weak.conf), confident=_cpu(p.weak.confident(c.tau)),
+            box=_cpu(batch.box1 if c.cutmix else torch.zeros_like(batch.box1)), target_s=_cpu(p.targets_s.pseudo),
+            confident_s=_cpu(p.targets_s.confident(c.tau)), valid_s=_cpu(p.targets_s.ignore != IGNORE),
+            pred_s=_cpu(p.logits_s.argmax(1)), pred_fp=_cpu(p.logits_fp.argmax(1)),
             sizes=sizes, patch=c.mask_patch, ratio=c.mask_ratio, strategy=c.mask_strategy,
             stream_visible=_cpu(s.visible[:, 0] > 0.5), stream_valid=_cpu(s.valid), stream_targets=_cpu(s.targets),
-            stream_groups=_cpu(s.groups), stream_x=_cpu(s.x.float()), masked_pred=_cpu(logits_m.argmax(1)),
+            stream_groups=_cpu(s.groups), stream_x=_cpu(s.x.float()), masked_pred=_cpu(p2.logits_m.argmax(1)),
             recon=_cpu(recon.float()),
             recon_classes=_cpu(per_class.float()), feat_size=(int(fsize[0]), int(fsize[1])),
             mse=[float(v) for v in mse], semantic=[float(v) for v in semantic], fea_groups=_cpu(groups),
             fea_masked=_cpu(where), fea_weights=_cpu(weights.float()), pull=_cpu(pull), class_cos=_cpu(class_cos),
             prototypes_before=_cpu(before.float()), seen_before=_cpu(seen_before), prototypes=_cpu(protos.float()),
-            available=_cpu(available), batch_present=_cpu(present), class_terms=terms, agg_classes=_cpu(classes),
-            agg_loss=float(agg), phase2_in_loss=bool(c.any_mim))
+            available=_cpu(available), batch_present=_cpu(present), class_terms=class_terms,
+            agg_classes=_cpu(classes), agg_loss=float(fs.loss), phase2_in_loss=bool(c.any_mim))
 
 
 def main_class(trace: S4MIMTrace, i: int) -> int:
@@ -713,14 +673,12 @@ class ScaleMatchTrace(Trace):
 
 def scalematch_trace(session: StepSession, step: int = 0, seed: int = 0, scale: float | None = None,
                      tau: float | None = None, cif_warmup_epochs: int | None = None) -> ScaleMatchTrace:
-    """ScaleMatch's ``training_step`` one piece at a time.
+    """ScaleMatch's step as its stages computed it (:meth:`~workbench.methods.scalematch.ScaleMatch.stages`, the
+    call ``training_step`` makes), kept for display.
 
     ``scale`` (when not None) makes ``v`` that scale (``method.scales = [scale]``, so the step's draw can only give
     it); ``tau`` and ``cif_warmup_epochs`` change ``method.cfg``."""
-    from workbench.methods.fixmatch import Targets
-    from workbench.methods.scalematch import gated_fusion, scaled_image
-    from workbench.methods.supervised import supervised_loss
-    from workbench.ops.semi import pseudo_label
+    from workbench.methods.scalematch import fsvc_logits, gated_fusion, scaled_image
 
     _need(session, "scalematch")
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0):
@@ -731,85 +689,45 @@ def scalematch_trace(session: StepSession, step: int = 0, seed: int = 0, scale: 
     with session.configured(**knobs) as c, session.replay(seed):
         info = session.step_info(step)
         n = batch.x_l.shape[0]
-        # 1. the mix batch (eval mode); the scales of this step (global RNG): v, then t from v
-        mix = m.mix_targets(batch)
-        x = torch.cat([batch.x_l, batch.x_w])
-        size = tuple(x.shape[-2:])
-        scales = m.sample_scales()
-        t = m.sample_feature_scale(max(scales)) if c.fsvc else None
-        # 2-3. the two-scale forward (the method's own): scale 1 (reference: decoded from the t-resized features,
-        # jointly with the FSVC dropout copy; paper: from the unresized ones), each scale-v branch (logits resized
-        # back), and the fusion (s_w = the weight of the scale-1 prediction, s_v = 1 - s_w)
-        sp = m.scale_pass(x, n, scales, t)
-        logits, fused, gates = sp.pred_ori, sp.pred_joint, sp.gates
-        branches = sp.pred_size
-        views = [scaled_image(x[n:], v, c.min_scaled_size) for v in scales] if branches else []
+        s = m.stages(batch, info)
+        sp, pl, t = s.passes, s.pseudo, s.feature_scale
+        logits, fused, gates, branches = sp.pred_ori, sp.pred_joint, sp.gates, sp.pred_size
+        # display only: the weak view at each scale v, and s_v = 1 - s_w of every branch
+        views = [scaled_image(batch.x_w, v, c.min_scaled_size) for v in s.scales] if branches else []
         gates_v = [gated_fusion(g, logits, lv)[1] for g, lv in zip(gates, branches)]
-        # 4. labeled loss (fused when fusing), pseudo-labels (plain during the warm-up), the strong view
-        loss_x = supervised_loss(c, (fused if fused is not None else logits)[:n], batch.y_l)
-        plain = Targets(*pseudo_label(logits[n:]), batch.ignore)
-        fused_t = Targets(*pseudo_label(fused[n:]), batch.ignore) if fused is not None else None
-        use_fused = fused is not None and info.epoch >= c.cif_warmup_epochs
-        weak = fused_t if use_fused else plain
-        x_s = m.strong_view(batch.x_s1, batch.x_s1_mix, batch.box1)
-        logits_s = m.model(x_s)["logits"]
-        t_s = m.mixed_targets(weak, mix, batch.box1)
-        terms = [LossTerm("loss_x", float(loss_x), c.weight_x / 2, float(loss_x),
-                          "labeled CE" + (" of the fused prediction (trains the CIF)" if fused is not None else "")),
-                 LossTerm("loss_s", float(m.unsup_loss(logits_s, t_s)), c.weight_s / 2, 0.0,
-                          "strong view vs the CutMixed pseudo-label")]
-        # 5. ISVC (Eq. 14) and FSVC (Eqs. 15-16)
-        isvc = [float(m.unsup_loss(lv[n:], weak)) for lv in branches] if c.isvc else []
-        if c.isvc:
-            terms.append(LossTerm("loss_isvc", float(np.mean(isvc)), c.weight_isvc / 2, 0.0,
-                                  "ISVC: scale-v prediction vs the pseudo-label"))
-        logits_fp = None
-        if sp.pred_fp is not None:
-            logits_fp = sp.pred_fp[sp.pred_fp.shape[0] - batch.x_w.shape[0]:]
-            terms.append(LossTerm("loss_fsvc", float(m.unsup_loss(logits_fp, weak)), c.weight_fsvc / 2, 0.0,
-                                  "FSVC: t-scaled perturbed features vs the pseudo-label"))
-        for term in terms:
-            term.logged = term.value
-        extra = m.component_losses(batch, weak, info)
-        terms += [LossTerm(k, float(v), 1.0, float(v), "add-on component (weighted)") for k, v in extra.items()]
-        expected = {"pseudo": weak.pseudo, "confident": weak.confident(c.tau), "x_s1": x_s,
-                    "pred_s1": logits_s.argmax(1), "pred_w": logits[n:].argmax(1)}
-        if branches:
-            expected.update(scale=torch.tensor(scales, dtype=torch.float32),
-                            pred_v=torch.stack([lv[n:].argmax(1) for lv in branches], 1))
-        if fused is not None:
-            expected.update(gate_w=torch.stack([g[n:, 0] for g in gates], 1), pseudo_fused=fused[n:].argmax(1),
-                            pseudo_plain=plain.pseudo)
-        if logits_fp is not None:
-            expected.update(feature_scale=torch.tensor([t], dtype=torch.float32), pred_fsvc=logits_fp.argmax(1))
+        logits_fp = fsvc_logits(sp, batch.x_w.shape[0])
+        size = tuple(batch.x_w.shape[-2:])
         fs = sp.feature_sizes if t is not None else {k: sp.feature_sizes[k] for k in ("low", "high")}
+        weak, fused_t, t_s = pl.weak, pl.fused, s.targets_s
+        meanings = {**SCALEMATCH_TERMS, "loss_x": "labeled CE" + (" of the fused prediction (trains the CIF)"
+                                                                  if fused is not None else "")}
 
         def stack(ts: list[Tensor]) -> Tensor | None:
             return _cpu(torch.stack([g[n:, 0].float() for g in ts], 1)) if ts else None
 
         return ScaleMatchTrace(
             **_base(session, batch, step, seed, knobs),
-            images={"weak": _u8(session, batch.x_w), "strong": _u8(session, x_s), "labeled": _u8(session, batch.x_l)},
-            terms=terms, total=sum(term.weight * term.value for term in terms),
-            expected={k: _cpu(v) for k, v in expected.items()},
-            tau=float(c.tau), scales=tuple(float(v) for v in scales), sampling=c.scale_sampling,
+            images={"weak": _u8(session, batch.x_w), "strong": _u8(session, s.x_s),
+                    "labeled": _u8(session, batch.x_l)},
+            terms=stage_terms(s.terms, meanings), total=float(sum(w * v for w, v in s.terms.values())),
+            tau=float(c.tau), scales=tuple(float(v) for v in s.scales), sampling=c.scale_sampling,
             feature_scale=t, image_size=(int(size[0]), int(size[1])),
             scaled_sizes=list(sp.scaled_sizes), structure=c.structure,
             feature_sizes={k: (int(a), int(b)) for k, (a, b) in fs.items()}, epoch=info.epoch,
-            warmup_epochs=c.cif_warmup_epochs, use_fused=use_fused,
+            warmup_epochs=c.cif_warmup_epochs, use_fused=pl.use_fused,
             fusion=c.fusion if c.cif else None,
             scaled_views=[_u8(session, v) for v in views], logits_w=_cpu(logits[n:].float()),
             logits_v=_cpu(torch.stack([lv[n:].float() for lv in branches], 1)) if branches else
             torch.zeros(0), fused=None if fused is None else _cpu(fused[n:].float()), gate_w=stack(gates),
-            gate_v=stack(gates_v), pseudo_plain=_cpu(plain.pseudo), conf_plain=_cpu(plain.conf),
-            confident_plain=_cpu(plain.confident(c.tau)),
+            gate_v=stack(gates_v), pseudo_plain=_cpu(pl.plain.pseudo), conf_plain=_cpu(pl.plain.conf),
+            confident_plain=_cpu(pl.plain.confident(c.tau)),
             pseudo_fused=None if fused_t is None else _cpu(fused_t.pseudo),
             conf_fused=None if fused_t is None else _cpu(fused_t.conf),
             confident_fused=None if fused_t is None else _cpu(fused_t.confident(c.tau)),
             pseudo=_cpu(weak.pseudo), confident=_cpu(weak.confident(c.tau)),
             box=_cpu(batch.box1 if c.cutmix else torch.zeros_like(batch.box1)), target_s=_cpu(t_s.pseudo),
             confident_s=_cpu(t_s.confident(c.tau)), valid_s=_cpu(t_s.ignore != IGNORE),
-            pred_s=_cpu(logits_s.argmax(1)), isvc_losses=isvc,
+            pred_s=_cpu(s.logits_s.argmax(1)), isvc_losses=[float(v) for v in s.isvc],
             pred_fsvc=None if logits_fp is None else _cpu(logits_fp.argmax(1)))
 
 
