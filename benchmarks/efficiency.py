@@ -24,6 +24,7 @@ import tempfile
 from pathlib import Path
 
 from relative_step import METHODS, SMALL, bench_once
+
 from workbench.engine.bench import write_result
 from workbench.engine.rundir import atomic_write_text
 

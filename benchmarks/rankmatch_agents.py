@@ -27,8 +27,6 @@ from workbench.ops.agents import agent_correlation, orthogonal_agents
 from workbench.ops.ranking import rank_distributions
 
 
-
-
 def timed(fn: Callable[[], object], device: torch.device, repeats: int) -> tuple[float, list[float], float]:
     """(median seconds, all timings, peak extra memory in MB) of ``fn`` after one warm-up call."""
     def sync() -> None:

@@ -23,10 +23,9 @@ import sys
 import time
 
 import torch
-
-from workbench.engine.bench import write_result
 import torch.nn.functional as F
 
+from workbench.engine.bench import write_result
 from workbench.ops.correlation import (
     correlation_map,
     region_propagation,
@@ -34,7 +33,6 @@ from workbench.ops.correlation import (
     sample_rows,
     shapes_from_rows,
 )
-
 
 SCENARIOS = {"early": 8.0, "mid": 10.0, "late": 14.0, "salt": None}  # logit sharpness of the coherent ones
 

@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from region_propagation import make_inputs  # noqa: E402
+from region_propagation import make_inputs
 
-from workbench.ops.correlation import region_propagation  # noqa: E402
+from workbench.ops.correlation import region_propagation
 
 
 def load_old(root: Path):

@@ -45,8 +45,8 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     """Run one configuration in this process and return its measurements."""
     from workbench.config import config_from_dict
     from workbench.engine.bench import peak_rss_mb, random_batch
-    from workbench.engine.optim import build_sgd
     from workbench.engine.build import build_from_config
+    from workbench.engine.optim import build_sgd
     from workbench.methods import StepInfo
 
     if args.threads:

@@ -38,9 +38,9 @@ def count_method(method: str, state: str, crop: int, batch: int, classes: int, s
 
     from workbench.config import apply_overrides, config_from_dict
     from workbench.engine.bench import random_batch
+    from workbench.engine.build import build_from_config
     from workbench.engine.optim import DeferredNonFinite, build_sgd, zero_momentum_buffers
     from workbench.engine.syncs import host_reads
-    from workbench.engine.build import build_from_config
     from workbench.methods import StepInfo
 
     torch.manual_seed(0)

@@ -22,7 +22,6 @@ from collections.abc import Callable
 import torch
 
 from workbench.engine.bench import write_result
-
 from workbench.ops.rwkv import wkv, wkv_reference
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import PIL
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from workbench.data.synthetic import SyntheticSpec, dataset_fingerprint, generate_synthetic  # noqa: E402
+from workbench.data.synthetic import SyntheticSpec, dataset_fingerprint, generate_synthetic
 
 
 def main(argv: list[str] | None = None) -> int:

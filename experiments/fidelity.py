@@ -25,9 +25,9 @@ import torch
 
 from workbench.config import apply_overrides, config_from_dict, config_to_dict, load_config
 from workbench.data.dataset import SegDataset, StepDataset, StepPlan
+from workbench.engine.build import build_from_config, load_run_config, prepare_dataset, split_names
 from workbench.engine.checkpoint import load_checkpoint
 from workbench.engine.rundir import RunDir, atomic_write_text
-from workbench.engine.build import build_from_config, load_run_config, prepare_dataset, split_names
 from workbench.methods import SemiBatch, StepInfo
 
 

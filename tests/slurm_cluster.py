@@ -140,7 +140,7 @@ PartitionName={self.partition} Nodes={self.host} Default=YES MaxTime=INFINITE St
             out = (self.dir / "log" / f"{name}.out").read_text(errors="replace").strip()[-800:]
             raise SlurmUnavailable(f"{name} did not start (exit {proc.poll()}): {out}\n{self._log_tail(name)}")
 
-    def start(self, timeout: float = 60) -> "LocalSlurm":
+    def start(self, timeout: float = 60) -> LocalSlurm:
         """Write the configuration, start munged, slurmctld and slurmd, wait until the node is idle."""
         paths = self._check_installed()
         self._write_config()
@@ -201,7 +201,7 @@ PartitionName={self.partition} Nodes={self.host} Default=YES MaxTime=INFINITE St
                 proc.kill()
                 proc.wait(5)
 
-    def __enter__(self) -> "LocalSlurm":
+    def __enter__(self) -> LocalSlurm:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import TINY_SPEC, tiny_config_dict  # noqa: E402
+from conftest import TINY_SPEC, tiny_config_dict
 
 METHODS = ("supervised", "fixmatch", "meanteacher", "unimatch", "maskmatch", "s4mim", "scalematch", "corrmatch",
            "rankmatch")

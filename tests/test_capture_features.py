@@ -8,13 +8,14 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import tiny_config_dict
 from workbench.config import config_from_dict
 from workbench.dashboard.data import feature_points
 from workbench.engine.trainer import artifact_tensor, build_from_config
 from workbench.methods import SemiBatch, StepInfo
 from workbench.methods.base import FEATURE_GRID, FEATURE_IMAGES
 from workbench.methods.supervised import Supervised, SupervisedConfig
+
+from conftest import tiny_config_dict
 
 METHODS = ("supervised", "fixmatch", "meanteacher", "unimatch", "maskmatch", "s4mim", "scalematch", "corrmatch",
            "rankmatch")

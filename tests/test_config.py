@@ -1,7 +1,14 @@
 import pytest
 
-from workbench.config import (ConfigError, apply_overrides, config_from_dict, config_to_dict, dump_config,
-                              load_config, parse_override)
+from workbench.config import (
+    ConfigError,
+    apply_overrides,
+    config_from_dict,
+    config_to_dict,
+    dump_config,
+    load_config,
+    parse_override,
+)
 
 
 def test_defaults_and_roundtrip(tmp_path):

@@ -17,17 +17,44 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_config_dict
 from workbench.config import config_from_dict
 from workbench.dashboard import app as app_mod
 from workbench.dashboard.app import Dashboard, build_app, curve_keys, default_curves, serve
-from workbench.dashboard.data import (ArtifactCache, ArtifactError, JsonlTail, RunData, dataset_meta, discover_runs,
-                                      feature_points, generic_meta, most_recent_run, per_class_quality, run_updated,
-                                      sample_stats, select_samples, spread_steps, tsne_embedding)
-from workbench.dashboard.render import (ERROR_COLOR, LOW_CONF_COLOR, auto_map, error_map, extra_maps, gallery_views,
-                                        heat, ignored_map, mark_points, method_views_html, outline, undrawn)
+from workbench.dashboard.data import (
+    ArtifactCache,
+    ArtifactError,
+    JsonlTail,
+    RunData,
+    dataset_meta,
+    discover_runs,
+    feature_points,
+    generic_meta,
+    most_recent_run,
+    per_class_quality,
+    run_updated,
+    sample_stats,
+    select_samples,
+    spread_steps,
+    tsne_embedding,
+)
+from workbench.dashboard.render import (
+    ERROR_COLOR,
+    LOW_CONF_COLOR,
+    auto_map,
+    error_map,
+    extra_maps,
+    gallery_views,
+    heat,
+    ignored_map,
+    mark_points,
+    method_views_html,
+    outline,
+    undrawn,
+)
 from workbench.engine.rundir import RunDir
 from workbench.engine.trainer import train
+
+from conftest import tiny_config_dict
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

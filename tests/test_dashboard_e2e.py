@@ -19,12 +19,13 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from browser import CHROMIUM, CHROMIUM_ARGS, browser_missing, free_port
-from conftest import tiny_config_dict
+
 from workbench.config import config_from_dict
 from workbench.engine.rundir import RunDir
 from workbench.engine.trainer import train
+
+from conftest import tiny_config_dict
 
 pytestmark = pytest.mark.slow  # a real server and a real browser
 

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision import tv_tensors
 
 from workbench.data.dataset import DataError, EvalDataset, SegDataset, StepDataset, StepPlan, load_manifest
 from workbench.data.transforms import cutmix_box, normalize, weak_transform
-from torchvision import tv_tensors
 
 
 @pytest.fixture

@@ -10,12 +10,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from conftest import tiny_config_dict
 from workbench.config import config_from_dict
 from workbench.data.dataset import SegDataset, StepDataset, StepPlan
 from workbench.engine.distributed import convert_sync_batchnorm
 from workbench.engine.trainer import build_from_config
 from workbench.methods import SemiBatch, StepInfo
+
+from conftest import tiny_config_dict
 
 pytestmark = pytest.mark.slow  # real process groups (gloo), spawned processes
 
@@ -93,4 +94,4 @@ def test_nproc_launcher_end_to_end(tmp_path, tiny_data):
     summary = json.loads((tmp_path / "runs" / "t" / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["finished"]
     lines = (tmp_path / "runs" / "t" / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(l)["step"] for l in lines if '"train"' in l] == [1, 2]  # only rank 0 wrote
+    assert [json.loads(line)["step"] for line in lines if '"train"' in line] == [1, 2]  # only rank 0 wrote

@@ -242,7 +242,7 @@ def test_inconsistent_splits_rejected_before_writing(tiny_cfg, tmp_path, tiny_da
         train(cfg)
     unl.write_text("\n".join(unl.read_text().splitlines()[:-1]) + "\n")
     train_list = root / "splits" / "train.txt"
-    train_list.write_text("\n".join(l for l in train_list.read_text().splitlines() if l != lab[0]) + "\n")
+    train_list.write_text("\n".join(x for x in train_list.read_text().splitlines() if x != lab[0]) + "\n")
     with pytest.raises(ConfigError, match="not in the dataset's train list"):
         train(cfg)
     assert not cfg.run_dir.exists()

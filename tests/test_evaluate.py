@@ -11,9 +11,17 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from workbench import registry
-from workbench.engine.evaluate import (EvalSettings, center_crop, clipped_window_starts, evaluate, multiscale_logits,
-                                       sliding_window_coverage, sliding_window_logits, sliding_window_probs,
-                                       window_starts)
+from workbench.engine.evaluate import (
+    EvalSettings,
+    center_crop,
+    clipped_window_starts,
+    evaluate,
+    multiscale_logits,
+    sliding_window_coverage,
+    sliding_window_logits,
+    sliding_window_probs,
+    window_starts,
+)
 
 torch.manual_seed(0)
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
-import ablation  # noqa: E402
-import fidelity  # noqa: E402,F401
+import ablation
+import fidelity
 
 
 def write_results(folder: Path, rows: list[dict]) -> Path:
@@ -46,7 +46,6 @@ def test_fidelity_compares_one_step_on_identical_inputs(tmp_path, tiny_cfg):
     """experiments/fidelity.py: the same config twice gives identical losses and gradients (difference 0, cosine 1);
     a switch that changes the loss (RankMatch's floor guard at tau 0 on the tiny model) gives a non-zero difference
     and keeps every parameter shared (the switch adds none)."""
-    import fidelity
 
     cfg = tiny_cfg(**{"method.name": "rankmatch", "method.tau": 0.0, "method.num_agents": 4})
     from workbench.config import apply_overrides, config_from_dict, config_to_dict

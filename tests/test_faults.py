@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import shutil
 import signal
 import socket
@@ -25,14 +24,22 @@ import pytest
 import torch
 import yaml
 
-from conftest import tiny_config_dict
 from workbench.cli import main as cli
 from workbench.config import ConfigError, config_from_dict, load_config
 from workbench.data.dataset import DataError
-from workbench.engine.checkpoint import (CheckpointError, checksum_path, load_checkpoint, load_latest,
-                                         previous_path, save_checkpoint, sha256_file)
+from workbench.engine.checkpoint import (
+    CheckpointError,
+    checksum_path,
+    load_checkpoint,
+    load_latest,
+    previous_path,
+    save_checkpoint,
+    sha256_file,
+)
 from workbench.engine.rundir import RunDir, RunLock, atomic_write_text, read_jsonl
-from workbench.engine.trainer import NonFiniteError, evaluate_run, load_method, train
+from workbench.engine.trainer import evaluate_run, load_method, train
+
+from conftest import tiny_config_dict
 
 pytestmark = pytest.mark.faults
 
@@ -500,6 +507,7 @@ def test_9_dashboard_skips_symlinks_out_of_its_root(tmp_path):
 
 def test_9_prepare_folder_checks_unlabeled_images(tmp_path):
     from test_recipes import build_folder
+
     from workbench.data.recipes import prepare
     from workbench.data.recipes.common import RecipeError
 

@@ -24,12 +24,13 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from browser import CHROMIUM, CHROMIUM_ARGS, browser_missing, free_port
 from papermill.iorw import load_notebook_node
 from papermill.parameterize import parameterize_notebook
 
-from browser import CHROMIUM, CHROMIUM_ARGS, browser_missing, free_port
-from conftest import tiny_config_dict
 from workbench.runs import flatten
+
+from conftest import tiny_config_dict
 
 pytestmark = pytest.mark.slow
 

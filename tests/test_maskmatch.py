@@ -9,8 +9,7 @@ import torch
 
 from workbench.config import ConfigError, config_from_dict
 from workbench.engine.evaluate import EvalSettings, evaluate
-from workbench.engine.metrics import (BoundaryFMeter, boundary_f_score, boundary_map, boundary_prf,
-                                      boundary_radius)
+from workbench.engine.metrics import BoundaryFMeter, boundary_f_score, boundary_map, boundary_prf, boundary_radius
 from workbench.methods.components import LocalConsistency, lcr_loss
 from workbench.ops.ensemble import ensemble_probs, multiscale_ce_loss, multiscale_ensemble, predict_scales
 
@@ -237,9 +236,10 @@ def semi_batch(tiny_data, cfg):
 
 @pytest.mark.parametrize("name", ["fixmatch", "unimatch", "corrmatch", "rankmatch"])
 def test_lcr_switched_on_by_config_adds_its_loss(name, tmp_path, tiny_data):
-    from conftest import tiny_config_dict
     from workbench.engine.trainer import build_from_config
     from workbench.methods import StepInfo
+
+    from conftest import tiny_config_dict
 
     def step(weight):
         fixed = {"method.threshold": "fixed"} if name == "corrmatch" else {}  # tau is CorrMatch's only when fixed
@@ -262,9 +262,10 @@ def test_lcr_uses_the_hosts_confident_mask_under_corrmatchs_dynamic_threshold(tm
     # CorrMatch's dynamic threshold from thresh_init 0 with momentum 1 stays at 0 (0 x 1 + 0 x maxima), so every
     # non-padding pixel is confident for CorrMatch while the fixed cfg.tau = 1 would keep none (softmax < 1): LCR
     # follows the step's own mask, so its loss is positive (it would be exactly 0 under cfg.tau)
-    from conftest import tiny_config_dict
     from workbench.engine.trainer import build_from_config
     from workbench.methods import StepInfo
+
+    from conftest import tiny_config_dict
 
     cfg = config_from_dict(tiny_config_dict(tmp_path, tiny_data, **{
         "method.name": "corrmatch", "method.tau": 1.0, "method.thresh_init": 0.0, "method.thresh_momentum": 1.0,
@@ -313,9 +314,10 @@ def test_maskmatch_training_run_writes_its_artifacts(tiny_cfg):
 
 def test_maskmatch_switches_change_the_step(tmp_path, tiny_data):
     """Table 7 switches: MS off and LCR off give the plain mean-teacher step (same loss, same logs)."""
-    from conftest import tiny_config_dict
     from workbench.engine.trainer import build_from_config
     from workbench.methods import StepInfo
+
+    from conftest import tiny_config_dict
 
     def step(name, **kw):
         cfg = config_from_dict(tiny_config_dict(tmp_path, tiny_data, **{"method.name": name, "method.tau": 0.0,
@@ -425,6 +427,7 @@ def test_strict_threshold_and_maskmatch_defaults():
     cfg = config_from_dict({"method": {"name": "maskmatch"}}).method
     assert (cfg.loss_norm, cfg.tau_strict, cfg.ema_warmup, cfg.alpha) == ("image_confident", True, False, 0.999)
     from workbench.methods import METHODS
+
     from conftest import StubSegNet
 
     method = METHODS["maskmatch"](StubSegNet({}), cfg, 2)

@@ -10,8 +10,14 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from workbench.engine.metrics import (ConfusionMeter, class_iou, confusion_matrix, foreground_stats, mean_iou,
-                                      pixel_accuracy)
+from workbench.engine.metrics import (
+    ConfusionMeter,
+    class_iou,
+    confusion_matrix,
+    foreground_stats,
+    mean_iou,
+    pixel_accuracy,
+)
 
 # Hand-built 3-class case, (ground truth, prediction) pairs:
 #   GT\pred   0  1  2

@@ -3,7 +3,6 @@ executed copy holds the expected figures (image/png outputs) and tables, not onl
 import ast
 import base64
 import json
-import os
 import re
 import shutil
 from pathlib import Path
@@ -12,13 +11,14 @@ import nbformat
 import pytest
 from papermill.inspection import inspect_notebook
 
-from conftest import tiny_config_dict
 from workbench.config import config_from_dict
 from workbench.engine.trainer import train
 from workbench.paths import ENV, describe_root, project_path, project_root, require_dir, require_run
 from workbench.report import NOTEBOOKS, ReportError, report_name, resolve_notebook, run_report
 from workbench.runs import flatten
 from workbench.viz.notebook import strip_notebook, strip_notebooks
+
+from conftest import tiny_config_dict
 
 REPO = Path(__file__).resolve().parents[1]
 

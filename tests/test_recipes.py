@@ -17,16 +17,16 @@ import pytest
 import scipy.io
 import torch
 import yaml
-from conftest import tiny_config_dict
 from PIL import Image
 
 from workbench.config import config_from_dict, load_config
 from workbench.data.dataset import EvalDataset, SegDataset, load_manifest
-from workbench.data.recipes import RECIPES, RecipeError, prepare
+from workbench.data.recipes import RECIPES, RecipeError, coco, common, lucchi, prepare, voc
 from workbench.data.recipes import cityscapes as cs
-from workbench.data.recipes import coco, common, lucchi, voc
 from workbench.data.recipes.common import Recipe, fraction_size, run_recipe
 from workbench.engine.metrics import ConfusionMeter
+
+from conftest import tiny_config_dict
 
 REPO = Path(__file__).resolve().parents[1]
 RNG = np.random.default_rng(0)

@@ -12,11 +12,12 @@ import time
 import pytest
 import torch
 
-from conftest import tiny_config_dict
+from workbench.config import config_from_dict
 from workbench.data.dataset import DataError
 from workbench.engine.rundir import RunDir, atomic_torch_save
 from workbench.engine.trainer import train
-from workbench.config import config_from_dict
+
+from conftest import tiny_config_dict
 
 
 def records(run_dir, kind):

@@ -11,10 +11,31 @@ import torch.nn.functional as F
 import yaml
 
 from workbench.config import parse_override
-from workbench.report import (ReportError, grid_points, parse_grid, parse_parameters, point_stem, report_name,
-                              resolve_notebook, run_report, split_values)
-from workbench.runs import (Table, ablation_table, class_quality, load_run, load_runs, lookup, mean_std,
-                            metrics_frame, per_class_table, train_overrides, training_command, varied_keys)
+from workbench.report import (
+    ReportError,
+    grid_points,
+    parse_grid,
+    parse_parameters,
+    point_stem,
+    report_name,
+    resolve_notebook,
+    run_report,
+    split_values,
+)
+from workbench.runs import (
+    Table,
+    ablation_table,
+    class_quality,
+    load_run,
+    load_runs,
+    lookup,
+    mean_std,
+    metrics_frame,
+    per_class_table,
+    train_overrides,
+    training_command,
+    varied_keys,
+)
 from workbench.viz.embedding import FeatureSpace, feature_space_figure, grid_labels, sample_pixels
 from workbench.viz.figures import training_curves
 from workbench.viz.quality import ERROR_COLORS, error_map, pseudo_label_panel

@@ -11,9 +11,7 @@ from workbench.config import ConfigError
 from workbench.engine.checkpoint import load_checkpoint
 from workbench.engine.rundir import RunDir
 from workbench.engine.trainer import Trainer, train
-from workbench.ops.mim import (ClassHeads, aggregation_loss, class_prototypes, ema_prototypes, group_features,
-                               normaliser)
-
+from workbench.ops.mim import ClassHeads, aggregation_loss, class_prototypes, ema_prototypes, group_features, normaliser
 
 # ---------------------------------------------------------------- grouping and class-wise heads
 

@@ -15,10 +15,19 @@ from workbench.config import ConfigError, config_from_dict
 from workbench.engine.bench import random_batch
 from workbench.engine.evaluate import EvalSettings, evaluate
 from workbench.methods import METHODS, SemiBatch, StepInfo
-from workbench.methods.scalematch import (CrossScaleFusion, ReferenceCIF, ScaleMatch, ScaleMatchPredictor,
-                                          cif_multiscale_inference, gated_fusion, reference_fusion,
-                                          reference_two_scale, resized_feature_size, scaled_image,
-                                          scaled_image_size)
+from workbench.methods.scalematch import (
+    CrossScaleFusion,
+    ReferenceCIF,
+    ScaleMatch,
+    ScaleMatchPredictor,
+    cif_multiscale_inference,
+    gated_fusion,
+    reference_fusion,
+    reference_two_scale,
+    resized_feature_size,
+    scaled_image,
+    scaled_image_size,
+)
 
 LN = math.log
 

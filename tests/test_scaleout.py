@@ -11,12 +11,13 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from conftest import TINY_SPEC, tiny_config_dict
-from slurm_cluster import LocalSlurm, SlurmUnavailable
 from workbench import scaleout
 from workbench.cli import torchrun_command
-from workbench.report import GridPlan, ReportError, ReportInputError, plan_report, run_report
+from workbench.report import ReportError, ReportInputError, plan_report, run_report
 from workbench.scaleout import PointJob, SlurmOptions, local_slots
+
+from conftest import TINY_SPEC, tiny_config_dict
+from slurm_cluster import LocalSlurm, SlurmUnavailable
 
 REPO = Path(__file__).resolve().parents[1]
 

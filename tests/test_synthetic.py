@@ -12,9 +12,14 @@ import pytest
 from PIL import Image
 
 from workbench.data import synthetic
-from workbench.data.synthetic import (SyntheticSpec, dataset_fingerprint, ensure_synthetic, generate_synthetic,
-                                      render_sample,
-                                      render_sample_detailed)
+from workbench.data.synthetic import (
+    SyntheticSpec,
+    dataset_fingerprint,
+    ensure_synthetic,
+    generate_synthetic,
+    render_sample,
+    render_sample_detailed,
+)
 
 TINY = SyntheticSpec(image_size=(32, 40), num_train=96, num_val=8, seed=3, label_fractions=("1-32", "1-16", "1-8", "1-4"))
 FRACTIONS = ("1-32", "1-16", "1-8", "1-4")

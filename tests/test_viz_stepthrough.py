@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_config_dict
 from workbench.config import ConfigError, config_from_dict, dump_config
 from workbench.runs import flatten
 from workbench.viz import stepthrough as st
 from workbench.viz.figures import plt
+
+from conftest import tiny_config_dict
 
 TRACES = {"maskmatch": st.maskmatch_trace, "corrmatch": st.corrmatch_trace, "rankmatch": st.rankmatch_trace}
 

@@ -87,10 +87,8 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _data(args: argparse.Namespace) -> int:
     if args.data_cmd == "synth":
-        from workbench.config import parse_override
+        from workbench.config import ConfigError, parse_override
         from workbench.data.synthetic import SyntheticSpec, ensure_synthetic
-
-        from workbench.config import ConfigError
 
         try:
             spec = SyntheticSpec(**{".".join(k): v for k, v in (parse_override(o) for o in (args.set or []))})
@@ -347,10 +345,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"workbench: error: cannot write{where}: {e.strerror or e} (the files written before are intact; free "
               "space or fix the permissions, then run the same command again to resume)", file=sys.stderr)
         return 2
-    except Exception as e:  # noqa: BLE001 - a failed report is summarised in one line (details in its index)
-        from workbench.report import ReportError
-
+    except Exception as e:
         from workbench.engine.trainer import NonFiniteError
+        from workbench.report import ReportError
 
         if isinstance(e, ReportError):
             print(f"workbench: error: {e}", file=sys.stderr)

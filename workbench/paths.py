@@ -51,7 +51,8 @@ def _find_root() -> tuple[Path, str]:
             return d, f"found at or above the working directory {cwd}"
     pkg_root = Path(__file__).resolve().parents[1]
     if is_project_root(pkg_root):
-        return pkg_root, f"the checkout holding the imported workbench package (the working directory {cwd} is outside it)"
+        return pkg_root, (f"the checkout holding the imported workbench package (the working directory {cwd} is "
+                          "outside it)")
     return cwd, "the working directory (no project checkout above it, nor around the imported workbench package)"
 
 

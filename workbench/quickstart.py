@@ -123,7 +123,7 @@ def calibration_text(summary: dict[str, Any], path: str | Path = CALIBRATION) ->
 def render_report(summary: dict[str, Any]) -> str:
     """Markdown of a quickstart summary: the table of methods, and the gain of each semi-supervised method over
     supervised-only (final mIoU) next to the calibrated gain over seeds when the summary is the default job's."""
-    f = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    f = lambda v: "-" if v is None else f"{v:.3f}"
     lines = [f"### Embedded dataset, labels {summary['split']}, {summary['iters']} steps, seed {summary['seed']}", "",
              "| method | best mIoU | final mIoU | fg IoU | fg class acc | train s |", "|---|---|---|---|---|---|"]
     methods = summary["methods"]

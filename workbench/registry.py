@@ -18,7 +18,7 @@ BUILTIN_METHODS = "workbench.methods"
 """The package whose import registers the built-in methods (loaded on the first lookup that misses)."""
 
 _METHOD_CONFIGS: dict[str, type] = {}
-_EVAL_MODES: dict[str, "EvalMode"] = {}
+_EVAL_MODES: dict[str, EvalMode] = {}
 _loaded = False
 
 

@@ -34,10 +34,11 @@ import os
 import re
 import sys
 import time
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import yaml
 
@@ -272,7 +273,7 @@ def render_index(title: str, entries: Sequence[ReportEntry], source: str) -> str
     """The index page: one row per grid point with links, parameters, status (and where it ran) and the failing
     cell; points without an outcome yet show as queued/running/pending."""
     keys = list(dict.fromkeys(k for e in entries for k in e.parameters))
-    esc = lambda v: html.escape(v if isinstance(v, str) else json.dumps(v))  # noqa: E731
+    esc = lambda v: html.escape(v if isinstance(v, str) else json.dumps(v))
     rows = []
     for e in entries:
         links = " ".join(f'<a href="{html.escape(f)}">{lbl}</a>' for f, lbl in ((e.html, "html"), (e.notebook,

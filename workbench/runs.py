@@ -17,9 +17,10 @@ import math
 import subprocess
 import sys
 import warnings
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import torch
 import yaml
@@ -109,7 +110,7 @@ class Table:
 
     def to_markdown(self) -> str:
         """GitHub-flavoured Markdown (title as a bold line above)."""
-        esc = lambda s: s.replace("|", "\\|")  # noqa: E731
+        esc = lambda s: s.replace("|", "\\|")
         lines = [f"**{self.title}**", ""] if self.title else []
         lines.append("| " + " | ".join(esc(c) for c in self.columns) + " |")
         lines.append("|" + "---|" * len(self.columns))
@@ -425,7 +426,7 @@ def class_quality(pseudo: Tensor, confident: Tensor, gt: Tensor, num_classes: in
     if g.numel() and (int(g.max()) >= num_classes or int(p.max()) >= num_classes):
         raise ValueError(f"labels must lie in [0, {num_classes}) or be 255 in gt")
     k = num_classes
-    count = lambda sel, lab: torch.bincount(lab[sel], minlength=k).double()  # noqa: E731
+    count = lambda sel, lab: torch.bincount(lab[sel], minlength=k).double()
     allv = torch.ones_like(g, dtype=torch.bool)
     right = p == g
     gt_n, pred_n, inter = count(allv, g), count(allv, p), count(right, g)

@@ -28,14 +28,22 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import yaml
 
-from workbench.report import (GridPlan, GridPoint, ReportEntry, ReportInputError, _package_importable,
-                              point_line, run_plan_point)
+from workbench.report import (
+    GridPlan,
+    GridPoint,
+    ReportEntry,
+    ReportInputError,
+    _package_importable,
+    point_line,
+    run_plan_point,
+)
 
 SLURM_PROBE_TIMEOUT = 30.0
 """seconds ``sinfo`` may take to answer before the cluster counts as unreachable"""

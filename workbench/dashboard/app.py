@@ -20,16 +20,35 @@ import os
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import panel as pn
 
-from workbench.dashboard.data import (CACHE, ORDERS, ArtifactCache, ArtifactError, RunData, discover_runs,
-                                      most_recent_run, quality_over_time, sample_stats, select_samples,
-                                      tsne_embedding)
-from workbench.dashboard.render import (GALLERY_CSS, curves_png, gallery_html, labeled_html, message_html,
-                                        method_views_html, quality_png, tsne_png)
+from workbench.dashboard.data import (
+    CACHE,
+    ORDERS,
+    ArtifactCache,
+    ArtifactError,
+    RunData,
+    discover_runs,
+    most_recent_run,
+    quality_over_time,
+    sample_stats,
+    select_samples,
+    tsne_embedding,
+)
+from workbench.dashboard.render import (
+    GALLERY_CSS,
+    curves_png,
+    gallery_html,
+    labeled_html,
+    message_html,
+    method_views_html,
+    quality_png,
+    tsne_png,
+)
 from workbench.dashboard.server import serve  # noqa: F401 (re-exported: the server lives in a light module)
 
 #: metric keys drawn by default when a run logs them (any key containing "thresh" or "tau" is added too)
@@ -110,7 +129,7 @@ class Dashboard:
         self.curves = w.MultiChoice(**_label("Curves"), options=[], sizing_mode="stretch_width")
         self.tsne_button = w.Button(**_label("Compute t-SNE of this step"))
 
-        html_pane = lambda cls: pn.pane.HTML("", stylesheets=[GALLERY_CSS], css_classes=[cls],  # noqa: E731
+        html_pane = lambda cls: pn.pane.HTML("", stylesheets=[GALLERY_CSS], css_classes=[cls],
                                              sizing_mode="stretch_width")
         self.status = html_pane("wb-status")
         self.messages = html_pane("wb-messages")
@@ -156,7 +175,7 @@ class Dashboard:
                 return
             try:
                 fn(*args)
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 self.note(f"{getattr(fn, '__name__', 'update')}: {type(e).__name__}: {e}")
                 traceback.print_exc(file=sys.stderr)
         return call
@@ -424,7 +443,7 @@ class Dashboard:
         self.tsne_pane.objects = [_msg("computing the t-SNE...", error=False)]
         try:
             png, text = await asyncio.to_thread(self.tsne_result)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             png, text = None, f"t-SNE: {type(e).__name__}: {e}"
         self._show_tsne(png, text)
 

@@ -56,15 +56,17 @@ import json
 import math
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from workbench.engine.rundir import RunDir
 from workbench.ops import IGNORE
+
 #: keys read by the gallery and the method views; everything else per-sample is shown generically
 KNOWN_KEYS = frozenset({
     "x_w", "y_u", "pseudo", "conf", "confident", "ignore", "x_s1", "x_s2", "box1", "box2", "pred_s1", "pred_fp",
@@ -185,7 +187,7 @@ class ArtifactCache:
             return hit
         try:
             obj = torch.load(path, weights_only=True, map_location="cpu")
-        except Exception as e:  # noqa: BLE001 - truncated zip, bad pickle, EOF...: all mean "unreadable"
+        except Exception as e:
             raise ArtifactError(f"could not read capture file {path.name}: {type(e).__name__}: {e}") from None
         finally:
             self.loads += 1

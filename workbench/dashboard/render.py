@@ -12,19 +12,18 @@ import base64
 import html
 import io
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import matplotlib
 
 matplotlib.use("Agg", force=False)  # pyplot itself is imported by the figures (lazy tabs), not by the first page
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
-import torch  # noqa: E402
-from torch import Tensor  # noqa: E402
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
 
-from workbench.dashboard.data import (IGNORE, KNOWN_KEYS, DatasetMeta, SampleStats, batch_size,  # noqa: E402
-                                      per_sample_keys)
+from workbench.dashboard.data import IGNORE, KNOWN_KEYS, DatasetMeta, SampleStats, batch_size, per_sample_keys
 
 IGNORE_COLOR = (255, 255, 255)
 
@@ -329,7 +328,7 @@ def sample_html(arts: dict[str, Tensor], stat: SampleStats, views: list[View], m
     for v in views:
         try:
             figs.append(figure_html(v.draw(arts, stat.index, meta), v.title, 2 * thumb, v.smooth))
-        except Exception as e:  # noqa: BLE001 - one bad tensor must not hide the rest of the card
+        except Exception as e:
             figs.append(message_html(f"{v.title}: {type(e).__name__}: {e}"))
     return (f'<div class="wb-sample" data-index="{stat.index}"><div class="wb-head">{html.escape(head)}</div>'
             f'<div class="wb-row">{"".join(figs)}</div></div>')
@@ -434,7 +433,7 @@ def method_views_html(arts: dict[str, Tensor], order: list[int], meta: DatasetMe
         for title, fn in sections:
             try:
                 figs += [figure_html(rgb, cap, 2 * thumb) for rgb, cap in fn(i)]
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 figs.append(message_html(f"{title}: {type(e).__name__}: {e}"))
         cards.append(f'<div class="wb-sample-method" data-index="{i}"><div class="wb-head">sample {i}</div>'
                      f'<div class="wb-row">{"".join(figs)}</div></div>')
@@ -442,7 +441,7 @@ def method_views_html(arts: dict[str, Tensor], order: list[int], meta: DatasetMe
 
 
 # ---------------------------------------------------------------------------------------------------- figures
-def fig_png(fig: "matplotlib.figure.Figure", dpi: int = 90) -> bytes:
+def fig_png(fig: matplotlib.figure.Figure, dpi: int = 90) -> bytes:
     """PNG bytes of a matplotlib figure, which is closed afterwards."""
     import matplotlib.pyplot as plt
 

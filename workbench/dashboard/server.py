@@ -23,7 +23,7 @@ def _import_app() -> None:
     """Import the dashboard module (run in a background thread while the server starts)."""
     try:
         importlib.import_module(APP_MODULE)
-    except Exception:  # noqa: BLE001 - the session's own import reports it in the page
+    except Exception:
         traceback.print_exc(file=sys.stderr)
 
 
@@ -36,7 +36,7 @@ def session_page(runs_dir: Path, refresh_ms: int | None) -> pn.Column:
         try:
             app = importlib.import_module(APP_MODULE)
             root.objects = [app.build_app(runs_dir, refresh_ms)]
-        except Exception as e:  # noqa: BLE001 - shown instead of an endless "loading"
+        except Exception as e:
             traceback.print_exc(file=sys.stderr)
             root.objects = [pn.pane.Alert(f"the dashboard could not start: {type(e).__name__}: {e}",
                                           alert_type="danger")]

@@ -31,7 +31,6 @@ from workbench.engine.rundir import atomic_write_text
 from workbench.engine.syncs import host_reads
 from workbench.methods import SemiBatch, StepInfo
 
-
 PAPER_MODEL = ["model.stem=deep", "model.width=1.0", "model.head_width=1.0", "model.output_stride=16",
                "model.aspp_rates=null"]
 MODEL_PRESETS: dict[str, list[str]] = {

@@ -26,12 +26,17 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from workbench.config import ConfigError, RunConfig, config_from_dict, whole_image_mode
-from workbench.data.dataset import (DataError, EvalDataset, SegDataset, StepDataset, StepPlan, load_manifest,
-                                    read_split)
+from workbench.data.dataset import DataError, EvalDataset, SegDataset, StepDataset, StepPlan, load_manifest, read_split
 from workbench.data.transforms import normalize
 from workbench.engine import distributed as D
-from workbench.engine.checkpoint import (CheckpointError, latest_exists, load_checkpoint, load_latest,
-                                         load_state_checked, nonfinite_tensors)
+from workbench.engine.checkpoint import (
+    CheckpointError,
+    latest_exists,
+    load_checkpoint,
+    load_latest,
+    load_state_checked,
+    nonfinite_tensors,
+)
 from workbench.engine.evaluate import EvalSettings
 from workbench.engine.optim import build_sgd, fused_choice, scaled_lr
 from workbench.engine.rundir import RunDir

@@ -8,8 +8,9 @@ the zip container does not check) is refused.
 
 ``latest.pt`` keeps its predecessor as ``latest.prev.pt`` (with its own checksum; see :func:`save_checkpoint`
 for the order of the writes). A file is accepted when its hash is one recorded for its slot (``latest.pt.sha256``
-or ``latest.prev.pt.sha256``), so a kill between any two steps leaves at least one verified file, and :func:`load_latest` falls back to the previous
-file (with a message naming both) when ``latest.pt`` is missing, damaged or unreadable.
+or ``latest.prev.pt.sha256``), so a kill between any two steps leaves at least one verified file, and
+:func:`load_latest` falls back to the previous file (with a message naming both) when ``latest.pt`` is missing,
+damaged or unreadable.
 
 Checkpoints written before checksums existed (no ``.sha256`` beside them) still load through ``weights_only=True``.
 Older ones that hold numpy arrays (the numpy RNG state) are refused with a one-line message; ``trust_pickle=True``
@@ -139,7 +140,7 @@ def load_checkpoint(path: Path, trust_pickle: bool = False, accept: tuple[str, .
                                   f"recorded in {checksum_path(path).name}")
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any decoding failure is reported with the file name
+    except Exception as e:
         glob = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
         if glob is None:
             raise CheckpointError(f"cannot read checkpoint {path}: {_reason(e)}") from None
@@ -150,7 +151,7 @@ def load_checkpoint(path: Path, trust_pickle: bool = False, accept: tuple[str, .
                 "rerun with --trust-pickle") from None
         try:
             ck = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as e2:  # noqa: BLE001
+        except Exception as e2:
             raise CheckpointError(f"cannot read checkpoint {path}: {_reason(e2)}") from None
     if not isinstance(ck, dict):
         raise CheckpointError(f"checkpoint {path}: expected a dict, got {type(ck).__name__}")

@@ -76,7 +76,7 @@ class GlooSyncBatchNorm(nn.BatchNorm2d):
     same normalisation on CPU/gloo, so a 2-process CPU run matches a 1-process run on the global batch.
     """
 
-    def forward(self, x: Tensor) -> Tensor:  # noqa: D102
+    def forward(self, x: Tensor) -> Tensor:
         if not (self.training and world_size() > 1):
             return super().forward(x)
         from torch.distributed.nn.functional import all_reduce

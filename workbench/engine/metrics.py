@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from workbench.ops.collective import all_reduce_sum  # noqa: F401  (re-exported: the sum lives in ops)
+from workbench.ops.collective import all_reduce_sum
 
 __all__ = [
     "confusion_matrix",

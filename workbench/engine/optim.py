@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -55,7 +56,7 @@ class SkippableSGD(torch.optim.SGD):
     _copies: list[Tensor] | None = None
 
     @torch.no_grad()
-    def step(self, closure=None):  # noqa: D102 (torch.optim.SGD.step)
+    def step(self, closure=None):
         found_inf = self.__dict__.get("found_inf")
         if found_inf is None or self.defaults.get("fused"):
             return super().step(closure)

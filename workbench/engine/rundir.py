@@ -27,11 +27,11 @@ import json
 import os
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
-
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)

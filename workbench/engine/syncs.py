@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from workbench.ops.host import exempt, host_scalar  # noqa: F401  (host_scalar re-exported: it lives in ops)
+from workbench.ops.host import exempt, host_scalar
 
 PYTHON_READS = ("tolist", "numpy", "cpu")
 """Tensor methods counted at the Python level (they read device memory without an ATen operation on the CPU)."""

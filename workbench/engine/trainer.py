@@ -13,8 +13,9 @@ from __future__ import annotations
 import contextlib
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -24,12 +25,36 @@ from workbench.config import ConfigError, RunConfig, config_from_dict, config_to
 from workbench.data.dataset import DataError, EvalDataset, SegDataset, data_identity, load_manifest, verify_files
 from workbench.data.transforms import denormalize
 from workbench.engine import distributed as D
-from workbench.engine.build import (amp_dtype, build_from_config, build_optimizer, check_splits, environment,
-                                    eval_settings, load_method, load_run_config, prepare_dataset, read_config_file,
-                                    split_names, step_dataset, step_plan, to_channels_last, train_loader, val_loader,
-                                    warn, wrap_distributed)
-from workbench.engine.checkpoint import (CheckpointError, latest_exists, load_latest, load_state_checked,
-                                         nonfinite_tensors, rng_state, save_checkpoint, set_rng_state)
+from workbench.engine.build import (
+    amp_dtype,
+    build_from_config,
+    build_optimizer,
+    check_splits,
+    environment,
+    eval_settings,
+    load_method,
+    load_run_config,
+    prepare_dataset,
+    read_config_file,
+    split_names,
+    step_dataset,
+    step_plan,
+    to_channels_last,
+    train_loader,
+    val_loader,
+    warn,
+    wrap_distributed,
+)
+from workbench.engine.checkpoint import (
+    CheckpointError,
+    latest_exists,
+    load_latest,
+    load_state_checked,
+    nonfinite_tensors,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from workbench.engine.evaluate import evaluate
 from workbench.engine.optim import DeferredNonFinite, all_finite, set_poly_lr, zero_momentum_buffers
 from workbench.engine.rundir import RunDir, RunLock, atomic_write_text

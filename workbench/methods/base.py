@@ -21,7 +21,7 @@ from workbench.config import MethodConfig, register_method_config
 from workbench.data.transforms import normalize
 from workbench.ops import IGNORE
 
-METHODS: dict[str, type["Method"]] = {}
+METHODS: dict[str, type[Method]] = {}
 #: feature maps a capture keeps for the t-SNE: of the first FEATURE_IMAGES images, on at most FEATURE_GRID x
 #: FEATURE_GRID cells (nearest subsampling of the network's grid), from the first of FEATURE_KEYS the network returns
 FEATURE_IMAGES = 4
@@ -58,7 +58,7 @@ class SemiBatch:
 
     @classmethod
     def from_loader(cls, raw: dict[str, Any], device: torch.device, mean: tuple[float, ...],
-                    std: tuple[float, ...], channels_last: bool = False) -> "SemiBatch":
+                    std: tuple[float, ...], channels_last: bool = False) -> SemiBatch:
         """Move a :class:`~workbench.data.dataset.StepDataset` item to ``device``: images normalised, labels long."""
         kw: dict[str, Any] = {}
         names = {f.name for f in fields(cls)}

@@ -129,7 +129,7 @@ class LocalConsistency:
         check_lcr_config(self.weight, self.patch, self.ratio, self.strategy, self.region, self.norm)
 
     @classmethod
-    def from_config(cls, cfg: Any) -> "LocalConsistency":
+    def from_config(cls, cfg: Any) -> LocalConsistency:
         """Build from a method config with ``lcr_weight``, ``lcr_patch``, ``lcr_ratio``, ``lcr_strategy``,
         ``lcr_region`` and ``loss_norm`` fields (every FixMatchConfig has them)."""
         return cls(cfg.lcr_weight, cfg.lcr_patch, cfg.lcr_ratio, cfg.lcr_strategy, cfg.lcr_region, cfg.loss_norm)

@@ -19,7 +19,8 @@ One training step (the paper's Sec. 3; the authors' public ``corrmatch.py`` for 
    loss (KL(teacher || student) summed over classes, masked by the CutMixed confident mask *before* propagation;
    the teacher is the *un-mixed* weak softmax, as in the reference), ``L_fp`` CE of the perturbed weak prediction
    against the plain weak pseudo-label, ``L_corr_u = (CE(z_s, propagated targets) + CE(z_w, weak targets)) / 2``
-   and ``L_x_corr`` the supervised loss of ``z_l``. Every unlabeled loss keeps the UniMatch normalisation (divided by the non-ignored pixels).
+   and ``L_x_corr`` the supervised loss of ``z_l``. Every unlabeled loss keeps the UniMatch normalisation (divided by
+   the non-ignored pixels).
 
 Two quirks of the authors' code are the defaults, each with a switch for the consistent variant:
 ``kl_target`` (the soft loss compares the CutMixed strong prediction with the *un-mixed* weak probabilities, so
@@ -40,14 +41,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from workbench.methods.base import (LossTerms, SemiBatch, StepInfo, StepOutput, register_method, term_logs,
-                                    weighted_sum)
+from workbench.methods.base import LossTerms, SemiBatch, StepInfo, StepOutput, register_method, term_logs, weighted_sum
 from workbench.methods.components import LCROutput
 from workbench.methods.fixmatch import FixMatchConfig, Targets, WeakStrong
 from workbench.methods.supervised import supervised_loss
 from workbench.ops import IGNORE
-from workbench.ops.correlation import (correlation_map, pixel_propagation, region_propagation, sample_rows,
-                                       shapes_from_rows)
+from workbench.ops.correlation import (
+    correlation_map,
+    pixel_propagation,
+    region_propagation,
+    sample_rows,
+    shapes_from_rows,
+)
 from workbench.ops.losses import masked_ce_loss, masked_kl_loss
 from workbench.ops.semi import pseudo_label, pseudo_label_diagnostics
 from workbench.ops.threshold import DynamicThreshold
@@ -240,7 +245,7 @@ class CorrMatch(WeakStrong):
         arts = self.step_artifacts(batch, s) if step.capture else {}
         return StepOutput(weighted_sum(s.terms), self.step_logs(batch, s), arts)
 
-    def stages(self, batch: SemiBatch, step: StepInfo) -> "CorrMatchStep":
+    def stages(self, batch: SemiBatch, step: StepInfo) -> CorrMatchStep:
         """One CorrMatch step as the paper's Sec. 3 reads (the module docstring's numbers), stage by stage; the
         step-through (:func:`workbench.viz.stepthrough.corrmatch_trace`) shows this very call."""
         passes = self.forward_passes(batch)                                    # 1-2
@@ -263,7 +268,7 @@ class CorrMatch(WeakStrong):
         box = batch.box1 if value.dim() == 3 else batch.box1[:, None]
         return torch.where(box, value_mix, value)
 
-    def forward_passes(self, batch: SemiBatch) -> "CorrPasses":
+    def forward_passes(self, batch: SemiBatch) -> CorrPasses:
         """The mix batch in eval mode without gradients, one pass of ``cat(x_l, x_w)`` with feature perturbation and
         one of the CutMixed strong view."""
         n = batch.x_l.shape[0]
@@ -274,7 +279,7 @@ class CorrMatch(WeakStrong):
         logits_l, logits_w = out["logits"].split([n, batch.x_w.shape[0]])
         return CorrPasses(mix_logits, x_s, out, out_s, logits_l, logits_w, out["logits_fp"][n:], out_s["logits"])
 
-    def weak_targets(self, batch: SemiBatch, p: "CorrPasses") -> "CorrTargets":
+    def weak_targets(self, batch: SemiBatch, p: CorrPasses) -> CorrTargets:
         """This step's threshold (updated first when dynamic, :meth:`current_threshold`, over the ignore mask
         ``threshold_ignore`` picks) and the weak and mix batches' pseudo-labels and confident masks."""
         ignore_s = self.cutmixed(batch, batch.ignore, batch.ignore_mix)
@@ -285,7 +290,7 @@ class CorrMatch(WeakStrong):
         q_w = weak.confident(tau)
         return CorrTargets(tau, thr_ignore, weak, mix, q_w, mix.confident(tau), weak.pseudo, q_w, ignore_s)
 
-    def correlate(self, p: "CorrPasses") -> "Propagation":
+    def correlate(self, p: CorrPasses) -> Propagation:
         """The correlation head on both passes (Eqs. 4-5): the correlation maps and the propagated predictions z."""
         n, c = p.logits_l.shape[0], self.cfg
         feats = correlation_features(p.out, c.feature)
@@ -294,7 +299,7 @@ class CorrMatch(WeakStrong):
         z_l, z_w = z_lw.split([n, p.logits_w.shape[0]])
         return Propagation(corr_lw[n:].detach(), tuple(feats.shape[-2:]), z_l, z_w, z_s)
 
-    def relabel_regions(self, batch: SemiBatch, t: "CorrTargets", corr: "Propagation") -> "CorrTargets":
+    def relabel_regions(self, batch: SemiBatch, t: CorrTargets, corr: Propagation) -> CorrTargets:
         """``t`` with the weak view's pseudo-label and confident mask after region propagation (Eqs. 7-10); the
         sampled rows and shapes are kept on ``corr``."""
         box = batch.box1 if self.cfg.cutmix else None
@@ -302,12 +307,12 @@ class CorrMatch(WeakStrong):
                                                                            t.tau, box)
         return dataclasses.replace(t, pseudo_prop=pseudo, confident_prop=confident)
 
-    def strong_targets(self, batch: SemiBatch, t: "CorrTargets") -> "CorrTargets":
+    def strong_targets(self, batch: SemiBatch, t: CorrTargets) -> CorrTargets:
         """``t`` with the strong view's targets: the (propagated) weak ones, the mix batch's inside the CutMix box."""
         return dataclasses.replace(t, pseudo_s=self.cutmixed(batch, t.pseudo_prop, t.mix.pseudo),
                                    confident_s=self.cutmixed(batch, t.confident_prop, t.confident_mix))
 
-    def soft_target(self, batch: SemiBatch, p: "CorrPasses") -> Tensor:
+    def soft_target(self, batch: SemiBatch, p: CorrPasses) -> Tensor:
         """The soft loss's teacher probabilities: the un-mixed weak softmax (reference), CutMixed with the mix
         batch's softmax when ``kl_target`` is ``mixed``."""
         probs = p.logits_w.detach().float().softmax(1)
@@ -315,7 +320,7 @@ class CorrMatch(WeakStrong):
             probs = self.cutmixed(batch, probs, p.mix_logits.float().softmax(1))
         return probs
 
-    def loss_terms(self, batch: SemiBatch, p: "CorrPasses", t: "CorrTargets", corr: "Propagation | None"
+    def loss_terms(self, batch: SemiBatch, p: CorrPasses, t: CorrTargets, corr: Propagation | None
                    ) -> LossTerms:
         """The reference's terms ``(0.5 L_x + 0.5 L_x_corr + 0.25 L_s + 0.25 L_kl + 0.25 L_fp + 0.25 L_corr_u) / 2``
         as ``{name: (weight, value)}``, the halving folded into the weights."""
@@ -336,7 +341,7 @@ class CorrMatch(WeakStrong):
             terms["loss_corr_u"] = (c.weight_corr_u / 2, corr_u / 2)
         return terms
 
-    def step_logs(self, batch: SemiBatch, s: "CorrMatchStep") -> dict[str, Tensor | float]:
+    def step_logs(self, batch: SemiBatch, s: CorrMatchStep) -> dict[str, Tensor | float]:
         """The terms, the threshold and the pseudo-label diagnostics (before and, with region propagation, after)."""
         t, k = s.targets, self.num_classes
         logs: dict[str, Tensor | float] = term_logs(s.terms)
@@ -347,7 +352,7 @@ class CorrMatch(WeakStrong):
             logs.update({f"{key}_prop": v for key, v in after.items()})
         return logs
 
-    def step_artifacts(self, batch: SemiBatch, s: "CorrMatchStep") -> dict[str, Tensor]:
+    def step_artifacts(self, batch: SemiBatch, s: CorrMatchStep) -> dict[str, Tensor]:
         """The captured tensors of a step (the weak-to-strong ones, propagation, correlation rows, LCR)."""
         p, t = s.passes, s.targets
         arts = self.capture(batch, t.weak, p.x_s, p.logits_s, confident=t.confident, threshold=s.threshold,
@@ -361,7 +366,7 @@ class CorrMatch(WeakStrong):
         return arts
 
     @torch.no_grad()
-    def correlation_artifacts(self, corr: "Propagation") -> dict[str, Tensor]:
+    def correlation_artifacts(self, corr: Propagation) -> dict[str, Tensor]:
         """The paper's Fig. 3 for the first ``capture_shapes`` sampled rows: ``corr_rows`` [B, m, h, w] (rows of the
         weak view's correlation map), ``corr_points`` [B, m] (their flat pixel indices) and, with region
         propagation, ``shapes`` [B, m, H, W] (as used, cleared of padding and the CutMix box). Without region

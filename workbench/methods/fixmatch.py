@@ -14,14 +14,21 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from workbench.methods.base import (LossTerms, Method, SemiBatch, StepInfo, StepOutput, register_method, term_logs,
-                                    weighted_sum)
+from workbench.methods.base import (
+    LossTerms,
+    Method,
+    SemiBatch,
+    StepInfo,
+    StepOutput,
+    register_method,
+    term_logs,
+    weighted_sum,
+)
 from workbench.methods.components import LCROutput, LocalConsistency, check_lcr_config
 from workbench.methods.supervised import SupervisedConfig, supervised_loss
 from workbench.ops.ema import ema_update
 from workbench.ops.losses import masked_ce_loss
-from workbench.ops.semi import (confident_mask, cutmix_images, paste_in_box, pseudo_label,
-                                pseudo_label_diagnostics)
+from workbench.ops.semi import confident_mask, cutmix_images, paste_in_box, pseudo_label, pseudo_label_diagnostics
 
 
 @dataclass
@@ -198,13 +205,13 @@ class MeanTeacher(WeakStrong):
             p.requires_grad_(False)
         self.ema.eval()
 
-    def teacher(self) -> nn.Module:  # noqa: D102
+    def teacher(self) -> nn.Module:
         return self.ema
 
-    def predictor(self) -> nn.Module:  # noqa: D102
+    def predictor(self) -> nn.Module:
         return self.ema
 
-    def train(self, mode: bool = True) -> "MeanTeacher":  # noqa: D102 - the teacher always stays in eval mode
+    def train(self, mode: bool = True) -> MeanTeacher:
         super().train(mode)
         self.ema.eval()
         return self
@@ -229,7 +236,7 @@ class MeanTeacher(WeakStrong):
         arts = self.capture(batch, weak, x_s, logits_s, **lcr_artifacts(lcr)) if step.capture else {}
         return StepOutput(weighted_sum(terms), {**term_logs(terms), **self.diagnostics(weak, batch)}, arts)
 
-    def after_step(self, step: StepInfo) -> None:  # noqa: D102
+    def after_step(self, step: StepInfo) -> None:
         ema_update(self.ema, self.model, self.ema_alpha(step.iteration))
 
 
@@ -257,7 +264,7 @@ class UniMatch(WeakStrong):
         logits_l, logits_w = out["logits"].split([n, m])
         return logits_l, logits_w, out["logits_fp"][n:], out
 
-    def unimatch_pass(self, batch: SemiBatch, step: StepInfo, mix: Targets) -> "UniMatchPass":
+    def unimatch_pass(self, batch: SemiBatch, step: StepInfo, mix: Targets) -> UniMatchPass:
         """UniMatch's passes and loss terms (with the opt-in LCR component), with the intermediate tensors that
         extensions (RankMatch) reuse. Terms: ``(L_x + w_s (L_s1 + L_s2) + w_fp L_fp) / 2`` as ``loss_x`` (1/2),
         ``loss_s`` = (L_s1 + L_s2) / 2 (w_s), ``loss_fp`` (w_fp / 2)."""
@@ -278,11 +285,11 @@ class UniMatch(WeakStrong):
             terms["loss_lcr"] = (c.lcr_weight, lcr.loss)
         return UniMatchPass(terms, weak, x_s1, x_s2, logits_s1, logits_fp, out, out_s, lcr)
 
-    def pass_logs(self, batch: SemiBatch, p: "UniMatchPass") -> dict[str, Tensor]:
+    def pass_logs(self, batch: SemiBatch, p: UniMatchPass) -> dict[str, Tensor]:
         """What a UniMatch step logs: its terms and the weak view's pseudo-label diagnostics."""
         return {**term_logs(p.terms), **self.diagnostics(p.weak, batch)}
 
-    def capture_pass(self, batch: SemiBatch, p: "UniMatchPass", **extra: Tensor) -> dict[str, Tensor]:
+    def capture_pass(self, batch: SemiBatch, p: UniMatchPass, **extra: Tensor) -> dict[str, Tensor]:
         """Artifacts of a UniMatch pass (both strong views, boxes, feature-perturbed prediction, LCR's)."""
         return self.capture(batch, p.weak, p.x_s1, p.logits_s1, x_s2=p.x_s2, box2=batch.box2,
                             pred_fp=p.logits_fp.argmax(1), **lcr_artifacts(p.lcr), **extra)

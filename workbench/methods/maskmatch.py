@@ -41,8 +41,14 @@ from workbench.methods.base import LossTerms, SemiBatch, StepInfo, StepOutput, r
 from workbench.methods.components import LCROutput
 from workbench.methods.fixmatch import MeanTeacher, MeanTeacherConfig, Targets
 from workbench.methods.supervised import supervised_loss
-from workbench.ops.ensemble import (DEFAULT_SCALES, ensemble_probs, multiscale_ce_loss, predict_scales, rescale,
-                                    resize_logits)
+from workbench.ops.ensemble import (
+    DEFAULT_SCALES,
+    ensemble_probs,
+    multiscale_ce_loss,
+    predict_scales,
+    rescale,
+    resize_logits,
+)
 from workbench.ops.semi import pseudo_label
 
 
@@ -86,7 +92,7 @@ class MaskMatch(MeanTeacher):
         conf, pseudo = ensemble_probs(per_scale).max(1)
         return Targets(pseudo, conf, ignore), per_scale
 
-    def mix_targets(self, batch: SemiBatch) -> Targets:  # noqa: D102 - the mix batch's targets are ensembled too
+    def mix_targets(self, batch: SemiBatch) -> Targets:
         return self.teacher_targets(batch.x_w_mix, batch.ignore_mix)[0]
 
     def training_step(self, batch: SemiBatch, step: StepInfo) -> StepOutput:
@@ -94,7 +100,7 @@ class MaskMatch(MeanTeacher):
         logs = {**term_logs(s.terms), **self.diagnostics(s.weak, batch)}
         return StepOutput(weighted_sum(s.terms), logs, self.step_artifacts(batch, s) if step.capture else {})
 
-    def stages(self, batch: SemiBatch, step: StepInfo) -> "MaskMatchStep":
+    def stages(self, batch: SemiBatch, step: StepInfo) -> MaskMatchStep:
         """One MaskMatch step, ``L = L_x + lambda1 L_MSWS + lambda2 L_LCR`` (Eq. 9), stage by stage; the
         step-through (:func:`workbench.viz.stepthrough.maskmatch_trace`) shows this very call."""
         c = self.cfg
@@ -129,7 +135,7 @@ class MaskMatch(MeanTeacher):
         return multiscale_ce_loss(student_scales, targets.pseudo, self.keep(targets), targets.ignore,
                                   norm=self.cfg.loss_norm)
 
-    def step_artifacts(self, batch: SemiBatch, s: "MaskMatchStep") -> dict[str, Tensor]:
+    def step_artifacts(self, batch: SemiBatch, s: MaskMatchStep) -> dict[str, Tensor]:
         """The captured tensors: the weak-to-strong ones, LCR's and the multi-scale ones (module docstring)."""
         arts = self.capture(batch, s.weak, s.x_s, s.logits_s, **(s.lcr.artifacts() if s.lcr is not None else {}))
         if s.teacher_scales is not None:

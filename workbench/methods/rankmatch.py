@@ -204,7 +204,7 @@ class RankMatch(UniMatch):
                 arts.update(self.agent_artifacts(s.views[0]))
         return StepOutput(weighted_sum(s.terms), self.pass_logs(batch, s.unimatch), arts)
 
-    def stages(self, batch: SemiBatch, step: StepInfo) -> "RankMatchStep":
+    def stages(self, batch: SemiBatch, step: StepInfo) -> RankMatchStep:
         """One RankMatch step as the module docstring's numbers read; the step-through
         (:func:`workbench.viz.stepthrough.rankmatch_trace`) shows this very call."""
         mix, feat_mix = self.mix_outputs(batch)                                  # 1

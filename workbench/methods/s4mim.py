@@ -64,8 +64,7 @@ from workbench.ops import IGNORE
 from workbench.ops.collective import all_reduce_sum
 from workbench.ops.losses import masked_ce_loss
 from workbench.ops.masking import MASK_STRATEGIES, patch_mask
-from workbench.ops.mim import (ClassHeads, aggregation_loss, class_prototypes, ema_prototypes, normaliser,
-                               resize_labels)
+from workbench.ops.mim import ClassHeads, aggregation_loss, class_prototypes, ema_prototypes, normaliser, resize_labels
 from workbench.ops.semi import pseudo_label
 
 
@@ -193,7 +192,7 @@ class S4MIM(UniMatch):
             self.proto_seen |= present
             return self.prototypes.clone(), self.proto_seen.clone()
 
-    def streams(self, batch: SemiBatch, p: "Phase1") -> Streams:
+    def streams(self, batch: SemiBatch, p: Phase1) -> Streams:
         """Masks, grouping labels, confidences and targets of the three masked streams (no gradients)."""
         c = self.cfg
         x_s, logits_l, logits_s, logits_fp, weak, t_s = p.x_s, p.logits_l, p.logits_s, p.logits_fp, p.weak, p.targets_s
@@ -219,7 +218,7 @@ class S4MIM(UniMatch):
             sizes=[n, m, m],
         )
 
-    def phase2(self, s: Streams) -> "Phase2":
+    def phase2(self, s: Streams) -> Phase2:
         """Phase II on the streams ``s``: the masked forward (SeD + PiD), then the spaces whose loss is on:
         :meth:`pixel_space` (Eqs. 5-8), :meth:`feature_space` (Eqs. 9-12, updates the dictionary) and
         :meth:`semantic_space` (Eq. 13)."""
@@ -237,7 +236,7 @@ class S4MIM(UniMatch):
         recon = self.reconstruct(fea, s.groups, tuple(s.x.shape[-2:]))
         return recon, [F.mse_loss(r.float(), x.float()) for r, x in zip(recon.split(s.sizes), s.x.split(s.sizes))]
 
-    def feature_space(self, s: Streams, fea: Tensor) -> "FeatureSpace":
+    def feature_space(self, s: Streams, fea: Tensor) -> FeatureSpace:
         """The aggregation loss (Eqs. 9-12) at the feature size: the labeled stream's prototypes update the
         dictionary (:meth:`update_dictionary`), then masked valid positions are pulled to their class's one."""
         c, n = self.cfg, s.sizes[0]
@@ -284,7 +283,7 @@ class S4MIM(UniMatch):
         return arts
 
     # ---- the step ------------------------------------------------------------------------------------------------
-    def phase1(self, batch: SemiBatch) -> "Phase1":
+    def phase1(self, batch: SemiBatch) -> Phase1:
         """Phase I's passes: the mix batch (eval mode), the CutMixed strong view, ``cat(x_l, x_w)`` with UniPerb and
         the strong view; the weak targets and the strong view's (the mix batch's inside the box)."""
         mix = self.mix_targets(batch)
@@ -294,7 +293,7 @@ class S4MIM(UniMatch):
         t_s = self.mixed_targets(weak, mix, batch.box1)
         return Phase1(x_s, logits_l, logits_fp, self.model(x_s)["logits"], out, weak, t_s)
 
-    def stages(self, batch: SemiBatch, step: StepInfo) -> "S4MIMStep":
+    def stages(self, batch: SemiBatch, step: StepInfo) -> S4MIMStep:
         """One S4MIM step, the two phases of the paper's Fig. 2 summed by Eq. 14, stage by stage; the step-through
         (:func:`workbench.viz.stepthrough_methods.s4mim_trace`) shows this very call."""
         c = self.cfg
@@ -314,7 +313,7 @@ class S4MIM(UniMatch):
             arts = self.step_artifacts(batch, s)
         return StepOutput(s.loss(), self.step_logs(batch, s), arts)
 
-    def step_logs(self, batch: SemiBatch, s: "S4MIMStep") -> dict[str, Tensor]:
+    def step_logs(self, batch: SemiBatch, s: S4MIMStep) -> dict[str, Tensor]:
         """Phase I's losses, phase II's weighted by their lambdas (l_mp L_mimpi, ...), ``mimfea_classes``, LCR's
         weighted loss, the dictionary's seen classes and the pseudo-label diagnostics."""
         logs = {k: v.detach() for k, (_, v) in s.phase1.items()}
@@ -325,7 +324,7 @@ class S4MIM(UniMatch):
             logs["loss_lcr"] = (self.cfg.lcr_weight * s.lcr.loss).detach()
         return {**logs, "proto_seen": self.proto_seen.sum().float(), **self.diagnostics(s.passes.weak, batch)}
 
-    def step_artifacts(self, batch: SemiBatch, s: "S4MIMStep") -> dict[str, Tensor]:
+    def step_artifacts(self, batch: SemiBatch, s: S4MIMStep) -> dict[str, Tensor]:
         """The captured tensors: the weak-to-strong ones, phase II's, LCR's and the SeD features (module docstring)."""
         p, n = s.passes, batch.x_l.shape[0]
         extra = dict(s.lcr.artifacts()) if s.lcr is not None else {}

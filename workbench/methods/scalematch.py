@@ -78,8 +78,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from workbench.methods.base import (LossTerms, SemiBatch, StepInfo, StepOutput, register_method, term_logs,
-                                    weighted_sum)
+from workbench.methods.base import LossTerms, SemiBatch, StepInfo, StepOutput, register_method, term_logs, weighted_sum
 from workbench.methods.components import LCROutput
 from workbench.methods.fixmatch import FixMatchConfig, Targets, WeakStrong
 from workbench.methods.supervised import supervised_loss
@@ -726,7 +725,7 @@ class ScaleMatch(WeakStrong):
         arts = self.step_artifacts(batch, s) if step.capture else {}
         return StepOutput(weighted_sum(s.terms), self.step_logs(batch, s), arts)
 
-    def stages(self, batch: SemiBatch, step: StepInfo) -> "ScaleMatchStep":
+    def stages(self, batch: SemiBatch, step: StepInfo) -> ScaleMatchStep:
         """One ScaleMatch step (the module docstring), stage by stage; the step-through
         (:func:`workbench.viz.stepthrough_methods.scalematch_trace`) shows this very call."""
         c, n = self.cfg, batch.x_l.shape[0]
@@ -745,7 +744,7 @@ class ScaleMatch(WeakStrong):
             terms["loss_lcr"] = (c.lcr_weight, lcr.loss)
         return ScaleMatchStep(scales, t, sp, pl, x_s, logits_s, targets_s, isvc, terms, lcr)
 
-    def pseudo_labels(self, batch: SemiBatch, sp: ScalePass, step: StepInfo) -> "ScalePseudoLabels":
+    def pseudo_labels(self, batch: SemiBatch, sp: ScalePass, step: StepInfo) -> ScalePseudoLabels:
         """The unlabeled images' plain (scale-1) and fused targets; the step uses the fused ones once
         ``step.epoch`` reaches ``cif_warmup_epochs``, the plain ones before (and without fusion)."""
         n = batch.x_l.shape[0]
@@ -754,7 +753,7 @@ class ScaleMatch(WeakStrong):
         use_fused = fused is not None and step.epoch >= self.cfg.cif_warmup_epochs
         return ScalePseudoLabels(plain, fused, use_fused)
 
-    def loss_terms(self, batch: SemiBatch, sp: ScalePass, pl: "ScalePseudoLabels", logits_s: Tensor,
+    def loss_terms(self, batch: SemiBatch, sp: ScalePass, pl: ScalePseudoLabels, logits_s: Tensor,
                    targets_s: Targets, isvc: list[Tensor]) -> LossTerms:
         """``(w_x L_x + w_s L_s + w_isvc L_ISVC + w_fsvc L_FSVC) / 2`` as ``{name: (weight, value)}``, the halving
         folded into the weights: ``L_x`` of the fused prediction when fusing (it trains the CIF), ``L_s`` of the
@@ -771,7 +770,7 @@ class ScaleMatch(WeakStrong):
             terms["loss_fsvc"] = (c.weight_fsvc / 2, self.unsup_loss(logits_fp, pl.weak))
         return terms
 
-    def step_logs(self, batch: SemiBatch, s: "ScaleMatchStep") -> dict[str, Tensor | float]:
+    def step_logs(self, batch: SemiBatch, s: ScaleMatchStep) -> dict[str, Tensor | float]:
         """The terms, the pseudo-label diagnostics, the scales, and with fusion the plain and fused diagnostics,
         whether the fused targets were used and the gate's mean over valid pixels."""
         n, sp, pl = batch.x_l.shape[0], s.passes, s.pseudo
@@ -790,7 +789,7 @@ class ScaleMatch(WeakStrong):
             logs["gate_mean"] = (gate * valid).sum() / valid.sum().clamp(min=1)
         return logs
 
-    def step_artifacts(self, batch: SemiBatch, s: "ScaleMatchStep") -> dict[str, Tensor]:
+    def step_artifacts(self, batch: SemiBatch, s: ScaleMatchStep) -> dict[str, Tensor]:
         """The captured tensors: the weak-to-strong ones, LCR's, the scale-1 / scale-v predictions, the gate and
         both pseudo-labels (with fusion), the FSVC prediction (module docstring)."""
         n, sp, pl = batch.x_l.shape[0], s.passes, s.pseudo

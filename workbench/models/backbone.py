@@ -11,8 +11,8 @@ import hashlib
 import os
 import re
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import Tensor, nn

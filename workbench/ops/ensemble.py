@@ -21,8 +21,8 @@ from torch import Tensor
 from workbench.ops import IGNORE
 from workbench.ops.losses import normalise_masked
 
-__all__ = ["DEFAULT_SCALES", "check_scales", "scaled_size", "rescale", "resize_logits", "predict_scales", "ensemble_probs",
-           "multiscale_ensemble", "multiscale_ce_loss"]
+__all__ = ["DEFAULT_SCALES", "check_scales", "scaled_size", "rescale", "resize_logits", "predict_scales",
+           "ensemble_probs", "multiscale_ensemble", "multiscale_ce_loss"]
 
 DEFAULT_SCALES = (0.7, 1.0, 1.5)
 

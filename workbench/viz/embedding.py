@@ -7,9 +7,10 @@ upsampled to logits with ``align_corners=True``, so feature cell (i, j) sits on 
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch

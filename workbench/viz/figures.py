@@ -5,20 +5,20 @@ so notebooks, reports and the dashboard share one look: a dataset's palette (VOC
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import matplotlib
 
 matplotlib.use("Agg", force=False)
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from matplotlib.lines import Line2D  # noqa: E402
-from matplotlib.patches import Patch  # noqa: E402
-from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
+from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator
 
-from workbench.data.dataset import voc_palette  # noqa: E402,F401  (re-exported)
-from workbench.ops import IGNORE  # noqa: E402
+from workbench.data.dataset import voc_palette  # noqa: F401  (re-exported)
+from workbench.ops import IGNORE
 
 IGNORE_COLOR = (255, 255, 255)
 
@@ -72,7 +72,7 @@ def prediction_grid(images: Sequence, columns: dict[str, Sequence], palette: Seq
     fig, axes = plt.subplots(n, m, figsize=(cell * m, cell * n + 0.9), squeeze=False)
     for i in range(n):
         axes[i, 0].imshow(to_hwc(images[i]))
-        for j, (name, maps) in enumerate(columns.items(), 1):
+        for j, maps in enumerate(columns.values(), 1):
             axes[i, j].imshow(colorize(maps[i], palette), interpolation="nearest")
         for j, name in enumerate(["image", *columns]):
             if i == 0:

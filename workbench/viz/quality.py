@@ -7,7 +7,7 @@ Inputs are a weak-to-strong capture (``artifacts/step_<N>.pt``: ``x_w`` uint8 [B
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

@@ -214,7 +214,7 @@ class StepSession:
                 self.reset()
                 self.method.eval()
 
-    def cached(self, fn: Callable[..., "Trace"], **kwargs: Any) -> "Trace":
+    def cached(self, fn: Callable[..., Trace], **kwargs: Any) -> Trace:
         """``fn(self, **kwargs)``, remembered per (fn, kwargs) so widgets can redraw without recomputing (the
         ``CACHED_TRACES`` most recent settings are kept)."""
         key = (fn.__name__, tuple(sorted((k, repr(v)) for k, v in kwargs.items())))
@@ -257,8 +257,15 @@ def open_session(method: str, run_dir: str | Path | None = "", config: str | Pat
     """
     from workbench.config import apply_overrides, config_from_dict, config_to_dict, load_config
     from workbench.data.dataset import SegDataset
-    from workbench.engine.build import (build_from_config, check_splits, load_run_config, prepare_dataset, split_names,
-                                        step_dataset, step_plan)
+    from workbench.engine.build import (
+        build_from_config,
+        check_splits,
+        load_run_config,
+        prepare_dataset,
+        split_names,
+        step_dataset,
+        step_plan,
+    )
     from workbench.engine.checkpoint import load_checkpoint, load_state_checked
     from workbench.engine.rundir import RunDir
     from workbench.paths import project_path
@@ -303,7 +310,7 @@ def open_session(method: str, run_dir: str | Path | None = "", config: str | Pat
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         m = build_from_config(cfg, labeled.num_classes, dev)
-    source, ck_step = "fresh initialisation (seed %d)" % seed, None
+    source, ck_step = f"fresh initialisation (seed {seed})", None
     if run_dir:
         rd = RunDir(run_dir)
         path = rd.best if checkpoint == "best" and rd.best.is_file() else rd.latest
@@ -1249,7 +1256,7 @@ def explore_widget(draw: Callable[..., Any], controls: dict[str, Control], dpi: 
             out.clear_output(wait=True)
             try:
                 _render(draw, {k: w.value for k, w in widgets.items()}, dpi)
-            except Exception as e:  # noqa: BLE001 - shown under the controls; the widgets stay usable
+            except Exception as e:
                 print(f"{type(e).__name__}: {e}")
 
     for w in widgets.values():

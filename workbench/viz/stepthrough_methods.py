@@ -41,9 +41,27 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from workbench.viz.figures import plt, to_hwc
-from workbench.viz.stepthrough import (FONT, IGNORE, StepSession, Trace, _base, stage_terms,
-                                       _below_threshold_patch, _box_outline, _confident_labels, _cpu, _figure,
-                                       _heat, _labels, _legend, _need, _off, _show, _u8, cell_extent)
+from workbench.viz.stepthrough import (
+    FONT,
+    IGNORE,
+    StepSession,
+    Trace,
+    _base,
+    _below_threshold_patch,
+    _box_outline,
+    _confident_labels,
+    _cpu,
+    _figure,
+    _heat,
+    _labels,
+    _legend,
+    _need,
+    _off,
+    _show,
+    _u8,
+    cell_extent,
+    stage_terms,
+)
 
 __all__ = [
     "S4MIMTrace", "ScaleMatchTrace", "s4mim_trace", "scalematch_trace", "STREAMS", "stream_rows", "main_class",
