@@ -3,6 +3,9 @@ installs the Debian package), the reason to skip when it cannot run here, and a 
 from __future__ import annotations
 
 import socket
+import subprocess
+import time
+import urllib.request
 from pathlib import Path
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -26,3 +29,22 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_http(url: str, proc: subprocess.Popen, log: Path, what: str, timeout: float = 240.0,
+              request_timeout: float = 60.0) -> None:
+    """Poll ``url`` until it answers 200; AssertionError with the server's log tail when ``proc`` (``what``) exits
+    or ``timeout`` seconds pass (a first page can take long on a loaded machine)."""
+    t0 = time.time()
+    while True:
+        if proc.poll() is not None:
+            raise AssertionError(f"{what} exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=request_timeout) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.time() - t0 > timeout:
+            raise AssertionError(f"no answer from {url} after {timeout} s:\n{log.read_text()[-3000:]}")
+        time.sleep(0.3)

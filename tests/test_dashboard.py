@@ -239,8 +239,7 @@ def test_feature_points_and_tsne_separate_two_clusters():
 
 # ---------------------------------------------------------------------------------------------------- pictures
 def test_colours_agree_with_viz_figures():
-    """The dashboard restates colorize / to_hwc (so its first page does not import torchvision); they must draw
-    exactly what workbench.viz.figures draws."""
+    """The dashboard draws with the same colorize / to_hwc as workbench.viz.figures (workbench.viz.arrays)."""
     from workbench.dashboard import render
     from workbench.viz import figures
 

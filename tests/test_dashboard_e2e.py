@@ -15,11 +15,10 @@ import shutil
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
-from browser import CHROMIUM, CHROMIUM_ARGS, browser_missing, free_port
+from browser import CHROMIUM, CHROMIUM_ARGS, browser_missing, free_port, wait_http
 
 from workbench.config import config_from_dict
 from workbench.engine.rundir import RunDir
@@ -61,21 +60,6 @@ def screenshot_dir() -> Path | None:
     return d
 
 
-def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 240.0) -> None:
-    t0 = time.time()
-    while True:
-        if proc.poll() is not None:
-            raise AssertionError(f"the dashboard server exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=60) as r:  # a first page can take long on a loaded machine
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        if time.time() - t0 > timeout:
-            raise AssertionError(f"no answer from {url} after {timeout} s:\n{log.read_text()[-3000:]}")
-        time.sleep(0.3)
-
 
 def test_dashboard_in_headless_chromium(runs, tiny_data, tmp_path):
     reason = browser_missing()
@@ -103,7 +87,7 @@ def test_dashboard_in_headless_chromium(runs, tiny_data, tmp_path):
         proc = subprocess.Popen([sys.executable, "-m", "workbench", "dashboard", str(runs), "--port", str(port)],
                                 cwd=REPO, env=env, stdout=logf, stderr=subprocess.STDOUT)
     try:
-        wait_http(url, proc, log)
+        wait_http(url, proc, log, "the dashboard server")
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
             try:

@@ -19,12 +19,11 @@ import secrets
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import nbformat
 import pytest
-from browser import CHROMIUM, CHROMIUM_ARGS, browser_missing, free_port
+from browser import CHROMIUM, CHROMIUM_ARGS, browser_missing, free_port, wait_http
 from papermill.iorw import load_notebook_node
 from papermill.parameterize import parameterize_notebook
 
@@ -79,21 +78,6 @@ def lab_settings(folder: Path) -> Path:
         f.write_text(json.dumps(values))
     return settings
 
-
-def wait_lab(url: str, proc: subprocess.Popen, log: Path, timeout: float = 120.0) -> None:
-    t0 = time.time()
-    while True:
-        if proc.poll() is not None:
-            raise AssertionError(f"jupyter lab exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=30) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        if time.time() - t0 > timeout:
-            raise AssertionError(f"no answer from {url} after {timeout} s:\n{log.read_text()[-3000:]}")
-        time.sleep(0.5)
 
 
 def shots_dir(tmp_path: Path) -> Path:
@@ -160,7 +144,7 @@ def test_stepthrough_notebook_in_jupyterlab(tiny_data, tmp_path):
                                 cwd=root, env=env, stdout=logf, stderr=subprocess.STDOUT)
     try:
         base = f"http://127.0.0.1:{port}"
-        wait_lab(f"{base}/api/status?token={token}", proc, log)
+        wait_http(f"{base}/api/status?token={token}", proc, log, "jupyter lab", timeout=120.0, request_timeout=30.0)
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
             try:
@@ -173,9 +157,9 @@ def test_stepthrough_notebook_in_jupyterlab(tiny_data, tmp_path):
                 run_all(page)
 
                 boxes = page.locator(".jp-OutputArea-output .widget-vbox")
-                # the last cell's table (training_step vs the step-through) means every cell ran
+                # the last cell's table (the step's loss terms) means every cell ran
                 try:
-                    page.locator("caption", has_text="step-through vs training_step").wait_for(timeout=RUN_ALL_S * 1000)
+                    page.locator("caption", has_text="loss terms").wait_for(timeout=RUN_ALL_S * 1000)
                 except Exception:
                     page.screenshot(path=str(tmp_path / "run_all_failed.png"), full_page=True)
                     raise AssertionError(f"Run All did not finish in {RUN_ALL_S} s (screenshot {tmp_path}/"

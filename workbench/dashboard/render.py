@@ -1,10 +1,9 @@
 """Pictures of captured tensors for the dashboard: RGB maps, thumbnails, the gallery's HTML and the figures.
 
 Plain numpy/matplotlib/PIL (no Panel), in the look of :mod:`workbench.viz.figures` so the dashboard, notebooks and
-reports look alike: the dataset's palette, ignored pixels white. ``colorize`` and ``to_hwc`` are restated here (the
-test ``test_colours_agree_with_viz_figures`` holds them equal to that module's): importing
-:mod:`workbench.viz.figures` imports the data pipeline and torchvision (over a second), which the first page must not
-wait for; the views opened later (curves, CorrMatch shape ids) import it.
+reports look alike: the dataset's palette, ignored pixels white (``colorize`` and ``to_hwc`` of
+:mod:`workbench.viz.arrays`, which imports neither matplotlib's pyplot nor torchvision: the first page must not wait
+for them; the views opened later (curves, CorrMatch shape ids) import :mod:`workbench.viz.figures`).
 """
 from __future__ import annotations
 
@@ -24,10 +23,8 @@ from PIL import Image
 from torch import Tensor
 
 from workbench.dashboard.data import IGNORE, KNOWN_KEYS, DatasetMeta, SampleStats, batch_size, per_sample_keys
+from workbench.viz.arrays import IGNORE_COLOR, RGB, colorize, to_hwc  # noqa: F401  (used by the views)
 
-IGNORE_COLOR = (255, 255, 255)
-
-RGB = np.ndarray  # uint8 [H, W, 3]
 BOX_COLOR = (255, 215, 0)
 ERROR_COLOR = (220, 20, 60)
 LOW_CONF_COLOR = (128, 128, 128)
@@ -35,33 +32,6 @@ POINT_COLOR = (255, 0, 0)
 
 
 # ---------------------------------------------------------------------------------------------------- maps
-def _np(x: Tensor | np.ndarray) -> np.ndarray:
-    return x.detach().cpu().numpy() if isinstance(x, Tensor) else np.asarray(x)
-
-
-def to_hwc(image: Tensor | np.ndarray) -> RGB:
-    """uint8 image as [H, W, 3] (accepts [3, H, W] or [H, W, 3]; floats in [0, 1] or [0, 255] are scaled)."""
-    a = _np(image)
-    if a.ndim == 3 and a.shape[0] == 3 and a.shape[-1] != 3:
-        a = a.transpose(1, 2, 0)
-    if a.dtype != np.uint8:
-        a = np.clip(a * (255 if a.max() <= 1.0 else 1), 0, 255).astype(np.uint8)
-    return a
-
-
-def colorize(labels: Tensor | np.ndarray, palette: Sequence[Sequence[int]]) -> RGB:
-    """Label map [H, W] -> RGB uint8 [H, W, 3]: ``palette[k]`` for class k, white for 255 (ignore), black for a
-    class beyond the palette; ValueError for labels outside [0, 255]."""
-    lab = _np(labels).astype(np.int64)
-    lut = np.zeros((256, 3), dtype=np.uint8)
-    pal = np.asarray(palette, dtype=np.uint8)[:255]
-    lut[: len(pal)] = pal
-    lut[IGNORE] = IGNORE_COLOR
-    if lab.min() < 0 or lab.max() > 255:
-        raise ValueError(f"labels must lie in [0, 255], got [{lab.min()}, {lab.max()}]")
-    return lut[lab]
-
-
 def heat(values: Tensor | np.ndarray, vmin: float = 0.0, vmax: float = 1.0, cmap: str = "viridis") -> RGB:
     """Float map [H, W] -> RGB uint8 [H, W, 3] through ``cmap`` (values clipped to [vmin, vmax])."""
     v = np.asarray(values.float() if isinstance(values, Tensor) else values, dtype=np.float32)

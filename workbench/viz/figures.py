@@ -12,41 +12,14 @@ import matplotlib
 matplotlib.use("Agg", force=False)
 import matplotlib.pyplot as plt
 import numpy as np
-import torch
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator
 
 from workbench.data.dataset import voc_palette  # noqa: F401  (re-exported)
 from workbench.ops import IGNORE
-
-IGNORE_COLOR = (255, 255, 255)
-
-
-def _np(x) -> np.ndarray:
-    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
-
-
-def to_hwc(image) -> np.ndarray:
-    """uint8 image as [H, W, 3] (accepts [3, H, W] or [H, W, 3])."""
-    a = _np(image)
-    if a.ndim == 3 and a.shape[0] == 3 and a.shape[-1] != 3:
-        a = a.transpose(1, 2, 0)
-    if a.dtype != np.uint8:
-        a = np.clip(a * (255 if a.max() <= 1.0 else 1), 0, 255).astype(np.uint8)
-    return a
-
-
-def colorize(labels, palette: Sequence[Sequence[int]]) -> np.ndarray:
-    """Label map [H, W] -> RGB uint8 [H, W, 3] with ``palette[k]`` for class k and white for 255 (ignore)."""
-    lab = _np(labels).astype(np.int64)
-    lut = np.zeros((256, 3), dtype=np.uint8)
-    pal = np.asarray(palette, dtype=np.uint8)[:255]
-    lut[: len(pal)] = pal
-    lut[IGNORE] = IGNORE_COLOR
-    if lab.min() < 0 or lab.max() > 255:
-        raise ValueError(f"labels must lie in [0, 255], got [{lab.min()}, {lab.max()}]")
-    return lut[lab]
+from workbench.viz.arrays import IGNORE_COLOR, colorize, to_hwc  # noqa: F401  (re-exported)
+from workbench.viz.arrays import as_numpy as _np
 
 
 def overlay(image, labels, palette: Sequence[Sequence[int]], alpha: float = 0.5) -> np.ndarray:
