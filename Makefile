@@ -21,6 +21,7 @@ venv: $(STAMP)
 # index.html, and the quickstart's summary.json, report.md and figures
 demo: $(STAMP)
 	$(PY) -m workbench report 00_quickstart --out reports
+	@echo; cat reports/quickstart/report.md; echo "Open reports/quickstart/00_quickstart.html for the figures."
 
 test: $(STAMP)
 	$(PY) -m pytest -q
