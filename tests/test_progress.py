@@ -185,3 +185,12 @@ def test_a_training_line_at_an_evaluated_step_waits_for_its_evaluation(tmp_path)
     lines = out.getvalue().splitlines()
     assert lines[-1].startswith("[progress] r  step  50/100 (50%)  loss 0.250  val mIoU 0.500 @50")
     assert sum("step  50/100" in line for line in lines) == 1
+
+
+def test_quickstart_summary_line():
+    from workbench.quickstart import summary_line
+    s = {"seed": 0, "methods": {"supervised": {"final_miou": 0.283}, "unimatch": {"final_miou": 0.337}}}
+    # 0.337 - 0.283 = 0.054
+    assert summary_line(s) == "quickstart seed 0: supervised final mIoU 0.283, unimatch 0.337 (gain unimatch +0.054)"
+    assert summary_line({"seed": 2, "methods": {"supervised": {"final_miou": None}}}) == \
+        "quickstart seed 2: supervised final mIoU -"
