@@ -48,3 +48,13 @@ def wait_http(url: str, proc: subprocess.Popen, log: Path, what: str, timeout: f
         if time.time() - t0 > timeout:
             raise AssertionError(f"no answer from {url} after {timeout} s:\n{log.read_text()[-3000:]}")
         time.sleep(0.3)
+
+
+def stop_process(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    """Terminate a server started by a test; kill it when it has not exited after ``grace`` seconds."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=5)

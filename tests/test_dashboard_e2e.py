@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from browser import CHROMIUM, CHROMIUM_ARGS, browser_missing, free_port, wait_http
+from browser import CHROMIUM, CHROMIUM_ARGS, browser_missing, free_port, stop_process, wait_http
 
 from workbench.config import config_from_dict
 from workbench.engine.rundir import RunDir
@@ -159,9 +159,4 @@ def test_dashboard_in_headless_chromium(runs, tiny_data, tmp_path):
             finally:
                 browser.close()
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        stop_process(proc)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
-from browser import CHROMIUM, CHROMIUM_ARGS, browser_missing, free_port, wait_http
+from browser import CHROMIUM, CHROMIUM_ARGS, browser_missing, free_port, stop_process, wait_http
 from papermill.iorw import load_notebook_node
 from papermill.parameterize import parameterize_notebook
 
@@ -196,10 +196,6 @@ def test_stepthrough_notebook_in_jupyterlab(tiny_data, tmp_path):
             finally:
                 browser.close()
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc, grace=30.0)
     # the notebook ran in the temporary folder: nothing was written next to the tracked notebooks
     assert not (REPO / "notebooks" / "data").exists() and not (REPO / "notebooks" / "runs").exists()
