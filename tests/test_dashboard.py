@@ -262,15 +262,17 @@ def test_dataset_meta_reads_the_manifest_and_falls_back(tmp_path):
     root = tmp_path / "data"
     root.mkdir()
     (run / "config.yaml").write_text(f"data:\n  root: {root}\n")
-    (root / "manifest.json").write_text(json.dumps({"num_classes": 3, "class_names": ["sky", "road", "car"],
+    base = {"format": "workbench-dataset/1", "splits": {"train": "train.txt"}}  # what every manifest holds
+    (root / "manifest.json").write_text(json.dumps({**base, "num_classes": 3, "class_names": ["sky", "road", "car"],
                                                     "palette": [[1, 2, 3], [4, 5, 6]]}))
     meta = dataset_meta(run)
     # two colours given; the third class gets the VOC colour of class 2 (bit 1 -> G 128)
     assert meta.class_names == ["sky", "road", "car"] and meta.palette == [[1, 2, 3], [4, 5, 6], [0, 128, 0]]
     assert meta.source == str(root / "manifest.json")
-    (root / "manifest.json").write_text(json.dumps({"num_classes": 3, "class_names": ["sky"], "palette": []}))
+    (root / "manifest.json").write_text(json.dumps({**base, "num_classes": 3, "class_names": ["sky"], "palette": []}))
     meta = dataset_meta(run, num_classes_hint=4)
     assert meta.class_names == [f"class {k}" for k in range(4)] and "num_classes = 3" in meta.source
+    assert meta.generic
     (root / "manifest.json").write_text("{broken")
     assert "manifest not readable" in dataset_meta(run).source and dataset_meta(run).num_classes == 21
     (root / "manifest.json").unlink()

@@ -206,12 +206,12 @@ def test_lcr_component_feeds_the_masked_view_to_the_student():
     x = torch.randn(2, 3, 8, 8)
     pseudo = torch.zeros(2, 8, 8, dtype=torch.long)
     ones = torch.ones(2, 8, 8, dtype=torch.bool)
-    out = LocalConsistency(1.0, 4, 1.0)(student, x, pseudo, ones, None)        # ratio 1: every patch hidden
+    out = LocalConsistency(1.0, 4, 1.0, "random", "both", "batch_valid")(student, x, pseudo, ones, None)        # ratio 1: every patch hidden
     assert torch.equal(seen[-1], torch.zeros_like(x)) and out.loss.item() == pytest.approx(LN(2))
-    out = LocalConsistency(1.0, 4, 0.0)(student, x, pseudo, ones, None)        # ratio 0: nothing hidden
+    out = LocalConsistency(1.0, 4, 0.0, "random", "both", "batch_valid")(student, x, pseudo, ones, None)        # ratio 0: nothing hidden
     assert torch.equal(seen[-1], x) and out.visible.min().item() == 1.0
     torch.manual_seed(0)
-    out = LocalConsistency(1.0, 4, 0.5, region="masked")(student, x, pseudo, ones, None)
+    out = LocalConsistency(1.0, 4, 0.5, "random", "masked", "batch_valid")(student, x, pseudo, ones, None)
     hidden = out.visible[:, 0] == 0
     assert torch.equal(out.x_masked, x * out.visible) and torch.equal(out.region, hidden)
     assert set(out.artifacts()) == {"x_masked", "lcr_visible", "lcr_region", "pred_masked"}

@@ -11,6 +11,7 @@ text reports. Undefined numbers (None or NaN) show as ``-``.
 """
 from __future__ import annotations
 
+import fnmatch
 import html
 import json
 import math
@@ -28,6 +29,7 @@ from torch import Tensor
 
 from workbench.engine.rundir import RunDir
 from workbench.ops import IGNORE
+from workbench.ops.semi import class_quality
 
 # Config keys that name or place a run, or change speed but not results: never "varied" in an ablation table.
 INFRA_KEYS = ("name", "out_dir", "train.seed", "train.progress", "train.device", "train.threads",
@@ -180,6 +182,35 @@ def lookup(run: Run, key: str, default: Any = None) -> Any:
     return default
 
 
+def discover_runs(runs_dir: str | Path, max_depth: int = 3) -> list[str]:
+    """Run directories under ``runs_dir`` (the package's one run discovery: :func:`load_runs` and the dashboard):
+    relative POSIX paths of folders holding ``metrics.jsonl`` or ``config.yaml`` (searched ``max_depth`` levels
+    deep, hidden folders skipped, a run's own subfolders not searched), sorted; "." when ``runs_dir`` is itself a
+    run; [] when it does not exist. Only real directories under the root count: symbolic links (which could lead
+    the dashboard out of its root) are skipped."""
+    root = Path(runs_dir)
+    found: list[str] = []
+    real_root = root.resolve()
+
+    def visit(d: Path, depth: int) -> None:
+        if (d / "metrics.jsonl").is_file() or (d / "config.yaml").is_file():
+            found.append(d.relative_to(root).as_posix())
+            return
+        if depth >= max_depth:
+            return
+        try:
+            children = sorted(p for p in d.iterdir() if p.is_dir() and not p.is_symlink()
+                              and not p.name.startswith(".") and p.resolve().is_relative_to(real_root))
+        except OSError:
+            return
+        for child in children:
+            visit(child, depth + 1)
+
+    if root.is_dir():
+        visit(root, 0)
+    return sorted(found)
+
+
 def load_run(path: str | Path) -> Run:
     """Read one run directory (ValueError when ``path`` has no config.yaml, or when its config.yaml or
     summary.json cannot be read: the message names the file)."""
@@ -198,7 +229,8 @@ def load_run(path: str | Path) -> Run:
 
 
 def load_runs(runs_dir: str | Path = "runs", pattern: str = "*", errors: str = "raise") -> list[Run]:
-    """Every run directory ``runs_dir/<pattern>`` (those with a config.yaml), sorted by name.
+    """Every run under ``runs_dir`` (:func:`discover_runs`) with a config.yaml whose path relative to ``runs_dir``
+    matches the glob ``pattern`` (``*`` also crosses ``/``), sorted by that path.
 
     FileNotFoundError when ``runs_dir`` does not exist; an empty list when it holds no run. A run whose
     config.yaml or summary.json cannot be read raises (``errors="raise"``) or is skipped with a warning naming
@@ -210,8 +242,9 @@ def load_runs(runs_dir: str | Path = "runs", pattern: str = "*", errors: str = "
     if not root.is_dir():
         raise FileNotFoundError(f"runs_dir: {root} is not a directory")
     out = []
-    for p in sorted(root.glob(pattern)):
-        if not (p / "config.yaml").is_file():
+    for name in discover_runs(root):
+        p = root / name
+        if not fnmatch.fnmatchcase(name, pattern) or not (p / "config.yaml").is_file():
             continue
         try:
             out.append(load_run(p))
@@ -334,6 +367,60 @@ def ablation_table(runs: Sequence[Run], by: Sequence[str] | None = None,
     return Table([*by, "runs", "seeds", *metrics], rows, title)
 
 
+@dataclass
+class DatasetMeta:
+    """Class names and palette of a run's dataset (from its manifest when found, else generic)."""
+
+    class_names: list[str]
+    palette: list[list[int]]
+    source: str
+    """The manifest's path, or why the generic fallback is used."""
+    generic: bool = False
+    """True for the fallback (:func:`generic_meta`)."""
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes."""
+        return len(self.class_names)
+
+
+def generic_meta(num_classes: int, why: str) -> DatasetMeta:
+    """``num_classes`` classes named "class k" with the VOC palette; ``why`` says why no manifest is used."""
+    from workbench.data.manifest import voc_palette
+
+    return DatasetMeta([f"class {k}" for k in range(num_classes)], voc_palette(max(num_classes, 1)), why, True)
+
+
+def dataset_meta(run_path: str | Path, num_classes_hint: int | None = None) -> DatasetMeta:
+    """Class names and palette of the dataset of a run (the package's one lookup: notebooks, reports and the
+    dashboard): ``config.yaml`` -> ``data.root`` (a relative root resolved against the project root,
+    :mod:`workbench.paths`) -> ``manifest.json`` (:func:`workbench.data.manifest.load_manifest`). A palette shorter
+    than the class list is completed with VOC colours.
+
+    Falls back to ``num_classes_hint`` (or 21) classes named "class k" with the VOC palette when the config or the
+    manifest cannot be read (e.g. the run was copied from another machine).
+    """
+    from workbench.data.manifest import DataError, load_manifest, voc_palette
+    from workbench.paths import project_path
+
+    n = num_classes_hint or 21
+    cfg_path = RunDir(run_path).config
+    try:
+        root = (yaml.safe_load(cfg_path.read_text()) or {}).get("data", {}).get("root")
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, AttributeError) as e:
+        return generic_meta(n, f"no readable config.yaml ({type(e).__name__})")
+    if not root or not isinstance(root, str):
+        return generic_meta(n, "config.yaml has no data.root")
+    try:
+        m = load_manifest(project_path(root))
+    except DataError as e:  # the dataset is elsewhere, or its manifest is damaged
+        return generic_meta(n, f"manifest not readable: {e}")
+    names, palette = list(m.class_names), [list(c) for c in m.palette]
+    if len(palette) < len(names):
+        palette += voc_palette(len(names))[len(palette):]
+    return DatasetMeta(names, palette, str(m.root / "manifest.json"))
+
+
 def _data_root(run: Run) -> str | None:
     """The run's ``data.root``, a relative one resolved against the project root (:mod:`workbench.paths`), so that
     a notebook started in ``notebooks/`` finds the dataset the run trained on."""
@@ -344,17 +431,13 @@ def _data_root(run: Run) -> str | None:
 
 
 def dataset_info(run: Run) -> tuple[list[str], list[list[int]]]:
-    """(class names, palette) from the manifest of the run's dataset. When the dataset is not on this machine:
+    """(class names, palette) of the run's dataset (:func:`dataset_meta`). When the dataset is not on this machine:
     a warning, ``class k`` names and the VOC palette, with the class count taken from the run's final IoU list."""
-    from workbench.data.dataset import DataError, load_manifest, voc_palette
-
-    try:
-        m = load_manifest(_data_root(run))
-        return list(m.class_names), [list(c) for c in m.palette]
-    except (DataError, FileNotFoundError, OSError, TypeError) as e:
-        k = len(lookup(run, "final.iou") or []) or 21
-        warnings.warn(f"run {run.name}: dataset manifest unavailable ({e}); using generic class names", stacklevel=2)
-        return [f"class {i}" for i in range(k)], voc_palette(k)
+    meta = dataset_meta(run.path, len(lookup(run, "final.iou") or []) or None)
+    if meta.generic:
+        warnings.warn(f"run {run.name}: dataset manifest unavailable ({meta.source}); using generic class names",
+                      stacklevel=2)
+    return meta.class_names, meta.palette
 
 
 def per_class_table(runs: Sequence[Run], which: str = "final", class_names: Sequence[str] | None = None,
@@ -393,46 +476,6 @@ def pseudo_label_series(run: Run, keys: Sequence[str] = PL_KEYS) -> dict[str, li
         raise ValueError(f"run {run.name} ({lookup(run, 'method.name')}) logged no pseudo-label diagnostics "
                          f"{list(keys)}; pick a semi-supervised run")
     return frame
-
-
-def class_quality(pseudo: Tensor, confident: Tensor, gt: Tensor, num_classes: int,
-                  valid: Tensor | None = None) -> dict[str, Tensor]:
-    """Per-class quality of pseudo-labels against the ground truth (diagnostics only).
-
-    Args: ``pseudo`` and ``gt`` integer label maps [...] (gt 255 = ignore), ``confident`` bool [...] (passes the
-    threshold), ``valid`` bool [...] (False = padding; default all valid). Counted over pixels that are valid and
-    not ignored in ``gt``. Returns float64 tensors [num_classes] (NaN where the ratio is 0/0):
-
-    - ``gt_pixels``: number of pixels of class c;
-    - ``iou``: |P=c and G=c| / |P=c or G=c| of all pseudo-labels;
-    - ``precision``: share of confident pixels pseudo-labelled c that are c (class-wise ``pl_acc``);
-    - ``mask_ratio``: share of class-c pixels that are confident (how much of the class is trained on);
-    - ``mining_ratio``: share of correctly pseudo-labelled class-c pixels that are confident.
-    """
-    if pseudo.shape != gt.shape or confident.shape != gt.shape:
-        raise ValueError(f"pseudo {tuple(pseudo.shape)}, confident {tuple(confident.shape)} and gt "
-                         f"{tuple(gt.shape)} must have the same shape")
-    if confident.dtype != torch.bool:
-        raise TypeError(f"confident must be a bool tensor, got {confident.dtype}")
-    if valid is not None and (valid.shape != gt.shape or valid.dtype != torch.bool):
-        raise ValueError(f"valid must be a bool tensor of shape {tuple(gt.shape)}")
-    if num_classes < 1:
-        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-    g, p = gt.long().flatten(), pseudo.long().flatten()
-    keep = g != IGNORE
-    if valid is not None:
-        keep &= valid.flatten()
-    g, p, c = g[keep], p[keep], confident.flatten()[keep]
-    if g.numel() and (int(g.max()) >= num_classes or int(p.max()) >= num_classes):
-        raise ValueError(f"labels must lie in [0, {num_classes}) or be 255 in gt")
-    k = num_classes
-    count = lambda sel, lab: torch.bincount(lab[sel], minlength=k).double()
-    allv = torch.ones_like(g, dtype=torch.bool)
-    right = p == g
-    gt_n, pred_n, inter = count(allv, g), count(allv, p), count(right, g)
-    conf_pred, conf_right, conf_gt = count(c, p), count(c & right, g), count(c, g)
-    return {"gt_pixels": gt_n, "iou": inter / (gt_n + pred_n - inter), "precision": conf_right / conf_pred,
-            "mask_ratio": conf_gt / gt_n, "mining_ratio": conf_right / inter}
 
 
 def capture_steps(run: Run) -> list[int]:
@@ -564,6 +607,7 @@ def train_run(overrides: dict[str, Any], config: str | Path | None = None, nproc
 
 __all__ = ["Run", "Table", "MeanStd", "mean_std", "lookup", "load_run", "load_runs", "metrics_frame", "runs_table",
            "logged_keys", "varied_keys", "ablation_table", "per_class_table", "records_by_run", "dataset_info",
+           "DatasetMeta", "dataset_meta", "generic_meta", "discover_runs",
            "pseudo_label_series", "class_quality", "capture_steps", "load_capture", "capture_quality",
            "class_quality_over_steps", "class_quality_table", "val_samples", "train_overrides", "training_command",
            "train_run", "flatten", "format_cell"]

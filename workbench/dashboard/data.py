@@ -66,6 +66,8 @@ from torch import Tensor
 
 from workbench.engine.rundir import RunDir
 from workbench.ops import IGNORE
+from workbench.ops.grid import grid_labels
+from workbench.runs import DatasetMeta, dataset_meta, discover_runs, generic_meta  # noqa: F401  (re-exported)
 
 #: keys read by the gallery and the method views; everything else per-sample is shown generically
 KNOWN_KEYS = frozenset({
@@ -217,34 +219,6 @@ CACHE = ArtifactCache()
 
 
 # ---------------------------------------------------------------------------------------------------- runs
-def discover_runs(runs_dir: str | Path, max_depth: int = 3) -> list[str]:
-    """Run directories under ``runs_dir``: relative POSIX paths of folders holding ``metrics.jsonl`` or
-    ``config.yaml`` (searched ``max_depth`` levels deep, hidden folders skipped), sorted; "." when ``runs_dir`` is
-    itself a run; [] when it does not exist. Only real directories under the root count: symbolic links (which
-    could lead the dashboard out of its root) are skipped."""
-    root = Path(runs_dir)
-    found: list[str] = []
-    real_root = root.resolve()
-
-    def visit(d: Path, depth: int) -> None:
-        if (d / "metrics.jsonl").is_file() or (d / "config.yaml").is_file():
-            found.append(d.relative_to(root).as_posix())
-            return
-        if depth >= max_depth:
-            return
-        try:
-            children = sorted(p for p in d.iterdir() if p.is_dir() and not p.is_symlink()
-                              and not p.name.startswith(".") and p.resolve().is_relative_to(real_root))
-        except OSError:
-            return
-        for child in children:
-            visit(child, depth + 1)
-
-    if root.is_dir():
-        visit(root, 0)
-    return sorted(found)
-
-
 #: files whose modification time says when a run was last updated (the artifacts folder changes with each capture)
 UPDATE_MARKERS = ("metrics.jsonl", "summary.json", "artifacts", "artifacts/index.jsonl")
 
@@ -274,74 +248,6 @@ def most_recent_run(runs_dir: str | Path, names: list[str]) -> str | None:
     if not names:
         return None
     return max(names, key=lambda n: (run_updated(Path(runs_dir) / n), n))
-
-
-@dataclass
-class DatasetMeta:
-    """Class names and palette of a run's dataset (from its manifest when found, else generic)."""
-
-    class_names: list[str]
-    palette: list[list[int]]
-    source: str  # the manifest path, or why the fallback is used
-
-    @property
-    def num_classes(self) -> int:
-        """Number of classes."""
-        return len(self.class_names)
-
-
-def generic_meta(num_classes: int, why: str) -> DatasetMeta:
-    """``num_classes`` classes named "class k" with the VOC palette; ``why`` says why no manifest is used."""
-    from workbench.viz.figures import voc_palette
-
-    return DatasetMeta([f"class {k}" for k in range(num_classes)], voc_palette(max(num_classes, 1)), why)
-
-
-def manifest_classes(root: str | Path) -> tuple[list[str], list[list[int]]]:
-    """(class names, palette) of the dataset at ``root``, read from its ``manifest.json`` (the keys
-    ``class_names``, ``palette`` and ``num_classes`` that :func:`workbench.data.dataset.load_manifest` requires;
-    read here without that module, which imports torchvision). ValueError naming the file when it is missing, not
-    JSON, lacks a key or its class names do not number ``num_classes``."""
-    path = Path(root) / "manifest.json"
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: {getattr(e, 'strerror', None) or e}") from None
-    missing = [k for k in ("num_classes", "class_names", "palette") if not isinstance(raw, dict) or k not in raw]
-    if missing:
-        raise ValueError(f"{path}: missing key(s) {missing}")
-    names, palette = raw["class_names"], raw["palette"]
-    if not isinstance(names, list) or len(names) != raw["num_classes"] or not isinstance(palette, list):
-        raise ValueError(f"{path}: class_names must list num_classes = {raw['num_classes']!r} names and palette "
-                         "must be a list of colours")
-    return [str(n) for n in names], [list(c) for c in palette]
-
-
-def dataset_meta(run_path: str | Path, num_classes_hint: int | None = None) -> DatasetMeta:
-    """Class names and palette of the dataset of a run: ``config.yaml`` -> ``data.root`` -> ``manifest.json``.
-
-    Falls back to ``num_classes_hint`` (or 21) classes named "class k" with the VOC palette when the config or the
-    manifest cannot be read (e.g. the run was copied from another machine).
-    """
-    import yaml
-
-    n = num_classes_hint or 21
-    cfg_path = RunDir(run_path).config
-    try:
-        root = (yaml.safe_load(cfg_path.read_text()) or {}).get("data", {}).get("root")
-    except (OSError, yaml.YAMLError, AttributeError) as e:
-        return generic_meta(n, f"no readable config.yaml ({type(e).__name__})")
-    if not root:
-        return generic_meta(n, "config.yaml has no data.root")
-    try:
-        names, palette = manifest_classes(root)
-    except ValueError as e:  # the dataset is elsewhere, or its manifest is damaged
-        return generic_meta(n, f"manifest not readable: {e}")
-    if len(palette) < len(names):
-        from workbench.viz.figures import voc_palette
-
-        palette += voc_palette(len(names))[len(palette):]
-    return DatasetMeta(names, palette, str(Path(root) / "manifest.json"))
 
 
 class RunData:
@@ -488,29 +394,20 @@ def select_samples(stats: list[SampleStats], cls: int | None = None, order: str 
 
 
 def per_class_quality(arts: dict[str, Tensor], num_classes: int) -> dict[str, list[float]] | None:
-    """Pseudo-label quality per class of one capture, over valid pixels (see :func:`valid_mask`):
-
-    - ``iou[c]`` = |pseudo = c and y_u = c| / |pseudo = c or y_u = c| (nan when the class is in neither);
-    - ``precision[c]`` = share of the *confident* pixels pseudo-labelled c whose ground truth is c (nan when none;
-      all pixels count as confident when the capture has no ``confident`` mask).
+    """Pseudo-label quality per class of one capture (:func:`workbench.ops.semi.class_quality` over the valid
+    pixels of :func:`valid_mask`; all pixels count as confident when the capture has no ``confident`` mask), as
+    lists: ``iou``, ``precision``, ``mask_ratio``, ``mining_ratio`` and ``gt_pixels`` (nan where a ratio is 0/0).
 
     None when the capture lacks ``pseudo`` or ``y_u``.
     """
-    if num_classes < 1:
-        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    from workbench.ops.semi import class_quality
+
     valid = valid_mask(arts)
     if valid is None or "pseudo" not in arts:
         return None
-    p, g = arts["pseudo"].long(), arts["y_u"].long()
-    conf = valid & arts["confident"].bool() if "confident" in arts else valid
-    iou, prec = [], []
-    for c in range(num_classes):
-        pc, gc = (p == c), (g == c)
-        inter, union = int((pc & gc & valid).sum()), int(((pc | gc) & valid).sum())
-        iou.append(inter / union if union else math.nan)
-        hits, n = int((pc & gc & conf).sum()), int((pc & conf).sum())
-        prec.append(hits / n if n else math.nan)
-    return {"iou": iou, "precision": prec}
+    confident = arts["confident"].bool() if "confident" in arts else torch.ones_like(valid)
+    q = class_quality(arts["pseudo"], confident, arts["y_u"], num_classes, valid)
+    return {k: v.tolist() for k, v in q.items()}
 
 
 def spread_steps(steps: list[int], max_points: int) -> list[int]:
@@ -550,16 +447,13 @@ def quality_over_time(run: RunData, max_points: int = 40) -> tuple[list[int], li
     return steps, vals, notes
 
 
-def _resize_labels(lab: Tensor, size: tuple[int, int]) -> Tensor:
-    return torch.nn.functional.interpolate(lab[:, None].float(), size=size, mode="nearest")[:, 0].long()
-
-
 def feature_points(arts: dict[str, Tensor], max_points: int = 600, seed: int = 0) -> tuple[Tensor, Tensor]:
     """Pixel features and their labels for t-SNE: (float32 [N,D], int64 [N]), N <= ``max_points``.
 
     ``features`` [B,D,h,w] gives one point per pixel, labelled by ``feature_labels`` [B,h,w] or else ``y_u`` /
-    ``pseudo`` resized to h x w (nearest); ``features`` [N,D] needs ``feature_labels`` [N] (else all -1).
-    Points labelled 255 are dropped; a seeded random subset is kept when there are more than ``max_points``.
+    ``pseudo`` read at the feature cells (:func:`workbench.ops.grid.grid_labels`, the package's one rule);
+    ``features`` [N,D] needs ``feature_labels`` [N] (else all -1). Points labelled 255 are dropped; a seeded
+    random subset is kept when there are more than ``max_points``.
     ValueError when there are no usable features.
     """
     f = arts.get("features")
@@ -570,7 +464,7 @@ def feature_points(arts: dict[str, Tensor], max_points: int = 600, seed: int = 0
         b, d, h, w = f.shape
         if lab is None:
             src = arts.get("y_u", arts.get("pseudo"))
-            lab = _resize_labels(src, (h, w)) if src is not None and src.shape[0] == b else None
+            lab = grid_labels(src, (h, w)) if src is not None and src.shape[0] == b else None
         pts = f.permute(0, 2, 3, 1).reshape(-1, d)
         lab = lab.reshape(-1).long() if lab is not None else torch.full((pts.shape[0],), -1)
     elif f.dim() == 2:
@@ -590,20 +484,14 @@ def feature_points(arts: dict[str, Tensor], max_points: int = 600, seed: int = 0
 
 def tsne_embedding(arts: dict[str, Tensor], max_points: int = 600, seed: int = 0, iters: int = 500
                    ) -> tuple[Tensor, Tensor]:
-    """2-D t-SNE (scikit-learn, PCA init, perplexity min(30, (N-1)/3), ``iters`` iterations, one CPU thread so a
-    server stays responsive) of :func:`feature_points`: (float32 [N,2], int64 [N] labels)."""
-    import inspect
-
-    from sklearn.manifold import TSNE
-    from threadpoolctl import threadpool_limits
+    """2-D t-SNE (:func:`workbench.viz.embedding.tsne_2d`: PCA init, perplexity min(30, (N-1)/3); here at least
+    250 iterations and one CPU thread so a server stays responsive) of :func:`feature_points`: (float32 [N,2],
+    int64 [N] labels)."""
+    from workbench.viz.embedding import tsne_2d
 
     pts, lab = feature_points(arts, max_points, seed)
     n = pts.shape[0]
     if n < 5:
         raise ValueError(f"t-SNE needs at least 5 labelled feature vectors, got {n}")
-    perplexity = float(min(30.0, max(1.0, (n - 1) / 3)))
-    it = "max_iter" if "max_iter" in inspect.signature(TSNE).parameters else "n_iter"  # renamed in sklearn 1.5
-    tsne = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed, **{it: max(250, iters)})
-    with threadpool_limits(limits=1):
-        xy = tsne.fit_transform(pts.double().numpy())
+    xy = tsne_2d(pts, seed, iters=max(250, iters), threads=1)
     return torch.from_numpy(xy).float(), lab

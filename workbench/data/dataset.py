@@ -27,54 +27,14 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
+from workbench.data.manifest import (  # noqa: F401  (DataError, Manifest, load_manifest, voc_palette: re-exported)
+    MANIFEST_FORMAT,
+    DataError,
+    Manifest,
+    load_manifest,
+    voc_palette,
+)
 from workbench.data.transforms import IGNORE, cutmix_box, strong_transform, weak_transform
-
-MANIFEST_FORMAT = "workbench-dataset/1"
-
-
-class DataError(RuntimeError):
-    """A dataset file is missing, unreadable or inconsistent; the message names the file."""
-
-
-@dataclass
-class Manifest:
-    """The parsed manifest.json of a dataset root."""
-
-    root: Path
-    name: str
-    num_classes: int
-    class_names: list[str]
-    palette: list[list[int]]
-    ignore_index: int
-    splits: dict[str, str]
-    raw: dict[str, Any]
-
-    def split_path(self, split: str) -> Path:
-        """Path of split list ``split``; DataError listing the available splits otherwise."""
-        if split not in self.splits:
-            raise DataError(f"{self.root / 'manifest.json'}: no split {split!r}; available: {sorted(self.splits)}")
-        return self.root / self.splits[split]
-
-
-def load_manifest(root: str | Path) -> Manifest:
-    """Read and check ``root/manifest.json``."""
-    root = Path(root)
-    path = root / "manifest.json"
-    if not path.is_file():
-        raise DataError(f"{path} not found: generate the data (workbench data synth --out {root}) or prepare it "
-                        "(workbench data prepare NAME --root DIR)")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: invalid JSON: {e}") from None
-    for key in ("num_classes", "class_names", "palette", "splits"):
-        if key not in raw:
-            raise DataError(f"{path}: missing key {key!r}")
-    if raw.get("format") != MANIFEST_FORMAT:
-        raise DataError(f"{path}: format {raw.get('format')!r}, expected {MANIFEST_FORMAT!r}")
-    return Manifest(root, raw.get("name", root.name), int(raw["num_classes"]), list(raw["class_names"]),
-                    [list(c) for c in raw["palette"]], int(raw.get("ignore_index", IGNORE)), dict(raw["splits"]), raw)
-
 
 def data_identity(manifest: Manifest, splits: Sequence[str]) -> dict[str, Any]:
     """What a run records of the data it trained on (summary.json ``dataset``): the dataset's name and root, the
@@ -395,19 +355,3 @@ class StepDataset(Dataset):
         batch["skipped_files"] = files
         batch["step"] = step
         return batch
-
-
-def voc_palette(n: int = 256) -> list[list[int]]:
-    """The Pascal VOC colour map, ``n`` entries: class i's bits 0/1/2 (then 3/4/5, ...) fill R/G/B from the top bit
-    down (the palette of VOC's label PNGs)."""
-    out = []
-    for i in range(n):
-        r = g = b = 0
-        c = i
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        out.append([r, g, b])
-    return out

@@ -10,16 +10,18 @@ Every method's capture also holds ``features`` / ``feature_labels`` (the dashboa
 """
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from workbench.config import MethodConfig, register_method_config
 from workbench.data.transforms import normalize
 from workbench.ops import IGNORE
+from workbench.ops.grid import grid_labels
 
 METHODS: dict[str, type[Method]] = {}
 #: feature maps a capture keeps for the t-SNE: of the first FEATURE_IMAGES images, on at most FEATURE_GRID x
@@ -27,6 +29,20 @@ METHODS: dict[str, type[Method]] = {}
 FEATURE_IMAGES = 4
 FEATURE_GRID = 32
 FEATURE_KEYS = ("aspp", "decoder")
+
+
+@contextlib.contextmanager
+def eval_mode(net: nn.Module) -> Iterator[nn.Module]:
+    """``net`` in eval mode for the ``with`` block, every submodule's own train/eval flag restored afterwards (also
+    on error): the one way the package runs a network in eval mode inside a training step (teacher passes,
+    captures)."""
+    modes = [(m, m.training) for m in net.modules()]
+    net.eval()
+    try:
+        yield net
+    finally:
+        for m, mode in modes:
+            m.training = mode
 
 
 @dataclass
@@ -148,23 +164,17 @@ class Method(nn.Module):
         on them in eval mode without gradients, so the step's loss, gradients, BatchNorm statistics and random
         state are those of a step without capture (every module's train/eval mode is restored). The features are its
         ``aspp`` map (the ``decoder`` map when there is none); {} when the network returns neither. Labels are the
-        images' ground truth (``y_u`` / ``y_l``) when the batch carries it, else the network's prediction, resized
-        to the feature grid (nearest), with padding (``ignore``) set to 255; grids larger than
-        :data:`FEATURE_GRID` are subsampled (nearest) for features and labels alike.
+        images' ground truth (``y_u`` / ``y_l``) when the batch carries it, else the network's prediction, with
+        padding (``ignore``) set to 255, read at the feature cells (:func:`~workbench.ops.grid.grid_labels`); grids
+        larger than :data:`FEATURE_GRID` are subsampled (nearest) for features and labels alike.
         """
         if self.uses_unlabeled and batch.x_w is not None:
             x, labels, ignore = batch.x_w, batch.y_u, batch.ignore
         else:
             x, labels, ignore = batch.x_l, batch.y_l, None
         n = min(FEATURE_IMAGES, x.shape[0])
-        net = self.predictor()
-        modes = [(m, m.training) for m in net.modules()]
-        net.eval()
-        try:
+        with eval_mode(self.predictor()) as net:
             out = net(x[:n])
-        finally:
-            for m, mode in modes:
-                m.training = mode
         key = next((k for k in FEATURE_KEYS if k in out), None)
         if key is None:
             return {}
@@ -173,7 +183,7 @@ class Method(nn.Module):
         if ignore is not None:
             labels = labels.masked_fill(ignore[:n] != 0, IGNORE)
         h, w = feats.shape[-2:]
-        labels = F.interpolate(labels[:, None].float(), size=(h, w), mode="nearest")[:, 0].long()
+        labels = grid_labels(labels, (h, w))
         if h > FEATURE_GRID or w > FEATURE_GRID:
             rows = torch.arange(min(h, FEATURE_GRID), device=feats.device) * h // min(h, FEATURE_GRID)
             cols = torch.arange(min(w, FEATURE_GRID), device=feats.device) * w // min(w, FEATURE_GRID)

@@ -109,6 +109,9 @@ class LCROutput:
 class LocalConsistency:
     """The LCR component: mask the weak view, let the student predict it, CE against the weak view's targets.
 
+    Built from a method config (:meth:`from_config`); the settings and their defaults are declared once, on the
+    config (``lcr_*`` fields of :class:`~workbench.methods.fixmatch.FixMatchConfig`).
+
     Attributes:
         weight: loss weight (lambda2 in MaskMatch; 0 = off).
         patch: patch side in pixels (paper: 32 at 513/769 crops).
@@ -118,12 +121,12 @@ class LocalConsistency:
         norm: the loss normalisation, the host method's ``loss_norm`` (``image_confident`` in MaskMatch, Eq. 6).
     """
 
-    weight: float = 1.0
-    patch: int = 32
-    ratio: float = 0.7
-    strategy: str = "random"
-    region: str = "both"
-    norm: str = "batch_valid"
+    weight: float
+    patch: int
+    ratio: float
+    strategy: str
+    region: str
+    norm: str
 
     def __post_init__(self) -> None:
         check_lcr_config(self.weight, self.patch, self.ratio, self.strategy, self.region, self.norm)

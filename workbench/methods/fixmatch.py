@@ -20,6 +20,7 @@ from workbench.methods.base import (
     SemiBatch,
     StepInfo,
     StepOutput,
+    eval_mode,
     register_method,
     term_logs,
     weighted_sum,
@@ -94,15 +95,15 @@ class WeakStrong(Method):
         return self.model
 
     @torch.no_grad()
+    def teacher_eval(self, x: Tensor) -> dict[str, Tensor]:
+        """The teacher's outputs of ``x`` (logits and feature maps) in eval mode without gradients
+        (:func:`~workbench.methods.base.eval_mode`)."""
+        with eval_mode(self.teacher()) as net:
+            return net(x)
+
     def predict_eval(self, x: Tensor) -> Tensor:
-        """Teacher logits of ``x`` in eval mode without gradients (mode restored afterwards)."""
-        net = self.teacher()
-        was = net.training
-        net.eval()
-        try:
-            return net(x)["logits"]
-        finally:
-            net.train(was)
+        """Teacher logits of ``x`` in eval mode without gradients (:meth:`teacher_eval`)."""
+        return self.teacher_eval(x)["logits"]
 
     def mix_targets(self, batch: SemiBatch) -> Targets:
         """Teacher's pseudo-label and confidence of the mix batch (eval mode, no grad) with its ignore mask."""

@@ -159,16 +159,10 @@ class RankMatch(UniMatch):
     config_class = RankMatchConfig
     cfg: RankMatchConfig
 
-    @torch.no_grad()
     def mix_outputs(self, batch: SemiBatch) -> tuple[Targets, Tensor]:
-        """Targets and ASPP features [B, C, h, w] of the mix batch, from one eval-mode pass without gradients."""
-        net = self.teacher()
-        was = net.training
-        net.eval()
-        try:
-            out = net(batch.x_w_mix)
-        finally:
-            net.train(was)
+        """Targets and ASPP features [B, C, h, w] of the mix batch, from one eval-mode pass without gradients
+        (:meth:`teacher_eval`)."""
+        out = self.teacher_eval(batch.x_w_mix)
         return Targets(*pseudo_label(out["logits"]), batch.ignore_mix), out["aspp"]
 
     def select_agents(self, feats: Tensor) -> Tensor:

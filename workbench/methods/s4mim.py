@@ -405,7 +405,7 @@ class S4MIMStep:
     norm: float
     phase2: Phase2 | None
     lcr: LCROutput | None
-    lcr_weight: float = 0.0
+    lcr_weight: float
 
     def loss(self) -> Tensor:
         """The step's loss as Eq. 14 writes it, ``(L_s + l_u (L_u,s + L_u,fp) + sum of l L_mim) / normaliser`` (+ LCR):

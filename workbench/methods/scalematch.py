@@ -83,7 +83,7 @@ from workbench.methods.components import LCROutput
 from workbench.methods.fixmatch import FixMatchConfig, Targets, WeakStrong
 from workbench.methods.supervised import supervised_loss
 from workbench.ops import IGNORE
-from workbench.ops.ensemble import resize_logits
+from workbench.ops.ensemble import rescale, resize_logits, scaled_size
 from workbench.ops.host import host_scalar
 from workbench.ops.rwkv import VisionRWKV
 from workbench.ops.semi import pseudo_label
@@ -115,33 +115,24 @@ def gated_fusion(s_w: Tensor, logits_w: Tensor, logits_vw: Tensor) -> tuple[Tens
 
 
 def scaled_image_size(size: Sequence[int], scale: float, min_size: int = 16) -> tuple[int, int]:
-    """``(max(min_size, floor(H * scale)), max(min_size, floor(W * scale)))`` for ``size = (H, W)`` (the size
-    ``F.interpolate(scale_factor=scale)`` gives, as in the reference code: 321 x 1.5 -> 481)."""
-    if not scale > 0:
-        raise ValueError(f"scale must be > 0, got {scale!r}")
-    if isinstance(min_size, bool) or not isinstance(min_size, int) or min_size < 1:
-        raise ValueError(f"min_size must be a positive int, got {min_size!r}")
-    return tuple(max(min_size, int(int(s) * scale)) for s in size)  # type: ignore[return-value]
+    """``(max(min_size, floor(H * scale)), max(min_size, floor(W * scale)))`` for ``size = (H, W)``: the package's
+    scaling rule (:func:`workbench.ops.ensemble.scaled_size`) with the floor of ``F.interpolate(scale_factor=scale)``,
+    as in the reference code (321 x 1.5 -> 481)."""
+    return scaled_size(size, scale, "floor", min_size)
 
 
 def scaled_image(x: Tensor, scale: float, min_size: int = 16) -> Tensor:
     """Images [B, 3, H, W] resized bilinearly (align_corners=True) to :func:`scaled_image_size`."""
-    size = scaled_image_size(x.shape[-2:], scale, min_size)
-    if size == tuple(x.shape[-2:]):
-        return x
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=True)
+    return rescale(x, scale, "floor", min_size)
 
 
 def resized_feature_size(size: Sequence[int], scale: float) -> tuple[int, int]:
     """A feature map's size after a resize by ``scale``: ``max(1, floor(side * scale))`` per side."""
-    if not scale > 0:
-        raise ValueError(f"scale must be > 0, got {scale!r}")
-    return tuple(max(1, int(int(s) * scale)) for s in size)  # type: ignore[return-value]
+    return scaled_size(size, scale, "floor")
 
 
 def _resize_features(f: Tensor, scale: float) -> Tensor:
-    size = resized_feature_size(f.shape[-2:], scale)
-    return f if size == tuple(f.shape[-2:]) else F.interpolate(f, size=size, mode="bilinear", align_corners=True)
+    return rescale(f, scale, "floor")
 
 
 # ---------------------------------------------------------------- the CIF modules

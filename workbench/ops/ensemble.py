@@ -1,8 +1,10 @@
 """Multi-scale ensembling of predictions and the multi-scale weak-to-strong loss (MaskMatch, Eqs. 7 and 8).
 
-Scaling rule (shared with the evaluation's multi-scale inference): an image of ``H x W`` at scale ``s`` becomes
-``int(H * s + 0.5) x int(W * s + 0.5)`` (at least 1), resized bilinearly with ``align_corners=True``; predictions are
-resized back to ``H x W`` the same way (logits are resized, then turned into probabilities).
+Scaling rule (:func:`scaled_size`, the package's one rule for a side after a scale; shared with the evaluation's
+multi-scale inference and ScaleMatch): an image of ``H x W`` at scale ``s`` becomes ``int(H * s + 0.5) x
+int(W * s + 0.5)`` (``rounding="half_up"``, at least 1), resized bilinearly with ``align_corners=True``; predictions
+are resized back to ``H x W`` the same way (logits are resized, then turned into probabilities). ScaleMatch's
+reference code resizes with ``F.interpolate(scale_factor=s)``, which floors (``rounding="floor"``: 321 x 1.5 -> 481).
 
 - Eq. 7 (pseudo-labels): ``p = 1/S sum_k softmax(resize(f(resize(x, s_k)), H x W))``; pseudo = argmax p, conf = max p.
 - Eq. 8 (student): every scale's prediction of the strong view, resized back, is supervised by the ensembled
@@ -21,7 +23,7 @@ from torch import Tensor
 from workbench.ops import IGNORE
 from workbench.ops.losses import normalise_masked
 
-__all__ = ["DEFAULT_SCALES", "check_scales", "scaled_size", "rescale", "resize_logits", "predict_scales",
+__all__ = ["DEFAULT_SCALES", "ROUNDINGS", "check_scales", "scaled_size", "rescale", "resize_logits", "predict_scales",
            "ensemble_probs", "multiscale_ensemble", "multiscale_ce_loss"]
 
 DEFAULT_SCALES = (0.7, 1.0, 1.5)
@@ -42,17 +44,28 @@ def _check_4d(name: str, t: Tensor) -> None:
         raise ValueError(f"{name} must be a float [B, C, H, W] tensor, got {t.dtype} {tuple(t.shape)}")
 
 
-def scaled_size(size: Sequence[int], scale: float) -> tuple[int, int]:
-    """``(int(H * scale + 0.5), int(W * scale + 0.5))``, each at least 1, for ``size = (H, W)``."""
-    h, w = size
-    return max(1, int(h * scale + 0.5)), max(1, int(w * scale + 0.5))
+ROUNDINGS = ("half_up", "floor")
 
 
-def rescale(x: Tensor, scale: float) -> Tensor:
-    """Float images or logits [B, C, H, W] resized to ``scaled_size((H, W), scale)`` (bilinear, align_corners=True);
-    returned unchanged when the size does not change."""
+def scaled_size(size: Sequence[int], scale: float, rounding: str = "half_up", min_size: int = 1) -> tuple[int, int]:
+    """The size ``(H, W)`` becomes at ``scale``: per side ``int(side * scale + 0.5)`` (``rounding="half_up"``) or
+    ``int(side * scale)`` (``"floor"``, what ``F.interpolate(scale_factor=scale)`` gives), at least ``min_size``."""
+    if not scale > 0:
+        raise ValueError(f"scale must be > 0, got {scale!r}")
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+    if isinstance(min_size, bool) or not isinstance(min_size, int) or min_size < 1:
+        raise ValueError(f"min_size must be a positive int, got {min_size!r}")
+    shift = 0.5 if rounding == "half_up" else 0.0
+    h, w = (int(s) for s in size)
+    return max(min_size, int(h * scale + shift)), max(min_size, int(w * scale + shift))
+
+
+def rescale(x: Tensor, scale: float, rounding: str = "half_up", min_size: int = 1) -> Tensor:
+    """Float images, features or logits [B, C, H, W] resized to ``scaled_size((H, W), scale, rounding, min_size)``
+    (bilinear, align_corners=True); returned unchanged when the size does not change."""
     _check_4d("x", x)
-    size = scaled_size(x.shape[-2:], scale)
+    size = scaled_size(x.shape[-2:], scale, rounding, min_size)
     return x if size == tuple(x.shape[-2:]) else F.interpolate(x, size=size, mode="bilinear", align_corners=True)
 
 

@@ -76,3 +76,44 @@ def pseudo_label_diagnostics(pseudo: Tensor, confident: Tensor, ignore: Tensor |
     present = union > 0
     out["pl_miou"] = torch.where(present, inter / union.clamp(min=1), 0.0).sum() / present.sum().clamp(min=1)
     return out
+
+
+def class_quality(pseudo: Tensor, confident: Tensor, gt: Tensor, num_classes: int,
+                  valid: Tensor | None = None) -> dict[str, Tensor]:
+    """Per-class quality of pseudo-labels against the ground truth (diagnostics only): the package's one
+    implementation, behind the analyses (:func:`workbench.runs.capture_quality`) and the dashboard.
+
+    Args: ``pseudo`` and ``gt`` integer label maps [...] (gt 255 = ignore), ``confident`` bool [...] (passes the
+    threshold), ``valid`` bool [...] (False = padding; default all valid). Counted over pixels that are valid and
+    not ignored in ``gt``. Returns float64 tensors [num_classes] (NaN where the ratio is 0/0):
+
+    - ``gt_pixels``: number of pixels of class c;
+    - ``iou``: |P=c and G=c| / |P=c or G=c| of all pseudo-labels;
+    - ``precision``: share of confident pixels pseudo-labelled c that are c (class-wise ``pl_acc``);
+    - ``mask_ratio``: share of class-c pixels that are confident (how much of the class is trained on);
+    - ``mining_ratio``: share of correctly pseudo-labelled class-c pixels that are confident.
+    """
+    if pseudo.shape != gt.shape or confident.shape != gt.shape:
+        raise ValueError(f"pseudo {tuple(pseudo.shape)}, confident {tuple(confident.shape)} and gt "
+                         f"{tuple(gt.shape)} must have the same shape")
+    if confident.dtype != torch.bool:
+        raise TypeError(f"confident must be a bool tensor, got {confident.dtype}")
+    if valid is not None and (valid.shape != gt.shape or valid.dtype != torch.bool):
+        raise ValueError(f"valid must be a bool tensor of shape {tuple(gt.shape)}")
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    g, p = gt.long().flatten(), pseudo.long().flatten()
+    keep = g != IGNORE
+    if valid is not None:
+        keep &= valid.flatten()
+    g, p, c = g[keep], p[keep], confident.flatten()[keep]
+    if g.numel() and (int(g.max()) >= num_classes or int(p.max()) >= num_classes):
+        raise ValueError(f"labels must lie in [0, {num_classes}) or be 255 in gt")
+    k = num_classes
+    count = lambda sel, lab: torch.bincount(lab[sel], minlength=k).double()
+    allv = torch.ones_like(g, dtype=torch.bool)
+    right = p == g
+    gt_n, pred_n, inter = count(allv, g), count(allv, p), count(right, g)
+    conf_pred, conf_right, conf_gt = count(c, p), count(c & right, g), count(c, g)
+    return {"gt_pixels": gt_n, "iou": inter / (gt_n + pred_n - inter), "precision": conf_right / conf_pred,
+            "mask_ratio": conf_gt / gt_n, "mining_ratio": conf_right / inter}

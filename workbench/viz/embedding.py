@@ -3,7 +3,8 @@ scatter coloured by class.
 
 The decoder features ("decoder" of :class:`workbench.models.DeepLabV3Plus`) are at 1/4 of the input size and are
 upsampled to logits with ``align_corners=True``, so feature cell (i, j) sits on input pixel
-(round(i (H-1)/(h-1)), round(j (W-1)/(w-1))): that pixel's label is the cell's class.
+(round(i (H-1)/(h-1)), round(j (W-1)/(w-1))): that pixel's label is the cell's class (the package's one rule,
+:func:`workbench.ops.grid.grid_labels`, re-exported here).
 """
 from __future__ import annotations
 
@@ -17,20 +18,11 @@ import torch
 from torch import Tensor
 
 from workbench.ops import IGNORE
+from workbench.ops.grid import grid_labels
 from workbench.viz.figures import legend_handles, plt
 
 if TYPE_CHECKING:
     from workbench.runs import Table
-
-
-def grid_labels(labels: Tensor, size: tuple[int, int]) -> Tensor:
-    """Labels [B, H, W] read at the ``align_corners=True`` positions of an [h, w] grid -> [B, h, w]."""
-    if labels.dim() != 3:
-        raise ValueError(f"labels must be [B, H, W], got {tuple(labels.shape)}")
-    (H, W), (h, w) = labels.shape[1:], size
-    rows = torch.linspace(0, H - 1, h).round().long() if h > 1 else torch.zeros(1, dtype=torch.long)
-    cols = torch.linspace(0, W - 1, w).round().long() if w > 1 else torch.zeros(1, dtype=torch.long)
-    return labels[:, rows][:, :, cols]
 
 
 def sample_pixels(features: Tensor, labels: Tensor, per_class: int, seed: int = 0) -> tuple[Tensor, Tensor]:
@@ -83,15 +75,27 @@ def run_pixel_features(run_dir: str | Path, images: Tensor, labels: Tensor, per_
     return sample_pixels(f, grid_labels(labels, tuple(f.shape[2:])), per_class, seed)
 
 
-def tsne_2d(x: Tensor | np.ndarray, seed: int = 0, perplexity: float | None = None) -> np.ndarray:
-    """t-SNE (scikit-learn, PCA init) of [M, C] features -> float [M, 2]; perplexity default min(30, (M-1)/3)."""
+def tsne_2d(x: Tensor | np.ndarray, seed: int = 0, perplexity: float | None = None, iters: int | None = None,
+            threads: int | None = None) -> np.ndarray:
+    """t-SNE (scikit-learn, PCA init) of [M, C] features -> float [M, 2]: the package's one t-SNE (notebooks and
+    dashboard). ``perplexity`` default min(30, (M-1)/3); ``iters`` the optimisation's iterations (None =
+    scikit-learn's default); ``threads`` caps the BLAS/OpenMP threads (None = no cap; the dashboard uses 1 so a
+    server stays responsive)."""
+    import inspect
+
     from sklearn.manifold import TSNE
+    from threadpoolctl import threadpool_limits
 
     a = x.numpy() if isinstance(x, Tensor) else np.asarray(x)
     if a.ndim != 2 or a.shape[0] < 5:
         raise ValueError(f"x must be [M, C] with M >= 5, got shape {a.shape}")
     p = perplexity if perplexity is not None else min(30.0, (a.shape[0] - 1) / 3)
-    return TSNE(n_components=2, perplexity=p, init="pca", random_state=seed).fit_transform(a.astype(np.float32))
+    extra = {}
+    if iters is not None:  # the keyword was renamed in scikit-learn 1.5
+        extra["max_iter" if "max_iter" in inspect.signature(TSNE).parameters else "n_iter"] = iters
+    tsne = TSNE(n_components=2, perplexity=p, init="pca", random_state=seed, **extra)
+    with threadpool_limits(limits=threads):
+        return tsne.fit_transform(a.astype(np.float32))
 
 
 @dataclass
