@@ -2,6 +2,7 @@ import pytest
 
 from workbench.config import (
     ConfigError,
+    MethodConfig,
     apply_overrides,
     config_from_dict,
     config_to_dict,
@@ -150,3 +151,65 @@ def test_every_protocol_file_loads_with_the_authors_key_settings():
     # UniMatch's Cityscapes: 1/30 .. 1/2
     assert by_kind["corrmatch"] == 18 and by_kind["maskmatch"] == 15 and by_kind["unimatch"] == 5
     assert by_kind["generic"] >= 35
+
+
+# ---------------------------------------------------------------- one validation style: declarations on the fields
+
+
+def test_choices_are_declared_once_and_match_the_implementations():
+    import typing
+
+    from workbench import registry
+    from workbench.config import field_rules
+    from workbench.methods.components import LCR_REGIONS
+    from workbench.methods.corrmatch import FEATURE_POSITIONS
+    from workbench.methods.rankmatch import AGENT_CHOICES, CONSISTENCY_CHOICES
+    from workbench.methods.scalematch import FUSIONS, SCALE_SAMPLING, STRUCTURES
+    from workbench.ops.losses import NORMS
+    from workbench.ops.masking import MASK_STRATEGIES
+    from workbench.ops.ranking import GUARDS
+
+    implemented = {"lcr_strategy": MASK_STRATEGIES, "mask_strategy": MASK_STRATEGIES, "lcr_region": LCR_REGIONS,
+                   "loss_norm": NORMS, "feature": FEATURE_POSITIONS, "agents": AGENT_CHOICES,
+                   "consistency": CONSISTENCY_CHOICES, "rank_guard": GUARDS, "structure": STRUCTURES,
+                   "scale_sampling": SCALE_SAMPLING, "fusion": FUSIONS}
+    seen = set()
+    for name in registry.method_names():
+        cls = registry.method_config(name)
+        for field_name, (choices, _) in field_rules(cls).items():
+            if field_name in implemented:
+                assert set(choices) == set(implemented[field_name]), (name, field_name)
+                seen.add(field_name)
+        # the one style: no method config validates in its own __post_init__ (cross-field relations go through
+        # cross_checks, everything else is a field declaration)
+        assert all("__post_init__" not in vars(k) for k in cls.__mro__ if k is not MethodConfig
+                   and issubclass(k, MethodConfig)), name
+    assert seen == set(implemented)
+    assert typing.get_args(typing.get_type_hints(MethodConfig)["name"]) == ()  # a plain str: any registered name
+
+
+def test_field_declarations_are_enforced_everywhere():
+    from workbench.methods.maskmatch import MaskMatchConfig
+    from workbench.methods.scalematch import ScaleMatchConfig
+
+    # a redeclared default keeps the base's bounds (MaskMatch redeclares tau, lcr_weight and loss_norm)
+    with pytest.raises(ConfigError, match=r"method\.tau: must be >= 0 and <= 1 \(got 1\.5\)"):
+        MaskMatchConfig(tau=1.5)
+    with pytest.raises(ConfigError, match=r"method\.loss_norm: must be one of batch_valid, image_confident"):
+        MaskMatchConfig(loss_norm="sum")
+    with pytest.raises(ConfigError, match=r"method\.scales: must include 1\.0"):
+        MaskMatchConfig(scales=(0.5, 2.0))
+    with pytest.raises(ConfigError, match=r"method\.scales: must be > 0 \(got \[0\.5, -1\.0\]\)"):
+        ScaleMatchConfig(scales=[0.5, -1.0])  # every number of a tuple, lists turned into tuples
+    assert ScaleMatchConfig(scales=[0.5]).scales == (0.5,)
+    with pytest.raises(ConfigError, match=r"method\.cif_chunk: must be >= 2"):
+        ScaleMatchConfig(cif_chunk=1)
+    # sections: choices from YAML (off read as a boolean), bounds, None passes an optional bounded field
+    assert config_from_dict({"optim": {"amp": False}}).optim.amp == "off"
+    with pytest.raises(ConfigError, match=r"model\.output_stride: must be one of 8, 16, 32 \(got 12\)"):
+        config_from_dict({"model": {"output_stride": 12}})
+    with pytest.raises(ConfigError, match=r"optim\.momentum: must be >= 0 and < 1 \(got 1\.0\)"):
+        config_from_dict({"optim": {"momentum": 1.0}})
+    with pytest.raises(ConfigError, match=r"data\.std: must be > 0"):
+        config_from_dict({"data": {"std": [0.2, 0.0, 0.2]}})
+    assert config_from_dict({"eval": {"window": None}}).eval.window is None

@@ -4,18 +4,25 @@ A run is described by one :class:`RunConfig`. It is built from a YAML file (or a
 plus ``key=value`` overrides with dotted keys (``method.tau=0.9``). Every key is checked: an unknown key, a value of
 the wrong type or an impossible combination raises :class:`ConfigError` naming the key and how to fix it.
 
+Validation has one style: each field declares what it accepts, a ``Literal[...]`` type for a choice and
+:func:`bounded` for numeric bounds (every number of a tuple field is checked), and :func:`check_fields` enforces the
+declarations of every section, including a method's fields (at construction). What one field cannot say (a relation
+between fields) is one list of named cross-field checks: :func:`validate` for the sections,
+:meth:`MethodConfig.cross_checks` for a method.
+
 The ``method`` section is polymorphic: ``method.name`` picks a registered method, whose own dataclass (a subclass of
 :class:`MethodConfig`) defines the remaining keys. Methods register their config with :func:`register_method_config`.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 import types
 import typing
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import yaml
 
@@ -27,11 +34,100 @@ class ConfigError(ValueError):
     """A configuration key or value is invalid; the message names the key and the fix."""
 
 
+# ---------------------------------------------------------------- field declarations (the one validation style)
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """Numeric bounds of a config field (None = unbounded on that side); a tuple field's every number is checked."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+
+    def allows(self, v: float) -> bool:
+        """Whether the finite number ``v`` lies within the bounds."""
+        return (math.isfinite(v) and (self.ge is None or v >= self.ge) and (self.gt is None or v > self.gt)
+                and (self.le is None or v <= self.le) and (self.lt is None or v < self.lt))
+
+    def text(self) -> str:
+        """``must be >= 0 and < 1``-style wording for an error message."""
+        parts = [f"{op} {b:g}" for op, b in ((">=", self.ge), (">", self.gt), ("<=", self.le), ("<", self.lt))
+                 if b is not None]
+        return "must be " + " and ".join(parts)
+
+
+def bounded(default: Any = dataclasses.MISSING, *, ge: float | None = None, gt: float | None = None,
+            le: float | None = None, lt: float | None = None) -> Any:
+    """A dataclass field with ``default`` whose value (each number of a tuple) must satisfy the bounds, e.g.
+    ``tau: float = bounded(0.95, ge=0, le=1)``; None always passes (optional fields)."""
+    return field(default=default, metadata={"bounds": Bounds(ge, gt, le, lt)})
+
+
+def literal_choices(tp: Any) -> tuple[Any, ...] | None:
+    """The allowed values of a ``Literal[...]`` type hint (also inside ``Optional``/``X | None``), else None."""
+    if typing.get_origin(tp) is Literal:
+        return typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            choices = literal_choices(arg)
+            if choices is not None:
+                return choices
+    return None
+
+
+@functools.cache
+def field_rules(cls: type) -> dict[str, tuple[tuple[Any, ...] | None, Bounds | None]]:
+    """``{field: (choices, bounds)}`` of a config dataclass. A subclass that redeclares a field only to change its
+    default (``tau: float = 0.9``) keeps the choices and bounds its base declared."""
+    rules: dict[str, tuple[tuple[Any, ...] | None, Bounds | None]] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        hints = typing.get_type_hints(klass)
+        for f in dataclasses.fields(klass):
+            old = rules.get(f.name, (None, None))
+            rules[f.name] = (literal_choices(hints[f.name]) or old[0], f.metadata.get("bounds") or old[1])
+    return rules
+
+
+def check_fields(obj: Any, prefix: str = "") -> None:
+    """Enforce the field declarations (``Literal`` choices, :func:`bounded` bounds) of a config dataclass and of
+    the dataclasses it holds: ConfigError ``<prefix><field>: <what it must be> (got <value>)`` for the first
+    violation."""
+    rules = field_rules(type(obj))
+    for f in dataclasses.fields(obj):
+        v, key = getattr(obj, f.name), prefix + f.name
+        if dataclasses.is_dataclass(v):
+            check_fields(v, key + ".")
+            continue
+        choices, bounds = rules[f.name]
+        if v is None:
+            continue
+        if choices is not None and (v not in choices or isinstance(v, bool) != isinstance(choices[0], bool)):
+            raise ConfigError(f"{key}: must be one of {', '.join(map(str, choices))} (got {v!r})")
+        if bounds is not None:
+            for x in (v if isinstance(v, (tuple, list)) else (v,)):
+                if isinstance(x, bool) or not isinstance(x, (int, float)) or not bounds.allows(x):
+                    shown = list(v) if isinstance(v, tuple) else v
+                    raise ConfigError(f"{key}: {bounds.text()} (got {shown!r})")
+
+
+def as_tuples(obj: Any) -> None:
+    """Turn the list values of ``obj``'s tuple-typed fields into tuples (values given in Python as lists)."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if isinstance(v, list) and typing.get_origin(hints[f.name]) is tuple:
+            setattr(obj, f.name, tuple(v))
+
+
 @dataclass
 class DataConfig:
     """Dataset, split and augmentation settings."""
 
-    dataset: str = "synthetic"
+    dataset: Literal["synthetic", "prepared"] = "synthetic"
     """``synthetic`` (generated at ``root`` when missing) or ``prepared`` (a dataset root with a manifest.json,
     written by ``workbench data prepare``)."""
     root: str = "data/synthetic"
@@ -39,29 +135,29 @@ class DataConfig:
     split: str = "1-128"
     """Label fraction: the manifest's ``labeled_<split>``/``unlabeled_<split>`` lists; ``all`` = the ``train`` list."""
     val_split: str = "val"
-    crop_size: int = 64
-    scale_range: tuple[float, float] = (0.5, 2.0)
+    crop_size: int = bounded(64, gt=0)
+    scale_range: tuple[float, float] = bounded((0.5, 2.0), gt=0)
     """Random resize range of the weak transform (factor of the original size)."""
     flip: bool = True
-    batch_size: int = 8
+    batch_size: int = bounded(8, gt=0)
     """Labeled images per process per micro-batch."""
-    unlabeled_batch_size: int | None = None
+    unlabeled_batch_size: int | None = bounded(None, gt=0)
     """Unlabeled images per process per micro-batch (default: ``batch_size``)."""
-    num_workers: int = 2
+    num_workers: int = bounded(2, ge=0)
     pin_memory: bool = True
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    std: tuple[float, float, float] = bounded((0.229, 0.224, 0.225), gt=0)
     synthetic: dict[str, Any] = field(default_factory=dict)
     """Overrides of :class:`workbench.data.synthetic.SyntheticSpec` fields (synthetic dataset only)."""
-    bad_data: str = "fail"
+    bad_data: Literal["fail", "skip"] = "fail"
     """What to do with an unreadable/corrupt sample: ``fail`` (default, error names the file) or ``skip`` (replaced
     by the next readable sample; every skipped file is named in the run's log and summary.json)."""
-    verify: str = "header"
+    verify: Literal["header", "full", "off"] = "header"
     """Check the dataset's files before any training step: ``header`` (default: every listed image and mask of the
     training and validation splits is opened and its size read, cheap), ``full`` (every file decoded) or ``off``.
     A bad validation file always stops the run; bad training files stop it under ``bad_data=fail`` and are listed
     up front under ``skip``."""
-    mix_source: str = "same_images"
+    mix_source: Literal["same_images", "independent"] = "same_images"
     """Where the CutMix mix batch (``x_w_mix``, ``x_s*_mix``) comes from. ``same_images`` (default, the reference
     code: UniMatch and the methods built on its code zip the unlabeled loader with itself, so the mix batch is the
     main batch's images, in the same positions, with a different augmentation; the authors confirm it in UniMatch
@@ -74,19 +170,19 @@ class DataConfig:
 class ModelConfig:
     """DeepLabV3+ settings (see :class:`workbench.models.DeepLabV3Plus`)."""
 
-    backbone: str = "resnet18"
-    stem: str = "plain"
-    output_stride: int = 8
-    width: float = 0.25
-    head_width: float = 0.25
+    backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101"] = "resnet18"
+    stem: Literal["plain", "deep"] = "plain"
+    output_stride: Literal[8, 16, 32] = 8
+    width: float = bounded(0.25, gt=0)
+    head_width: float = bounded(0.25, gt=0)
     aspp_rates: tuple[int, ...] | None = None
     """ASPP dilation rates; None = (6, 12, 18) at output stride 16, doubled at 8. For small crops use rates that
     fit the feature map (the embedded dataset's 64-pixel crops give 8x8 maps at stride 8: rates 2, 4, 6)."""
     pretrained: str | None = None
     """None, a local state-dict file, or a torchvision weights name (``ResNet50_Weights.IMAGENET1K_V1``)."""
-    fp_dropout: float = 0.5
+    fp_dropout: float = bounded(0.5, ge=0, lt=1)
     channels_last: bool = False
-    compile: str = "off"
+    compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = "off"
     """``torch.compile`` the segmentation network's forward in place (``nn.Module.compile``, so checkpoints keep
     their keys): ``off``, or a mode ``default`` / ``reduce-overhead`` / ``max-autotune``. Methods that call
     ``encode``/``decode`` directly run those parts uncompiled."""
@@ -98,23 +194,25 @@ class ModelConfig:
 class OptimConfig:
     """SGD with poly decay. ``lr`` is the backbone lr for ``reference_batch`` labeled images per optimiser step."""
 
-    lr: float = 0.02
-    reference_batch: int = 8
-    lr_scaling: str = "linear"
+    lr: float = bounded(0.02, gt=0)
+    reference_batch: int = bounded(8, gt=0)
+    lr_scaling: Literal["linear", "sqrt", "none"] = "linear"
     """How lr follows the labeled images per optimiser step B (= batch_size x processes x grad_accum):
     ``linear``: lr x B / reference_batch (Goyal et al. 2017); ``sqrt``: lr x sqrt(B / reference_batch); ``none``."""
-    head_lr_mult: float = 10.0
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    poly_power: float = 0.9
-    grad_accum: int = 1
+    head_lr_mult: float = bounded(10.0, gt=0)
+    """The head's lr = lr x head_lr_mult."""
+    momentum: float = bounded(0.9, ge=0, lt=1)
+    weight_decay: float = bounded(1e-4, ge=0)
+    poly_power: float = bounded(0.9, ge=0)
+    """0 = constant lr (a negative power would raise the lr)."""
+    grad_accum: int = bounded(1, ge=1)
     """Micro-batches per optimiser step (for a single GPU with less memory than the papers' 4-8)."""
-    amp: str = "off"
+    amp: Literal["auto", "bf16", "fp16", "off"] = "off"
     """``off`` (fp32, the authors' setting; CUDA still uses TF32 in convolutions), ``bf16`` (autocast on CUDA or
     CPU), ``auto`` (bf16 on CUDA, off on CPU) or ``fp16`` (CUDA, with a gradient scaler). Off by default: on the
     quickstart model bf16 raised the training loss and lowered mIoU in 3 of 3 seeds (reports/bench/amp_curves_cpu.md),
     so it is opt-in until a GPU run of the paper model shows it within noise (benchmarks/amp_curves.py)."""
-    nonfinite: str = "stop"
+    nonfinite: Literal["stop", "skip"] = "stop"
     """Non-finite loss or gradients: ``stop`` (error naming step, loss terms and batch ids) or ``skip`` (count).
     The check costs no host synchronisation (except under fp16, where the gradient scaler decides): the optimiser
     skips the update on the device (the fused SGD kernel's ``found_inf`` input; with the per-tensor kernel the step
@@ -122,7 +220,7 @@ class OptimConfig:
     raises (naming the first bad step) and ``skip`` counts. A skipped step leaves no trace: BatchNorm running
     statistics, EMA teachers and every other buffer are restored to their values before the step (on the device,
     without a host read)."""
-    skip_limit: int = 20
+    skip_limit: int = bounded(20, ge=0)
     """Under ``nonfinite=skip``: stop (one-line error) once this many consecutive steps were skipped, a diverged run
     (0 = never stop). Read at the same points as the deferred verdict."""
     fused: bool | None = None
@@ -134,23 +232,23 @@ class OptimConfig:
 class TrainConfig:
     """Schedule, logging, checkpointing."""
 
-    epochs: int = 10
+    epochs: int = bounded(10, ge=0)
     """Epochs over the unlabeled set (supervised-only: over the labeled set)."""
-    iters: int | None = None
+    iters: int | None = bounded(None, gt=0)
     """Total optimiser steps; overrides ``epochs`` when set."""
-    eval_every: int = 0
+    eval_every: int = bounded(0, ge=0)
     """Evaluate every N steps (0 = at every epoch end); always at the end."""
-    checkpoint_every: int = 0
+    checkpoint_every: int = bounded(0, ge=0)
     """Also checkpoint every N steps (0 = only at epoch ends and at the end)."""
-    checkpoint_min_seconds: float = 30.0
+    checkpoint_min_seconds: float = bounded(30.0, ge=0)
     """Skip an epoch-end checkpoint when the last one is younger than this (tiny labeled sets make epochs of a few
     steps); ``checkpoint_every`` and the final checkpoint are always written."""
-    log_every: int = 10
-    capture_every: int = 0
+    log_every: int = bounded(10, gt=0)
+    capture_every: int = bounded(0, ge=0)
     """Save the step's tensors (artifacts) every N steps (0 = never)."""
     seed: int = 0
     device: str = "auto"
-    threads: int = 0
+    threads: int = bounded(0, ge=0)
     """torch CPU threads (0 = leave torch's default)."""
     cudnn_benchmark: bool = True
     """``torch.backends.cudnn.benchmark`` on CUDA (autotuned convolutions for fixed crop sizes)."""
@@ -167,22 +265,22 @@ class EvalConfig:
     ``scales`` lists the scales fused with scale 1, e.g. [0.5, 2.0], and the method must own a CIF module)."""
 
     mode: str = "original"
-    crop_size: int = 321
-    window: int | None = None
+    crop_size: int = bounded(321, gt=0)
+    window: int | None = bounded(None, gt=0)
     """Sliding-window side (``mode: sliding``); None = ``crop_size`` (the reference: the training crop)."""
-    stride: int | None = None
+    stride: int | None = bounded(None, gt=0)
     """Sliding-window step; None = int(2/3 of the window) (UniMatch: 534 for 801)."""
-    sliding_tiles: str = "clipped_sum"
+    sliding_tiles: Literal["clipped_sum", "shifted_mean"] = "clipped_sum"
     """How ``mode: sliding`` tiles and merges. ``clipped_sum`` (default, UniMatch's evaluation code): tiles start at
     0, stride, 2 x stride, ... while the start lies inside the image (width 2048, window 801: 0, 534, 1068, 1602),
     border tiles are clipped to the image and predicted at their smaller size, and the tiles' softmax
     probabilities are summed. ``shifted_mean`` (switch, this workbench's earlier tiling): the last tile is shifted
     back to end at the border (every tile full-sized, images smaller than the window zero-padded) and overlapping
     logits are averaged; it changes the predictions near the right and bottom borders."""
-    scales: tuple[float, ...] = (1.0,)
+    scales: tuple[float, ...] = bounded((1.0,), gt=0)
     flip: bool = False
-    batch_size: int = 1
-    boundary_tolerance: float | None = None
+    batch_size: int = bounded(1, gt=0)
+    boundary_tolerance: float | None = bounded(None, ge=0, lt=1)
     """Also report the boundary F-score with this tolerance (fraction of the image diagonal; MaskMatch: 0.0003)."""
 
 
@@ -200,13 +298,18 @@ class MethodConfig:
         provide a mode only under some settings, e.g. ScaleMatch's ``cif_multiscale`` only with a CIF module)."""
         return mode in self.eval_modes
 
-    def check(self, checks: Iterable[tuple[bool, str, str]]) -> None:
-        """Raise ConfigError ``method.<key>: <message> (got <value>)`` for the first ``(ok, key, message)`` that is
-        not ok (for ``__post_init__`` validation of a method's fields)."""
-        for ok, key, msg in checks:
+    def __post_init__(self) -> None:
+        as_tuples(self)
+        check_fields(self, "method.")
+        for ok, key, msg in self.cross_checks():
             if not ok:
                 got = f" (got {getattr(self, key)!r})" if hasattr(self, key) else ""
                 raise ConfigError(f"method.{key}: {msg}{got}")
+
+    def cross_checks(self) -> list[tuple[bool, str, str]]:
+        """``(ok, key, message)`` relations between this method's fields that no single field declaration can
+        state (a subclass extends its base's list); each field's own choices and bounds are declared on it."""
+        return []
 
 
 def method_config_class(name: str) -> type[MethodConfig]:
@@ -335,6 +438,13 @@ def _check_value(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     if tp is Any:
         return value
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if isinstance(value, bool) and all(isinstance(c, str) for c in choices):
+            value = "on" if value else "off"  # YAML 1.1 reads off/on as booleans: `--set optim.amp=off`
+        if value in choices and isinstance(value, bool) == isinstance(choices[0], bool):
+            return value
+        raise ConfigError(f"{key}: must be one of {', '.join(map(str, choices))} (got {value!r})")
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
@@ -506,129 +616,32 @@ def dump_config(cfg: RunConfig) -> str:
 
 def validate(cfg: RunConfig) -> None:
     """Reject impossible values and combinations before any work starts (ConfigError names key and fix)."""
-    d, m, o, t, e = cfg.data, cfg.model, cfg.optim, cfg.train, cfg.eval
+    d, t, e = cfg.data, cfg.train, cfg.eval
     bad_name = check_run_name(cfg.name)
     extra = None if e.mode in BASE_EVAL_MODES else registry.eval_mode(e.mode)
-    checks = [
+    check_fields(cfg)  # every field's declared choices and bounds (the method's were checked when it was built)
+    checks = [  # what no single field declaration can state
         (bad_name is None, "name", f"{bad_name}"),
-        (d.verify in ("header", "full", "off"), "data.verify", "must be header, full or off"),
-        (0 <= m.fp_dropout < 1, "model.fp_dropout", "must be in [0, 1)"),
-        (o.reference_batch > 0, "optim.reference_batch", "must be positive"),
-        (o.head_lr_mult > 0, "optim.head_lr_mult", "must be positive (the head's lr = lr x head_lr_mult)"),
-        (0 <= o.momentum < 1, "optim.momentum", "must be in [0, 1)"),
-        (o.weight_decay >= 0, "optim.weight_decay", "must be >= 0"),
-        (o.poly_power >= 0, "optim.poly_power", "must be >= 0 (0 = constant lr; a negative power raises the lr)"),
-        (o.skip_limit >= 0, "optim.skip_limit", "must be >= 0 (0 = never stop)"),
-        (t.checkpoint_min_seconds >= 0, "train.checkpoint_min_seconds", "must be >= 0"),
-        (t.threads >= 0, "train.threads", "must be >= 0"),
         (_valid_device(t.device), "train.device", "must be auto, cpu, cuda or cuda:<index>"),
-        (all(s > 0 for s in d.std), "data.std", "must be positive"),
-        (d.dataset in ("synthetic", "prepared"), "data.dataset", "must be 'synthetic' or 'prepared'"),
-        (d.crop_size > 0, "data.crop_size", "must be positive"),
-        (0 < d.scale_range[0] <= d.scale_range[1], "data.scale_range", "must be [low, high] with 0 < low <= high"),
-        (d.batch_size > 0, "data.batch_size", "must be positive"),
-        (d.unlabeled_batch_size is None or d.unlabeled_batch_size > 0, "data.unlabeled_batch_size",
-         "must be positive or null"),
-        (d.num_workers >= 0, "data.num_workers", "must be >= 0"),
-        (d.bad_data in ("fail", "skip"), "data.bad_data", "must be 'fail' or 'skip'"),
-        (d.mix_source in ("same_images", "independent"), "data.mix_source",
-         "must be 'same_images' (the reference's mix batch) or 'independent'"),
-        (m.backbone in ("resnet18", "resnet34", "resnet50", "resnet101"), "model.backbone",
-         "must be one of resnet18, resnet34, resnet50, resnet101"),
-        (m.stem in ("plain", "deep"), "model.stem", "must be 'plain' or 'deep'"),
-        (m.output_stride in (8, 16, 32), "model.output_stride", "must be 8, 16 or 32"),
-        (m.width > 0 and m.head_width > 0, "model.width", "width and head_width must be positive"),
-        (m.compile in ("off", "default", "reduce-overhead", "max-autotune"), "model.compile",
-         "must be off, default, reduce-overhead or max-autotune"),
-        (o.lr > 0, "optim.lr", "must be positive"),
-        (o.lr_scaling in ("linear", "sqrt", "none"), "optim.lr_scaling", "must be linear, sqrt or none"),
-        (o.grad_accum >= 1, "optim.grad_accum", "must be >= 1"),
-        (o.amp in ("auto", "bf16", "fp16", "off"), "optim.amp", "must be auto, bf16, fp16 or off"),
-        (o.nonfinite in ("stop", "skip"), "optim.nonfinite", "must be 'stop' or 'skip'"),
+        (d.scale_range[0] <= d.scale_range[1], "data.scale_range", "must be [low, high] with 0 < low <= high"),
         (t.epochs > 0 or (t.iters or 0) > 0, "train.epochs", "set train.epochs or train.iters to a positive number"),
-        (t.iters is None or t.iters > 0, "train.iters", "must be positive or null"),
-        (t.log_every > 0, "train.log_every", "must be positive"),
-        (min(t.eval_every, t.checkpoint_every, t.capture_every) >= 0, "train.eval_every",
-         "eval_every, checkpoint_every and capture_every must be >= 0"),
         (e.mode in BASE_EVAL_MODES or extra is not None, "eval.mode",
          f"must be one of {', '.join(BASE_EVAL_MODES + tuple(registry.eval_modes()))} (a mode after the first "
          f"three is provided by a method)"),
+        (len(e.scales) > 0, "eval.scales", "must be a non-empty list of positives"),
         (extra is None or cfg.method.provides_eval_mode(e.mode), "eval.mode",
          f"{e.mode} needs {extra.requirement if extra else ''} (method.name is {cfg.method.name!r})"),
-        (len(e.scales) > 0 and all(s > 0 for s in e.scales), "eval.scales", "must be a non-empty list of positives"),
-        (e.sliding_tiles in ("clipped_sum", "shifted_mean"), "eval.sliding_tiles",
-         "must be 'clipped_sum' (UniMatch's tiling) or 'shifted_mean'"),
-        (e.window is None or e.window > 0, "eval.window", "must be a positive integer or null"),
-        (e.stride is None or e.stride > 0, "eval.stride", "must be a positive integer or null"),
     ]
     for ok, key, msg in checks:
         if not ok:
             raise ConfigError(f"{key}: {msg} (got {_get(cfg, key)!r})")
     _check_eval(cfg.eval)
-    _check_method_bounds(cfg.method)
     _check_finite(cfg, "")
-
-
-# Bounds of the method fields, declared once here by field name (a field of any method config with this name gets
-# the check): (low, high, low inclusive, high inclusive); None = unbounded on that side.
-PROBABILITY = (0.0, 1.0, True, True)
-NON_NEGATIVE = (0.0, None, True, False)
-POSITIVE = (0.0, None, False, False)
-METHOD_BOUNDS: dict[str, tuple[float | None, float | None, bool, bool]] = {
-    # confidence thresholds, EMA/threshold momenta, mask and patch ratios, dropout: fractions
-    "tau": PROBABILITY, "thresh_init": PROBABILITY, "thresh_momentum": PROBABILITY, "alpha": PROBABILITY,
-    "lcr_ratio": PROBABILITY, "mask_ratio": PROBABILITY, "ohem_thresh": PROBABILITY, "ratio": PROBABILITY,
-    # learning-rate multipliers, temperatures, epsilons
-    "pid_lr_mult": POSITIVE, "temperature": POSITIVE, "agent_temperature": POSITIVE, "rank_eps": NON_NEGATIVE,
-    # sizes and counts
-    "lcr_patch": (1, None, True, False), "mask_patch": (1, None, True, False), "num_agents": (1, None, True, False),
-    "top_k": (1, None, True, False), "proj_channels": (1, None, True, False), "num_shapes": (1, None, True, False),
-    "cif_dim": (1, None, True, False), "cif_depth": (1, None, True, False), "cif_chunk": (1, None, True, False),
-    "cif_se_reduction": (1, None, True, False), "min_scaled_size": (1, None, True, False),
-    "cif_warmup_epochs": NON_NEGATIVE, "ohem_min_kept": NON_NEGATIVE, "capture_shapes": NON_NEGATIVE,
-    "capture_agents": NON_NEGATIVE,
-}
-"""Field name -> bounds. Besides these, every method field named ``weight*`` or ``*_weight`` (a loss weight) must be
->= 0, every ``*scales*`` tuple must hold positive numbers, and every number must be finite."""
-
-
-def _in_bounds(v: float, b: tuple[float | None, float | None, bool, bool]) -> bool:
-    lo, hi, lo_in, hi_in = b
-    if lo is not None and (v < lo or (v == lo and not lo_in)):
-        return False
-    return not (hi is not None and (v > hi or (v == hi and not hi_in)))
-
-
-def _bounds_text(b: tuple[float | None, float | None, bool, bool]) -> str:
-    lo, hi, lo_in, hi_in = b
-    parts = []
-    if lo is not None:
-        parts.append(f"{'>=' if lo_in else '>'} {lo:g}")
-    if hi is not None:
-        parts.append(f"{'<=' if hi_in else '<'} {hi:g}")
-    return "must be " + " and ".join(parts)
-
-
-def _check_method_bounds(m: MethodConfig) -> None:
-    for f in dataclasses.fields(m):
-        v = getattr(m, f.name)
-        if isinstance(v, bool):
-            continue
-        b = METHOD_BOUNDS.get(f.name)
-        if b is None and (f.name.startswith("weight") or f.name.endswith("_weight")):
-            b = NON_NEGATIVE
-        if b is not None and isinstance(v, (int, float)) and not _in_bounds(v, b):
-            raise ConfigError(f"method.{f.name}: {_bounds_text(b)} (got {v!r})")
-        if "scales" in f.name and isinstance(v, tuple) and not all(
-                isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 for x in v):
-            raise ConfigError(f"method.{f.name}: must hold positive numbers (got {list(v)!r})")
 
 
 def _check_eval(e: EvalConfig) -> None:
     """The eval section through the evaluation's own checks (window, stride, scales, tolerance, a method-provided
     mode's own checks), at load time."""
-    if e.batch_size <= 0:
-        raise ConfigError(f"eval.batch_size: must be positive (got {e.batch_size!r})")
     try:
         EvalSettings(mode=e.mode, crop_size=e.crop_size, window=e.window, stride=e.stride, scales=tuple(e.scales),
                      flip=e.flip, boundary_tolerance=e.boundary_tolerance)

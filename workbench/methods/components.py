@@ -25,10 +25,10 @@ import torch
 from torch import Tensor, nn
 
 from workbench.ops import IGNORE
-from workbench.ops.losses import NORMS, masked_ce_loss
-from workbench.ops.masking import MASK_STRATEGIES, patch_mask
+from workbench.ops.losses import masked_ce_loss
+from workbench.ops.masking import patch_mask
 
-__all__ = ["LCR_REGIONS", "lcr_region", "lcr_loss", "LCROutput", "LocalConsistency", "check_lcr_config"]
+__all__ = ["LCR_REGIONS", "lcr_region", "lcr_loss", "LCROutput", "LocalConsistency"]
 
 LCR_REGIONS = ("both", "masked", "unmasked")
 
@@ -67,24 +67,6 @@ def lcr_loss(logits: Tensor, pseudo: Tensor, confident: Tensor, ignore: Tensor |
     outside = torch.full_like(pseudo, IGNORE)
     base = torch.zeros_like(pseudo) if ignore is None else ignore
     return masked_ce_loss(logits, pseudo, confident, torch.where(covered, base, outside), norm=norm)
-
-
-def check_lcr_config(weight: float, patch: int, ratio: float, strategy: str, region: str,
-                     norm: str = "batch_valid") -> None:
-    """Raise ConfigError (naming the ``method.lcr_*`` / ``method.loss_norm`` key) for invalid LCR settings."""
-    from workbench.config import ConfigError
-
-    checks = [
-        (weight >= 0, "method.lcr_weight", "must be >= 0 (0 switches LCR off)", weight),
-        (isinstance(patch, int) and patch > 0, "method.lcr_patch", "must be a positive number of pixels", patch),
-        (0 <= ratio <= 1, "method.lcr_ratio", "must be in [0, 1]", ratio),
-        (strategy in MASK_STRATEGIES, "method.lcr_strategy", f"must be one of {MASK_STRATEGIES}", strategy),
-        (region in LCR_REGIONS, "method.lcr_region", f"must be one of {LCR_REGIONS}", region),
-        (norm in NORMS, "method.loss_norm", f"must be one of {NORMS}", norm),
-    ]
-    for ok, key, msg, value in checks:
-        if not ok:
-            raise ConfigError(f"{key}: {msg} (got {value!r})")
 
 
 @dataclass
@@ -127,9 +109,6 @@ class LocalConsistency:
     strategy: str
     region: str
     norm: str
-
-    def __post_init__(self) -> None:
-        check_lcr_config(self.weight, self.patch, self.ratio, self.strategy, self.region, self.norm)
 
     @classmethod
     def from_config(cls, cfg: Any) -> LocalConsistency:

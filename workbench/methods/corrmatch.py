@@ -35,12 +35,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from workbench.config import bounded
 from workbench.methods.base import LossTerms, SemiBatch, StepInfo, StepOutput, register_method, term_logs, weighted_sum
 from workbench.methods.components import LCROutput
 from workbench.methods.fixmatch import FixMatchConfig, Targets, WeakStrong
@@ -87,45 +88,30 @@ class CorrMatchConfig(FixMatchConfig):
     """
 
     name: str = "corrmatch"
-    threshold: str = "dynamic"
-    thresh_init: float = 0.85
-    thresh_momentum: float = 0.999
+    threshold: Literal["dynamic", "fixed"] = "dynamic"
+    thresh_init: float = bounded(0.85, ge=0, le=1)
+    thresh_momentum: float = bounded(0.999, ge=0, le=1)
     hard_loss: bool = True
     soft_loss: bool = True
     pixel_propagation: bool = True
     region_propagation: bool = True
-    feature: str = "backbone"
-    proj_channels: int = 256
-    num_shapes: int = 128
-    sampling: str = "random"
-    weight_x: float = 0.5
-    weight_x_corr: float = 0.5
-    weight_hard: float = 0.25
-    weight_soft: float = 0.25
-    weight_fp: float = 0.25
-    weight_corr_u: float = 0.25
-    capture_shapes: int = 8
-    kl_target: str = "unmixed"
-    threshold_ignore: str = "mixed"
+    feature: Literal["backbone", "aspp", "fusion", "classifier"] = "backbone"
+    proj_channels: int = bounded(256, ge=1)
+    num_shapes: int = bounded(128, ge=1)
+    sampling: Literal["random", "uniform"] = "random"
+    weight_x: float = bounded(0.5, ge=0)
+    weight_x_corr: float = bounded(0.5, ge=0)
+    weight_hard: float = bounded(0.25, ge=0)
+    weight_soft: float = bounded(0.25, ge=0)
+    weight_fp: float = bounded(0.25, ge=0)
+    weight_corr_u: float = bounded(0.25, ge=0)
+    capture_shapes: int = bounded(8, ge=0)
+    kl_target: Literal["unmixed", "mixed"] = "unmixed"
+    threshold_ignore: Literal["mixed", "unmixed"] = "mixed"
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        checks = [
-            (self.threshold in ("dynamic", "fixed"), "threshold", "must be 'dynamic' or 'fixed'"),
-            (0.0 <= self.thresh_init <= 1.0, "thresh_init", "must lie in [0, 1]"),
-            (0.0 <= self.thresh_momentum <= 1.0, "thresh_momentum", "must lie in [0, 1]"),
-            (0.0 <= self.tau <= 1.0, "tau", "must lie in [0, 1]"),
-            (self.feature in FEATURE_POSITIONS, "feature", f"must be one of {', '.join(FEATURE_POSITIONS)}"),
-            (self.proj_channels > 0, "proj_channels", "must be positive"),
-            (self.num_shapes > 0, "num_shapes", "must be positive"),
-            (self.sampling in ("random", "uniform"), "sampling", "must be 'random' or 'uniform'"),
-            (self.capture_shapes >= 0, "capture_shapes", "must be >= 0"),
-            (self.kl_target in ("unmixed", "mixed"), "kl_target", "must be 'unmixed' or 'mixed'"),
-            (self.threshold_ignore in ("mixed", "unmixed"), "threshold_ignore", "must be 'mixed' or 'unmixed'"),
-            (not self.region_propagation or self.pixel_propagation, "region_propagation",
-             "needs the correlation map: set method.pixel_propagation=true or method.region_propagation=false"),
-        ]
-        self.check(checks)
+    def cross_checks(self) -> list[tuple[bool, str, str]]:
+        return [*super().cross_checks(), (not self.region_propagation or self.pixel_propagation, "region_propagation",
+                "needs the correlation map: set method.pixel_propagation=true or method.region_propagation=false")]
 
 
 class CorrelationHead(nn.Module):

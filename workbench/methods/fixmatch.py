@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
+from workbench.config import bounded
 from workbench.methods.base import (
     LossTerms,
     Method,
@@ -25,7 +26,7 @@ from workbench.methods.base import (
     term_logs,
     weighted_sum,
 )
-from workbench.methods.components import LCROutput, LocalConsistency, check_lcr_config
+from workbench.methods.components import LCROutput, LocalConsistency
 from workbench.methods.supervised import SupervisedConfig, supervised_loss
 from workbench.ops.ema import ema_update
 from workbench.ops.losses import masked_ce_loss
@@ -50,20 +51,16 @@ class FixMatchConfig(SupervisedConfig):
     """
 
     name: str = "fixmatch"
-    tau: float = 0.95
+    tau: float = bounded(0.95, ge=0, le=1)
     cutmix: bool = True
-    lcr_weight: float = 0.0
-    lcr_patch: int = 32
-    lcr_ratio: float = 0.7
-    lcr_strategy: str = "random"
-    lcr_region: str = "both"
-    loss_norm: str = "batch_valid"
+    lcr_weight: float = bounded(0.0, ge=0)
+    """0 switches LCR off."""
+    lcr_patch: int = bounded(32, ge=1)
+    lcr_ratio: float = bounded(0.7, ge=0, le=1)
+    lcr_strategy: Literal["random", "block", "grid"] = "random"
+    lcr_region: Literal["both", "masked", "unmasked"] = "both"
+    loss_norm: Literal["batch_valid", "image_confident"] = "batch_valid"
     tau_strict: bool = False
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_lcr_config(self.lcr_weight, self.lcr_patch, self.lcr_ratio, self.lcr_strategy, self.lcr_region,
-                         self.loss_norm)
 
 
 def lcr_artifacts(out: LCROutput | None) -> dict[str, Tensor]:
@@ -186,9 +183,9 @@ class MeanTeacherConfig(FixMatchConfig):
     alpha); ``unsup_weight`` multiplies L_u."""
 
     name: str = "meanteacher"
-    alpha: float = 0.999
+    alpha: float = bounded(0.999, ge=0, le=1)
     ema_warmup: bool = True
-    unsup_weight: float = 1.0
+    unsup_weight: float = bounded(1.0, ge=0)
 
 
 @register_method
@@ -246,8 +243,8 @@ class UniMatchConfig(FixMatchConfig):
     """UniMatch: loss = (L_x + w_s L_s1 + w_s L_s2 + w_fp L_fp) / 2 with w_s = 0.25, w_fp = 0.5."""
 
     name: str = "unimatch"
-    weight_s: float = 0.25
-    weight_fp: float = 0.5
+    weight_s: float = bounded(0.25, ge=0)
+    weight_fp: float = bounded(0.5, ge=0)
 
 
 @register_method

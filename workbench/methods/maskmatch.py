@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from workbench.config import bounded
 from workbench.methods.base import LossTerms, SemiBatch, StepInfo, StepOutput, register_method, term_logs, weighted_sum
 from workbench.methods.components import LCROutput
 from workbench.methods.fixmatch import MeanTeacher, MeanTeacherConfig, Targets
@@ -64,15 +65,10 @@ class MaskMatchConfig(MeanTeacherConfig):
     tau_strict: bool = True
     lcr_weight: float = 1.0
     ms: bool = True
-    scales: tuple[float, ...] = DEFAULT_SCALES
+    scales: tuple[float, ...] = bounded(DEFAULT_SCALES, gt=0)
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        from workbench.config import ConfigError
-
-        self.scales = tuple(self.scales)
-        if not self.scales or not all(s > 0 for s in self.scales) or 1.0 not in self.scales:
-            raise ConfigError(f"method.scales: must be positive numbers including 1.0 (got {list(self.scales)!r})")
+    def cross_checks(self) -> list[tuple[bool, str, str]]:
+        return [*super().cross_checks(), (1.0 in self.scales, "scales", "must include 1.0 (the original view)")]
 
 
 @register_method

@@ -25,15 +25,17 @@ mix features come from an eval-mode pass.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from workbench.config import bounded
 from workbench.methods.base import LossTerms, SemiBatch, StepInfo, StepOutput, register_method, weighted_sum
 from workbench.methods.fixmatch import Targets, UniMatch, UniMatchConfig, UniMatchPass
 from workbench.ops.agents import agent_correlation, orthogonal_agents, random_agents, topn_agents
-from workbench.ops.ranking import GUARDS, MAX_K, rank_consistency_loss, rank_distributions
+from workbench.ops.ranking import MAX_K, rank_consistency_loss, rank_distributions
 from workbench.ops.semi import pseudo_label
 
 AGENT_CHOICES = ("orthogonal", "random", "topn", "all")
@@ -58,32 +60,20 @@ class RankMatchConfig(UniMatchConfig):
     """
 
     name: str = "rankmatch"
-    weight_rank: float = 0.1
-    num_agents: int = 64
-    top_k: int = 4
-    agents: str = "orthogonal"
-    consistency: str = "rank"
+    weight_rank: float = bounded(0.1, ge=0)
+    num_agents: int = bounded(64, ge=1)
+    top_k: int = bounded(4, ge=1)
+    agents: Literal["orthogonal", "random", "topn", "all"] = "orthogonal"
+    consistency: Literal["rank", "kl", "ce", "l2"] = "rank"
     agent_normalize: bool = False
-    agent_temperature: float = 1.0
-    rank_eps: float = 1e-10
-    rank_guard: str = "reference"
-    capture_agents: int = 16
+    agent_temperature: float = bounded(1.0, gt=0)
+    rank_eps: float = bounded(1e-10, ge=0)
+    rank_guard: Literal["reference", "floor"] = "reference"
+    capture_agents: int = bounded(16, ge=0)
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        checks = [
-            (self.weight_rank >= 0, "weight_rank", "must be >= 0"),
-            (self.num_agents >= 1, "num_agents", "must be >= 1"),
-            (1 <= self.top_k <= min(self.num_agents, MAX_K), "top_k", f"must lie in [1, min(num_agents, {MAX_K})]"),
-            (self.agents in AGENT_CHOICES, "agents", f"must be one of {', '.join(AGENT_CHOICES)}"),
-            (self.consistency in CONSISTENCY_CHOICES, "consistency",
-             f"must be one of {', '.join(CONSISTENCY_CHOICES)}"),
-            (self.agent_temperature > 0, "agent_temperature", "must be positive"),
-            (self.rank_eps >= 0, "rank_eps", "must be >= 0"),
-            (self.rank_guard in GUARDS, "rank_guard", f"must be one of {', '.join(GUARDS)}"),
-            (self.capture_agents >= 0, "capture_agents", "must be >= 0"),
-        ]
-        self.check(checks)
+    def cross_checks(self) -> list[tuple[bool, str, str]]:
+        return [*super().cross_checks(),
+                (self.top_k <= min(self.num_agents, MAX_K), "top_k", f"must lie in [1, min(num_agents, {MAX_K})]")]
 
 
 def cutmix_features(feat_w: Tensor, feat_mix: Tensor, box: Tensor | None, size: tuple[int, int]) -> Tensor:

@@ -49,12 +49,13 @@ features of the masked weak stream) and ``sed_features`` ([B,D,h,w], SeD decoder
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from workbench.config import bounded
 from workbench.methods.base import LossTerms, SemiBatch, StepInfo, StepOutput, register_method
 from workbench.methods.components import LCROutput
 from workbench.methods.fixmatch import FixMatchConfig, Targets, UniMatch
@@ -63,7 +64,7 @@ from workbench.models.deeplab import DeepLabV3PlusHead
 from workbench.ops import IGNORE
 from workbench.ops.collective import all_reduce_sum
 from workbench.ops.losses import masked_ce_loss
-from workbench.ops.masking import MASK_STRATEGIES, patch_mask
+from workbench.ops.masking import patch_mask
 from workbench.ops.mim import ClassHeads, aggregation_loss, class_prototypes, ema_prototypes, normaliser, resize_labels
 from workbench.ops.semi import pseudo_label
 
@@ -76,38 +77,23 @@ class S4MIMConfig(FixMatchConfig):
 
     name: str = "s4mim"
     tau: float = 0.95
-    weight_u: float = 0.5
-    weight_mp: float = 1 / 3
-    weight_mf: float = 0.05
-    weight_ms: float = 0.1 / 3
-    mask_patch: int = 6
-    mask_ratio: float = 0.4
-    mask_strategy: str = "random"
-    alpha: float = 0.99
-    temperature: float = 10.0
+    weight_u: float = bounded(0.5, ge=0)
+    weight_mp: float = bounded(1 / 3, ge=0)
+    weight_mf: float = bounded(0.05, ge=0)
+    weight_ms: float = bounded(0.1 / 3, ge=0)
+    mask_patch: int = bounded(6, ge=1)
+    mask_ratio: float = bounded(0.4, ge=0, le=1)
+    mask_strategy: Literal["random", "block", "grid"] = "random"
+    alpha: float = bounded(0.99, ge=0, le=1)
+    temperature: float = bounded(10.0, gt=0)
     mimpi: bool = True
     mimfea: bool = True
     mimse: bool = True
     classwise: bool = True
     dictionary: bool = True
     confidence: bool = True
-    mimse_loss: str = "ce"
-    pid_lr_mult: float = 10.0
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        checks = [
-            (all(w >= 0 for w in (self.weight_u, self.weight_mp, self.weight_mf, self.weight_ms)),
-             "weight_u/weight_mp/weight_mf/weight_ms", "must be >= 0"),
-            (isinstance(self.mask_patch, int) and self.mask_patch > 0, "mask_patch", "must be a positive int"),
-            (0.0 <= self.mask_ratio <= 1.0, "mask_ratio", "must lie in [0, 1]"),
-            (self.mask_strategy in MASK_STRATEGIES, "mask_strategy", f"must be one of {MASK_STRATEGIES}"),
-            (0.0 <= self.alpha <= 1.0, "alpha", "must lie in [0, 1]"),
-            (self.temperature > 0, "temperature", "must be > 0"),
-            (self.mimse_loss in ("ce", "mse"), "mimse_loss", "must be 'ce' or 'mse'"),
-            (self.pid_lr_mult > 0, "pid_lr_mult", "must be > 0"),
-        ]
-        self.check(checks)
+    mimse_loss: Literal["ce", "mse"] = "ce"
+    pid_lr_mult: float = bounded(10.0, gt=0)
 
     @property
     def any_mim(self) -> bool:

@@ -72,12 +72,13 @@ import contextlib
 from collections.abc import Iterator, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from workbench.config import bounded
 from workbench.methods.base import LossTerms, SemiBatch, StepInfo, StepOutput, register_method, term_logs, weighted_sum
 from workbench.methods.components import LCROutput
 from workbench.methods.fixmatch import FixMatchConfig, Targets, WeakStrong
@@ -563,55 +564,32 @@ class ScaleMatchConfig(FixMatchConfig):
     16 for DeepLabV3+; paper: 64 and 4)."""
 
     name: str = "scalematch"
-    structure: str = "reference"
+    structure: Literal["reference", "paper"] = "reference"
     tau: float = 0.95
-    scales: tuple[float, ...] = (0.25, 0.5, 1.5, 2.0)
-    scale_sampling: str = "choice"
-    feature_scales_down: tuple[float, ...] = (0.75,)
-    feature_scales_up: tuple[float, ...] = (1.25,)
+    scales: tuple[float, ...] = bounded((0.25, 0.5, 1.5, 2.0), gt=0)
+    scale_sampling: Literal["choice", "uniform", "all"] = "choice"
+    feature_scales_down: tuple[float, ...] = bounded((0.75,), gt=0)
+    feature_scales_up: tuple[float, ...] = bounded((1.25,), gt=0)
     isvc: bool = True
     fsvc: bool = True
     cif: bool = True
-    fusion: str = "cif"
-    cif_warmup_epochs: int = 10
-    weight_x: float = 1.0
-    weight_s: float = 0.25
-    weight_isvc: float = 0.25
-    weight_fsvc: float = 0.5
-    min_scaled_size: int = 16
-    cif_dim: int | None = None
-    cif_depth: int = 1
-    cif_chunk: int = 16
-    cif_se_reduction: int | None = None
+    fusion: Literal["cif", "average"] = "cif"
+    cif_warmup_epochs: int = bounded(10, ge=0)
+    weight_x: float = bounded(1.0, ge=0)
+    weight_s: float = bounded(0.25, ge=0)
+    weight_isvc: float = bounded(0.25, ge=0)
+    weight_fsvc: float = bounded(0.5, ge=0)
+    min_scaled_size: int = bounded(16, ge=1)
+    cif_dim: int | None = bounded(None, ge=1)
+    cif_depth: int = bounded(1, ge=1)
+    cif_chunk: int = bounded(16, ge=2)
+    cif_se_reduction: int | None = bounded(None, ge=1)
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self.scales = tuple(self.scales)
-        self.feature_scales_down = tuple(self.feature_scales_down)
-        self.feature_scales_up = tuple(self.feature_scales_up)
-
-        def positive(values: tuple[float, ...]) -> bool:
-            return bool(values) and all(v > 0 for v in values)
-
-        checks = [
-            (self.structure in STRUCTURES, "structure", f"must be one of {', '.join(STRUCTURES)}"),
-            (0.0 <= self.tau <= 1.0, "tau", "must lie in [0, 1]"),
-            (positive(self.scales), "scales", "must be a non-empty list of positive scale factors"),
-            (self.scale_sampling in SCALE_SAMPLING, "scale_sampling", f"must be one of {', '.join(SCALE_SAMPLING)}"),
-            (positive(self.feature_scales_down), "feature_scales_down", "must be a non-empty list of positives"),
-            (positive(self.feature_scales_up), "feature_scales_up", "must be a non-empty list of positives"),
-            (self.fusion in FUSIONS, "fusion", f"must be one of {', '.join(FUSIONS)}"),
-            (self.cif_warmup_epochs >= 0, "cif_warmup_epochs", "must be >= 0"),
-            *((getattr(self, key) >= 0, key, "must be >= 0") for key in
-              ("weight_x", "weight_s", "weight_isvc", "weight_fsvc")),
-            (self.min_scaled_size >= 1, "min_scaled_size", "must be a positive number of pixels"),
-            (self.cif_dim is None or self.cif_dim >= 1, "cif_dim", "must be positive (or null)"),
-            (self.cif_depth >= 1, "cif_depth", "must be positive"),
-            (self.cif_chunk >= 2, "cif_chunk", "must be >= 2"),
-            (self.cif_se_reduction is None or self.cif_se_reduction >= 1, "cif_se_reduction",
-             "must be positive (or null)"),
-        ]
-        self.check(checks)
+    def cross_checks(self) -> list[tuple[bool, str, str]]:
+        nonempty = "must be a non-empty list of positives"
+        return [*super().cross_checks(), (len(self.scales) > 0, "scales", nonempty),
+                (len(self.feature_scales_down) > 0, "feature_scales_down", nonempty),
+                (len(self.feature_scales_up) > 0, "feature_scales_up", nonempty)]
 
     eval_modes: ClassVar[tuple[str, ...]] = ("cif_multiscale",)
 

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
-from workbench.config import MethodConfig
+from workbench.config import MethodConfig, bounded
 from workbench.methods.base import Method, SemiBatch, StepInfo, StepOutput, register_method
 from workbench.ops.losses import ce_loss, ohem_ce_loss
 
@@ -23,22 +24,13 @@ class SupervisedConfig(MethodConfig):
     """
 
     name: str = "supervised"
-    loss: str = "ce"
-    ohem_thresh: float = 0.7
-    ohem_min_kept: int = 200000
+    loss: Literal["ce", "ohem"] = "ce"
+    ohem_thresh: float = bounded(0.7, gt=0, le=1)
+    ohem_min_kept: int = bounded(200000, ge=0)
     """Minimum pixels OHEM keeps per ``ohem_min_kept_images`` labeled images (the reference config's ``min_kept``)."""
-    ohem_min_kept_images: int | None = 2
+    ohem_min_kept_images: int | None = bounded(2, gt=0)
     """Labeled images per process that ``ohem_min_kept`` was set for (UniMatch/CorrMatch Cityscapes: 2);
     null = apply ``ohem_min_kept`` to every loss call unscaled (switch, off by default)."""
-
-    def __post_init__(self) -> None:
-        self.check([
-            (self.loss in ("ce", "ohem"), "loss", "must be 'ce' or 'ohem'"),
-            (0.0 < self.ohem_thresh <= 1.0, "ohem_thresh", "must be in (0, 1]"),
-            (self.ohem_min_kept >= 0, "ohem_min_kept", "must be >= 0"),
-            (self.ohem_min_kept_images is None or self.ohem_min_kept_images > 0, "ohem_min_kept_images",
-             "must be a positive number of images per process, or null (no scaling)"),
-        ])
 
 
 def supervised_loss(cfg: SupervisedConfig, logits, target):
