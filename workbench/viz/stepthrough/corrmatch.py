@@ -42,7 +42,6 @@ __all__ = [
     "corr_predictions_figure",
 ]
 
-
 #: what CorrMatch's loss terms mean, shown in :func:`~workbench.viz.stepthrough.session.losses_table`
 CORRMATCH_TERMS = {
     "loss_x": "labeled CE", "loss_s": "hard: strong view vs propagated pseudo-label",
@@ -296,4 +295,3 @@ def corr_predictions_figure(trace: CorrMatchTrace, i: int, palette: Sequence[Seq
     fig.suptitle(f"CorrMatch predictions, image {i} (propagated = logits spread through the correlation map)",
                  fontsize=10)
     return fig
-

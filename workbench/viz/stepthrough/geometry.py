@@ -53,4 +53,3 @@ def upsample_map(m: Tensor, size: Sequence[int]) -> Tensor:
     if m.dim() != 2:
         raise ValueError(f"map must be [h, w], got {tuple(m.shape)}")
     return F.interpolate(m.float()[None, None], size=tuple(size), mode="bilinear", align_corners=True)[0, 0]
-

@@ -221,4 +221,3 @@ def lcr_figure(trace: MaskMatchTrace, i: int, palette: Sequence[Sequence[int]], 
     class_legend(fig, class_names, palette, [below_threshold_patch()])
     fig.suptitle(f"MaskMatch LCR, image {i}: {status}; mask white = visible", fontsize=10)
     return fig
-

@@ -39,7 +39,6 @@ __all__ = [
     "agent_positions_figure", "agent_maps_figure", "topk_agents_figure", "rank_distribution_figure",
 ]
 
-
 #: what RankMatch's loss terms mean (``loss_rank``'s depends on the consistency), shown in
 #: :func:`~workbench.viz.stepthrough.session.losses_table`
 RANKMATCH_TERMS = {"loss_x": "labeled CE", "loss_s": "strong views vs pseudo-label, (L_s1 + L_s2) / 2",
@@ -271,4 +270,3 @@ def rank_distribution_figure(trace: RankMatchTrace, i: int, y: int, x: int, max_
                  f"top-{trace.top_k} correlations weak/strong: {ws}", fontsize=8)
     fig.suptitle(f"RankMatch rank distributions at one pixel, image {i}", fontsize=10)
     return fig
-

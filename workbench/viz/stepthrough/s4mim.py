@@ -67,7 +67,6 @@ STREAMS = ("labeled", "strong", "weak + fp")
 """S4MIM's masked streams in the method's order: ``x_l * m``, ``x_s * m``, ``x_w * m`` (feature-perturbed)."""
 NO_TERM = (255, 255, 255)  # cells a class head does not write to (per-class reconstructions)
 
-
 #: what S4MIM's loss terms mean, shown in :func:`~workbench.viz.stepthrough.session.losses_table`
 S4MIM_TERMS = {"loss_x": "L_s: labeled CE", "loss_s": "L_u, strong view vs the weak pseudo-label (Eq. 2)",
                "loss_fp": "L_u, feature-perturbed weak view vs the weak pseudo-label (Eq. 2)",
@@ -547,6 +546,3 @@ def prototypes_figure(trace: S4MIMTrace, i: int, cls: int, palette: Sequence[Seq
     fig.suptitle(f"S4MIM prototypes and class-wise feature aggregation, image {i} ({seen}; EMA alpha "
                  f"{trace.alpha:g}, T = {temperature:g})", fontsize=10)
     return fig
-
-
-

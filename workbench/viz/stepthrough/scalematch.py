@@ -43,7 +43,6 @@ __all__ = [
     "scales_figure", "gate_figure", "fusion_figure", "consistency_figure",
 ]
 
-
 #: what ScaleMatch's loss terms mean (``loss_x``'s depends on the fusion), shown in
 #: :func:`~workbench.viz.stepthrough.session.losses_table`
 SCALEMATCH_TERMS = {"loss_s": "strong view vs the CutMixed pseudo-label",
@@ -125,7 +124,7 @@ def scalematch_trace(session: StepSession, step: int = 0, seed: int = 0, scale: 
     it); ``tau`` and ``cif_warmup_epochs`` change ``method.cfg``."""
     from workbench.methods.scalematch import fsvc_logits, gated_fusion, scaled_image
 
-    check_session(session, "scalematch")
+    check_session(session, "scalematch")  # before the scale's check (traced_step checks the session again)
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0):
         raise ValueError(f"scale must be a positive number (one of method.scales), got {scale!r}")
     knobs = dict(scales=None if scale is None else (float(scale),), tau=tau, cif_warmup_epochs=cif_warmup_epochs)

@@ -368,7 +368,6 @@ def trace_fields(session: StepSession, batch: Any, step: int, seed: int, knobs: 
             "ids": list(batch.ids_u), "valid": to_cpu(batch.ignore != IGNORE),
             "gt": None if batch.y_u is None else to_cpu(batch.y_u)}
 
-
 #: add-on components' loss terms (any method may carry them), shown in :func:`losses_table`
 COMPONENT_TERMS = {"loss_lcr": "L_LCR: masked weak view vs the pseudo-label (add-on component)"}
 
