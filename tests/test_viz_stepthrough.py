@@ -13,6 +13,10 @@ from workbench.config import ConfigError, config_from_dict, dump_config
 from workbench.runs import flatten
 from workbench.viz import stepthrough as st
 from workbench.viz.figures import plt
+from workbench.viz.stepthrough import s4mim as s4mim_st
+from workbench.viz.stepthrough import scalematch as scale_st
+from workbench.viz.stepthrough import session as session_st
+from workbench.viz.stepthrough import widgets as widgets_st
 
 from conftest import tiny_config_dict
 
@@ -45,6 +49,47 @@ def traces(sessions):
     knobs = {"maskmatch": dict(tau=0.0, lcr_strategy="grid", lcr_patch=8), "corrmatch": {},
              "rankmatch": dict(num_agents=6, top_k=3)}
     return {m: TRACES[m](sessions[m], step=1, seed=3, **knobs[m]) for m in TRACES}
+
+
+# --------------------------------------------------------------------------------------------- package
+
+# each module of the package and the modules of the package it may import (shared first, methods last)
+LAYERS = {"session": set(), "geometry": set(), "widgets": set(), "drawing": {"geometry"}}
+LAYERS.update({m: {"session", "geometry", "drawing"} for m in ("maskmatch", "corrmatch", "rankmatch", "s4mim",
+                                                              "scalematch")})
+
+
+def test_package_reexports_every_modules_public_names():
+    import importlib
+
+    names = []
+    for name in LAYERS:
+        mod = importlib.import_module(f"workbench.viz.stepthrough.{name}")
+        assert mod.__all__ and all(not n.startswith("_") for n in mod.__all__), name
+        for n in mod.__all__:
+            assert getattr(st, n) is getattr(mod, n), (name, n)
+        names += mod.__all__
+    assert len(set(names)) == len(names) and sorted(st.__all__) == sorted(names)
+    # names the notebooks import, from both former modules, stay importable from the package
+    assert {"open_session", "maskmatch_trace", "s4mim_trace", "scalematch_trace", "explore", "cell_extent",
+            "STREAMS", "FONT"} <= set(st.__all__)
+
+
+def test_modules_import_only_public_names_of_the_layers_below():
+    import ast
+
+    pkg = Path(st.__file__).parent
+    assert {p.stem for p in pkg.glob("*.py")} == set(LAYERS) | {"__init__"}
+    found = set()
+    for name, allowed in LAYERS.items():
+        for node in ast.walk(ast.parse((pkg / f"{name}.py").read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("workbench.viz.stepthrough"):
+                dep = node.module.rsplit(".", 1)[-1]
+                assert dep in allowed, (name, node.module)
+                found.add((name, dep))
+                assert not [a.name for a in node.names if a.name.startswith("_")], (name, node.module)
+    # every method module builds on the session and the drawing helpers
+    assert {(m, layer) for m, deps in LAYERS.items() if "session" in deps for layer in ("session", "drawing")} <= found
 
 
 # ------------------------------------------------------------------------------------------- positions
@@ -210,7 +255,7 @@ def test_cached_keeps_the_most_recent_settings(sessions, monkeypatch):
         calls.append(kw)
         return kw
 
-    monkeypatch.setattr(st, "CACHED_TRACES", 2)
+    monkeypatch.setattr(session_st, "CACHED_TRACES", 2)
     assert s.cached(fake, tau=0.1) is s.cached(fake, tau=0.1) and len(calls) == 1
     s.cached(fake, tau=0.2)
     s.cached(fake, tau=0.1)                    # used again: now the most recent
@@ -386,7 +431,7 @@ def test_tables(sessions, traces):
 
 def test_explore_static_shows_figures_and_tables(monkeypatch, capsys):
     shown = []
-    monkeypatch.setattr(st, "show", lambda fig, dpi=110: shown.append((fig, dpi)))
+    monkeypatch.setattr(widgets_st, "show", lambda fig, dpi=110: shown.append((fig, dpi)))
     fig = plt.figure()
     from workbench.runs import Table
 
@@ -420,7 +465,7 @@ def test_explore_widget_redraws_on_change():
         st.explore_widget(lambda: None, {})
 
 
-# ------------------------------------------------------------------------- S4MIM and ScaleMatch (stepthrough_methods)
+# ---------------------------------------------------------------------------- S4MIM and ScaleMatch (their modules)
 
 
 @pytest.fixture(scope="module")
@@ -446,12 +491,11 @@ def sessions2(tiny_data, tmp_path_factory):
 def traces2(sessions2):
     """S4MIM with tau 0 and 8-pixel grid masks (exactly 3 of 4 patches hidden); ScaleMatch at v = 0.25 (plain
     pseudo-labels: warm-up) and at v = 2 with no warm-up (fused pseudo-labels)."""
-    from workbench.viz import stepthrough_methods as sm
-
-    return {"s4mim": sm.s4mim_trace(sessions2["s4mim"], step=1, seed=3, tau=0.0, mask_patch=8, mask_strategy="grid"),
-            "small": sm.scalematch_trace(sessions2["scalematch"], step=1, seed=3, scale=0.25),
-            "large": sm.scalematch_trace(sessions2["scalematch"], step=1, seed=3, scale=2.0, cif_warmup_epochs=0,
-                                         tau=0.0)}
+    return {"s4mim": s4mim_st.s4mim_trace(sessions2["s4mim"], step=1, seed=3, tau=0.0, mask_patch=8,
+                                          mask_strategy="grid"),
+            "small": scale_st.scalematch_trace(sessions2["scalematch"], step=1, seed=3, scale=0.25),
+            "large": scale_st.scalematch_trace(sessions2["scalematch"], step=1, seed=3, scale=2.0,
+                                               cif_warmup_epochs=0, tau=0.0)}
 
 
 @pytest.mark.parametrize("name", ["s4mim", "small", "large"])
@@ -470,7 +514,6 @@ def test_s4mim_and_scalematch_trace_numbers_come_from_the_stages(name, sessions2
     # weight by the normaliser 3.25: the trace shows 0.5 / 3.25 and the total moves by 1.5 / 3.25)
     from workbench.methods.s4mim import Phase2
     from workbench.methods.scalematch import ScaleMatch
-    from workbench.viz import stepthrough_methods as sm
 
     owner, attr, norm = (Phase2, "terms", 3.25) if name == "s4mim" else (ScaleMatch, "loss_terms", 1.0)
     stage = getattr(owner, attr)
@@ -482,9 +525,9 @@ def test_s4mim_and_scalematch_trace_numbers_come_from_the_stages(name, sessions2
 
     monkeypatch.setattr(owner, attr, probed)
     if name == "s4mim":
-        t = sm.s4mim_trace(sessions2["s4mim"], step=1, seed=3, tau=0.0, mask_patch=8, mask_strategy="grid")
+        t = s4mim_st.s4mim_trace(sessions2["s4mim"], step=1, seed=3, tau=0.0, mask_patch=8, mask_strategy="grid")
     else:
-        t = sm.scalematch_trace(sessions2["scalematch"], step=1, seed=3, scale=0.25)
+        t = scale_st.scalematch_trace(sessions2["scalematch"], step=1, seed=3, scale=0.25)
     probe = next(x for x in t.terms if x.name == "loss_probe")
     assert probe.weight == pytest.approx(0.5 / norm) and probe.value == 3.0
     assert t.total == pytest.approx(traces2[name].total + 1.5 / norm, rel=1e-6)
@@ -494,8 +537,6 @@ def test_s4mim_and_scalematch_trace_numbers_come_from_the_stages(name, sessions2
 
 def test_s4mim_trace_by_hand(sessions2, traces2):
     import torch.nn.functional as F
-
-    from workbench.viz import stepthrough_methods as sm
 
     t = traces2["s4mim"]
     n, m, m2 = t.sizes
@@ -530,7 +571,7 @@ def test_s4mim_trace_by_hand(sessions2, traces2):
     assert v["loss_mimpi"].value == pytest.approx(sum(t.mse), rel=1e-6)
     # Eq. 7: the per-class terms sum (then upsample) to the reconstruction the heads' forward computes
     for i in range(2):
-        assert torch.allclose(sm.reconstruction_from_terms(t, i), t.recon[t.stream("weak + fp", i)], atol=1e-5)
+        assert torch.allclose(s4mim_st.reconstruction_from_terms(t, i), t.recon[t.stream("weak + fp", i)], atol=1e-5)
     # Eqs. 10-12 by hand: each class's confidence-weighted mean pull, then the mean over the classes averaged
     for k in torch.nonzero(t.agg_classes).flatten().tolist():
         sel = t.fea_masked & (t.fea_groups == k)
@@ -544,44 +585,42 @@ def test_s4mim_trace_by_hand(sessions2, traces2):
     assert not bool(t.seen_before.any()) and not bool(t.prototypes_before.any())
     assert torch.equal(t.available, t.batch_present) and bool(t.available.any())
     assert bool((t.prototypes[t.available].norm(dim=1) > 0).all()) and not bool(t.prototypes[~t.available].any())
-    sim = sm.prototype_similarity(t)
+    sim = s4mim_st.prototype_similarity(t)
     avail = torch.nonzero(t.available).flatten()
     assert torch.allclose(sim[avail][:, avail], sim[avail][:, avail].T)
     assert torch.allclose(sim[avail, avail], torch.ones(len(avail)), atol=1e-5)
     assert bool(torch.isnan(sim[~t.available]).all())
-    assert bool(t.available[sm.main_class(t, 0)])
+    assert bool(t.available[s4mim_st.main_class(t, 0)])
     # the Eq. 14 table: the shares sum to the normaliser, and the weighted sum over it is the step's loss
-    rows = {r["loss"]: r for r in sm.eq14_table(t).records()}
+    rows = {r["loss"]: r for r in s4mim_st.eq14_table(t).records()}
     assert [rows[k]["normaliser share"] for k in list(rows)[:5]] == pytest.approx([1.0, 1.0, 1.0, 0.15, 0.1])
     assert rows["sum"]["normaliser share"] == pytest.approx(3.25)
     assert rows["sum / normaliser"]["weighted value"] == pytest.approx(t.total, rel=1e-6)
-    streams = sm.mim_streams_table(t).records()
+    streams = s4mim_st.mim_streams_table(t).records()
     assert [r["stream"] for r in streams] == ["labeled", "strong", "weak + fp", "sum"]
     assert [r["hidden"] for r in streams[:3]] == [0.75] * 3
     assert streams[3]["masked positions"] == int(t.fea_masked.sum())
-    agg = sm.aggregation_table(t, sessions2["s4mim"].class_names).records()
+    agg = s4mim_st.aggregation_table(t, sessions2["s4mim"].class_names).records()
     assert agg[-1]["(1 - cos) / T"] == t.agg_loss and len(agg) == 7
 
 
 def test_s4mim_switched_off_pieces_are_shown_without_changing_the_step(sessions2):
-    from workbench.viz import stepthrough_methods as sm
-
     # every MIM loss off: Eq. 14's normaliser is 1 + 2 l_u = 2; phase II is drawn on a forked random state, so the
     # LCR mask drawn after it is still the step's (the check compares loss_lcr and the total)
-    off = sm.s4mim_trace(sessions2["s4mim_off"], step=1, seed=3)
+    off = s4mim_st.s4mim_trace(sessions2["s4mim_off"], step=1, seed=3)
     assert off.normaliser == pytest.approx(2.0) and not off.phase2_in_loss
     assert [x.name for x in off.terms] == ["loss_x", "loss_s", "loss_fp", "loss_lcr"]
     same_as_training_step(sessions2["s4mim_off"], off)
     assert off.recon.shape[0] == 6 and len(off.mse) == 3
     # mimfea off: 1 + 1 + 1 + 0.1 = 3.1; the step leaves the dictionary at zero, the trace shows the update it would
     # make
-    nofea = sm.s4mim_trace(sessions2["s4mim_nofea"], step=1, seed=3)
+    nofea = s4mim_st.s4mim_trace(sessions2["s4mim_nofea"], step=1, seed=3)
     assert nofea.normaliser == pytest.approx(3.1) and "loss_mimfea" not in {x.name for x in nofea.terms}
     out = same_as_training_step(sessions2["s4mim_nofea"], nofea)
     assert not bool(out.artifacts["prototypes"].any()) and not bool(out.artifacts["proto_seen"].any())
     assert bool(nofea.prototypes[nofea.available].abs().sum() > 0)
     assert not bool(sessions2["s4mim_nofea"].method.prototypes.any())
-    rows = {r["loss"]: r for r in sm.eq14_table(nofea).records()}
+    rows = {r["loss"]: r for r in s4mim_st.eq14_table(nofea).records()}
     assert rows["L_mimfea = l_mf mean over classes (off)"]["normaliser share"] == 0.0
     assert rows["sum"]["normaliser share"] == pytest.approx(3.1)
 
@@ -612,78 +651,72 @@ def test_scalematch_trace_by_hand(sessions2, traces2):
     assert large.use_fused and torch.equal(large.pseudo, large.pseudo_fused)
     assert torch.equal(large.confident, large.valid)          # tau 0
     assert torch.equal(small.pseudo_plain, small.logits_w.argmax(1))
-    from workbench.viz import stepthrough_methods as sm
-
-    rows = dict(sm.scale_table(small).rows)
+    rows = dict(scale_st.scale_table(small).rows)
     assert rows["scaled weak view"] == "16 x 16" and rows["effective scale"] == 0.5
     assert rows["low features"] == "8 x 8 -> 10 x 10" and rows["pseudo-label"].startswith("plain (CIF warm-up")
-    plt_rows = {r[0]: r for r in sm.pseudo_label_table(large).rows}
+    plt_rows = {r[0]: r for r in scale_st.pseudo_label_table(large).rows}
     assert plt_rows["fused (CIF)"][1] == 1.0 and plt_rows["plain (scale 1)"][1] == 1.0   # tau 0: all confident
     changed = float(((large.pseudo_fused != large.pseudo_plain) & large.valid).sum()) / float(large.valid.sum())
     assert plt_rows["changed by the fusion"][1] == pytest.approx(changed)
 
 
 def test_scalematch_average_and_no_fusion(sessions2):
-    from workbench.viz import stepthrough_methods as sm
-
-    avg = sm.scalematch_trace(sessions2["average"], step=0, seed=1, cif_warmup_epochs=0)
+    avg = scale_st.scalematch_trace(sessions2["average"], step=0, seed=1, cif_warmup_epochs=0)
     assert avg.fusion == "average" and bool((avg.gate_w == 0.5).all()) and bool((avg.gate_v == 0.5).all())
     assert torch.allclose(avg.fused, (avg.logits_w + avg.logits_v[:, 0]) / 2, atol=1e-6)
-    none = sm.scalematch_trace(sessions2["nocif"], step=0, seed=1)
+    none = scale_st.scalematch_trace(sessions2["nocif"], step=0, seed=1)
     assert none.fusion is None and none.gate_w is None and none.pseudo_fused is None and not none.use_fused
     # the paper's structure: scale 1 decoded from the unresized features, Eq. 12's gate on it
-    paper = sm.scalematch_trace(sessions2["paper"], step=0, seed=1, cif_warmup_epochs=0)
+    paper = scale_st.scalematch_trace(sessions2["paper"], step=0, seed=1, cif_warmup_epochs=0)
     assert paper.structure == "paper" and avg.structure == "reference"
     assert torch.allclose(paper.fused, paper.gate_w[:, 0, None] * paper.logits_w
                           + paper.gate_v[:, 0, None] * paper.logits_v[:, 0], atol=1e-5)
-    assert dict(sm.scale_table(paper).rows)["structure"] == "paper"
+    assert dict(scale_st.scale_table(paper).rows)["structure"] == "paper"
     for s, t in ((sessions2["average"], avg), (sessions2["nocif"], none), (sessions2["paper"], paper)):
         same_as_training_step(s, t)
     names, pal = sessions2["nocif"].class_names, sessions2["nocif"].palette
     with pytest.raises(ValueError, match="fuses nothing"):
-        sm.gate_figure(none, 0)
+        scale_st.gate_figure(none, 0)
     with pytest.raises(ValueError, match="fuses nothing"):
-        sm.fusion_figure(none, 0, pal, names)
-    assert len(sm.pseudo_label_table(none).rows) == 1
-    fig = sm.gate_figure(avg, 1)
+        scale_st.fusion_figure(none, 0, pal, names)
+    assert len(scale_st.pseudo_label_table(none).rows) == 1
+    fig = scale_st.gate_figure(avg, 1)
     assert "average fusion (s_w = 1/2)" in fig._suptitle.get_text()
     plt.close(fig)
 
 
-def test_stepthrough_methods_errors(sessions2, traces2):
-    from workbench.viz import stepthrough_methods as sm
-
+def test_s4mim_and_scalematch_errors(sessions2, traces2):
     with pytest.raises(ValueError, match="this is the s4mim step-through; the session holds a 'scalematch'"):
-        sm.s4mim_trace(sessions2["scalematch"])
+        s4mim_st.s4mim_trace(sessions2["scalematch"])
     with pytest.raises(ValueError, match="scale must be a positive number"):
-        sm.scalematch_trace(sessions2["scalematch"], scale=0)
+        scale_st.scalematch_trace(sessions2["scalematch"], scale=0)
     with pytest.raises(ValueError, match="method.cif: scalematch reads it only when built"):
         with sessions2["scalematch"].configured(cif=False):
             pass
     with pytest.raises(ConfigError, match="method.mask_ratio"):
-        sm.s4mim_trace(sessions2["s4mim"], mask_ratio=1.5)
+        s4mim_st.s4mim_trace(sessions2["s4mim"], mask_ratio=1.5)
     names, pal = sessions2["s4mim"].class_names, sessions2["s4mim"].palette
     with pytest.raises(ValueError, match=r"cls must be a class index in \[0, 5\]"):
-        sm.prototypes_figure(traces2["s4mim"], 0, 6, pal, names)
+        s4mim_st.prototypes_figure(traces2["s4mim"], 0, 6, pal, names)
     with pytest.raises(ValueError, match="2 class names for 6 classes"):
-        sm.aggregation_table(traces2["s4mim"], ["a", "b"])
+        s4mim_st.aggregation_table(traces2["s4mim"], ["a", "b"])
     with pytest.raises(ValueError, match=r"image index must be an int in \[0, 1\]"):
-        sm.mim_streams_figure(traces2["s4mim"], 2, pal, names)
+        s4mim_st.mim_streams_figure(traces2["s4mim"], 2, pal, names)
     with pytest.raises(ValueError, match="stream must be one of"):
         traces2["s4mim"].stream("masked", 0)
 
 
-def test_stepthrough_methods_figures_render(sessions2, traces2):
-    from workbench.viz import stepthrough_methods as sm
-
+def test_s4mim_and_scalematch_figures_render(sessions2, traces2):
     names, pal = sessions2["s4mim"].class_names, sessions2["s4mim"].palette
     s4, small, large = traces2["s4mim"], traces2["small"], traces2["large"]
-    cls = sm.main_class(s4, 1)
-    figs = {"phase1": sm.s4mim_phase1_figure(s4, 1, pal, names), "streams": sm.mim_streams_figure(s4, 0, pal, names),
-            "recon": sm.class_reconstruction_figure(s4, 1, pal, names),
-            "protos": sm.prototypes_figure(s4, 1, cls, pal, names),
-            "scales": sm.scales_figure(small, 0, pal, names), "gate": sm.gate_figure(small, 1),
-            "fusion": sm.fusion_figure(large, 0, pal, names), "cons": sm.consistency_figure(large, 1, pal, names)}
+    cls = s4mim_st.main_class(s4, 1)
+    figs = {"phase1": s4mim_st.s4mim_phase1_figure(s4, 1, pal, names),
+            "streams": s4mim_st.mim_streams_figure(s4, 0, pal, names),
+            "recon": s4mim_st.class_reconstruction_figure(s4, 1, pal, names),
+            "protos": s4mim_st.prototypes_figure(s4, 1, cls, pal, names),
+            "scales": scale_st.scales_figure(small, 0, pal, names), "gate": scale_st.gate_figure(small, 1),
+            "fusion": scale_st.fusion_figure(large, 0, pal, names),
+            "cons": scale_st.consistency_figure(large, 1, pal, names)}
     titles = {k: _titles(f) for k, f in figs.items()}
     assert "confident (tau 0): 100%" in titles["phase1"] and "ground truth (not used)" in titles["phase1"]
     assert titles["streams"][1] == "mask m: 75% hidden" and titles["streams"][-1] == "target: argmax p_fp"

@@ -233,7 +233,7 @@ class CorrMatch(WeakStrong):
 
     def stages(self, batch: SemiBatch, step: StepInfo) -> CorrMatchStep:
         """One CorrMatch step as the paper's Sec. 3 reads (the module docstring's numbers), stage by stage; the
-        step-through (:func:`workbench.viz.stepthrough.corrmatch_trace`) shows this very call."""
+        step-through (:func:`workbench.viz.stepthrough.corrmatch.corrmatch_trace`) shows this very call."""
         passes = self.forward_passes(batch)                                    # 1-2
         targets = self.weak_targets(batch, passes)                             # 4: tau, pseudo-labels, masks
         corr = self.correlate(passes) if self.corr_head is not None else None   # 3

@@ -98,7 +98,7 @@ class MaskMatch(MeanTeacher):
 
     def stages(self, batch: SemiBatch, step: StepInfo) -> MaskMatchStep:
         """One MaskMatch step, ``L = L_x + lambda1 L_MSWS + lambda2 L_LCR`` (Eq. 9), stage by stage; the
-        step-through (:func:`workbench.viz.stepthrough.maskmatch_trace`) shows this very call."""
+        step-through (:func:`workbench.viz.stepthrough.maskmatch.maskmatch_trace`) shows this very call."""
         c = self.cfg
         mix = self.mix_targets(batch)                                            # teacher, mix batch (Eq. 7)
         weak, teacher_scales = self.teacher_targets(batch.x_w, batch.ignore)     # teacher, weak view (Eq. 7)

@@ -190,7 +190,7 @@ class RankMatch(UniMatch):
 
     def stages(self, batch: SemiBatch, step: StepInfo) -> RankMatchStep:
         """One RankMatch step as the module docstring's numbers read; the step-through
-        (:func:`workbench.viz.stepthrough.rankmatch_trace`) shows this very call."""
+        (:func:`workbench.viz.stepthrough.rankmatch.rankmatch_trace`) shows this very call."""
         mix, feat_mix = self.mix_outputs(batch)                                  # 1
         p = self.unimatch_pass(batch, step, mix)                                 # 2: UniMatch's terms
         feat_w = p.out["aspp"][batch.x_l.shape[0]:]

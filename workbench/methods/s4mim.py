@@ -281,7 +281,7 @@ class S4MIM(UniMatch):
 
     def stages(self, batch: SemiBatch, step: StepInfo) -> S4MIMStep:
         """One S4MIM step, the two phases of the paper's Fig. 2 summed by Eq. 14, stage by stage; the step-through
-        (:func:`workbench.viz.stepthrough_methods.s4mim_trace`) shows this very call."""
+        (:func:`workbench.viz.stepthrough.s4mim.s4mim_trace`) shows this very call."""
         c = self.cfg
         p = self.phase1(batch)
         phase1: LossTerms = {"loss_x": (1.0, supervised_loss(c, p.logits_l, batch.y_l)),            # Eq. 1

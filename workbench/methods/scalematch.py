@@ -696,7 +696,7 @@ class ScaleMatch(WeakStrong):
 
     def stages(self, batch: SemiBatch, step: StepInfo) -> ScaleMatchStep:
         """One ScaleMatch step (the module docstring), stage by stage; the step-through
-        (:func:`workbench.viz.stepthrough_methods.scalematch_trace`) shows this very call."""
+        (:func:`workbench.viz.stepthrough.scalematch.scalematch_trace`) shows this very call."""
         c, n = self.cfg, batch.x_l.shape[0]
         mix = self.mix_targets(batch)                                            # the mix batch (eval mode)
         scales = self.sample_scales()                                            # image scale v
