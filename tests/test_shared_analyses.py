@@ -14,7 +14,7 @@ from workbench.dashboard.data import feature_points, per_class_quality
 from workbench.methods.base import eval_mode
 from workbench.methods.scalematch import resized_feature_size, scaled_image_size
 from workbench.ops.ensemble import rescale, scaled_size
-from workbench.ops.grid import grid_labels, grid_positions
+from workbench.ops.grid import cell_position, feature_cell, grid_labels, grid_positions
 from workbench.ops.semi import class_quality
 from workbench.runs import dataset_meta, discover_runs, load_runs
 
@@ -48,7 +48,8 @@ def test_eval_mode_restores_every_module_even_on_error():
 def test_grid_rule_positions_and_dashboard_labels():
     assert grid_positions(5, 3).tolist() == [0, 2, 4]
     assert grid_positions(32, 4).tolist() == [0, 10, 21, 31]  # round(31/3 k) = 0, 10.33, 20.67, 31
-    assert grid_positions(7, 1).tolist() == [0]
+    assert grid_positions(7, 1).tolist() == [3]  # one cell: the middle pixel, where cell_position puts it
+    assert cell_position(1, 2, (5, 5), (3, 3)) == (2.0, 4.0) and feature_cell(2, 4, (5, 5), (3, 3)) == (1, 2)
     y_u = (torch.arange(5).view(5, 1) * 10 + torch.arange(5)).unsqueeze(0)  # label 10 r + c
     assert grid_labels(y_u, (3, 3))[0].tolist() == [[0, 2, 4], [20, 22, 24], [40, 42, 44]]
     # the dashboard's t-SNE points of a capture without feature_labels read y_u by the same rule

@@ -2,38 +2,19 @@
 
 A feature map of ``h x w`` cells is resized to the ``H x W`` image with ``align_corners=True`` throughout the
 package, so cell ``(i, j)`` sits on pixel ``(i (H-1)/(h-1), j (W-1)/(w-1))`` and pixel ``(y, x)`` reads the cell
-``(round(y (h-1)/(H-1)), round(x (w-1)/(W-1)))`` (:func:`feature_cell`, :func:`cell_position`).
+``(round(y (h-1)/(H-1)), round(x (w-1)/(W-1)))`` (:func:`feature_cell`, :func:`cell_position`): the package's
+one rule, :mod:`workbench.ops.grid`, whose functions are re-exported here.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch.nn.functional as F
 from torch import Tensor
 
+from workbench.ops.grid import cell_position, feature_cell
+
 __all__ = ["feature_cell", "cell_position", "cell_extent", "upsample_map"]
-
-
-def feature_cell(y: int, x: int, image_size: Sequence[int], feat_size: Sequence[int]) -> tuple[int, int]:
-    """The feature cell ``(i, j)`` that image pixel ``(y, x)`` reads under ``align_corners=True`` resizing.
-
-    ValueError when the pixel lies outside the ``H x W`` image."""
-    (hh, ww), (h, w) = image_size, feat_size
-    if not (0 <= y < hh and 0 <= x < ww):
-        raise ValueError(f"pixel ({y}, {x}) lies outside the {hh} x {ww} image")
-    i = round(y * (h - 1) / (hh - 1)) if hh > 1 else 0
-    j = round(x * (w - 1) / (ww - 1)) if ww > 1 else 0
-    return i, j
-
-
-def cell_position(i: Tensor | int, j: Tensor | int, image_size: Sequence[int], feat_size: Sequence[int]
-                  ) -> tuple[Any, Any]:
-    """Image position ``(y, x)`` (floats) of feature cell ``(i, j)`` under ``align_corners=True`` resizing."""
-    (hh, ww), (h, w) = image_size, feat_size
-    y = i * (hh - 1) / (h - 1) if h > 1 else i * 0 + (hh - 1) / 2
-    x = j * (ww - 1) / (w - 1) if w > 1 else j * 0 + (ww - 1) / 2
-    return y, x
 
 
 def cell_extent(image_size: Sequence[int], feat_size: Sequence[int]) -> tuple[float, float, float, float]:
