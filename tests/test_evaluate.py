@@ -408,9 +408,9 @@ def test_a_method_provided_mode_is_served_through_the_registry(monkeypatch) -> N
     assert out["miou"] == pytest.approx(1.0) and out["num_images"] == 2
     with pytest.raises(ValueError, match="toy_swap.*a toy predictor that swaps its classes"):
         evaluate(one_hot_fn, [(encode(PRED[:1]), GT[:1])], 3, EvalSettings(mode="toy_swap"), "cpu", progress=False)
-    with pytest.raises(ValueError, match="EvalSettings.flip: toy_swap predicts unflipped images"):
+    with pytest.raises(ValueError, match="eval.flip: toy_swap predicts unflipped images"):
         EvalSettings(mode="toy_swap", flip=True)
-    with pytest.raises(ValueError, match="EvalSettings.mode must be one of .*cif_multiscale.*toy_swap"):
+    with pytest.raises(ValueError, match="eval.mode: must be one of .*cif_multiscale.*toy_swap"):
         EvalSettings(mode="weird")
 
 

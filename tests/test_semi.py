@@ -94,7 +94,7 @@ def test_ohem_scaled_count_at_cityscapes_magnitude():
         assert got == pytest.approx(ce[:kept].mean(), rel=1e-4), kept
     # config: the key is validated with a one-line error
     base = {"method": {"name": "supervised", "loss": "ohem", "ohem_min_kept_images": 0}}
-    with pytest.raises(ValueError, match=r"^method.ohem_min_kept_images: must be a positive number"):
+    with pytest.raises(ValueError, match=r"^method.ohem_min_kept_images: must be > 0 \(got 0\)"):
         config_from_dict(base)
     cfg = config_from_dict({"method": {"name": "unimatch", "loss": "ohem"}})
     assert cfg.method.ohem_min_kept == 200000 and cfg.method.ohem_min_kept_images == 2

@@ -359,46 +359,47 @@ class EvalSettings:
             diagonal in [0, 1) (MaskMatch reports 0.0003); None = not computed.
     """
     mode: str = "original"
-    crop_size: int = 321
-    window: int | None = None
-    stride: int | None = None
-    scales: tuple[float, ...] = (1.0,)
+    crop_size: int = bounded(321, gt=0)
+    window: int | None = bounded(None, gt=0)
+    stride: int | None = bounded(None, gt=0)
+    scales: tuple[float, ...] = bounded((1.0,), gt=0)
     flip: bool = False
-    boundary_tolerance: float | None = None
-    sliding_tiles: str = "clipped_sum"
+    boundary_tolerance: float | None = bounded(None, ge=0, lt=1)
+    sliding_tiles: Literal["clipped_sum", "shifted_mean"] = "clipped_sum"
 
     def __post_init__(self) -> None:
-        extra = None if self.mode in BASE_EVAL_MODES else registry.eval_mode(self.mode)
-        if self.mode not in BASE_EVAL_MODES and extra is None:
-            raise ValueError(f"EvalSettings.mode must be one of {BASE_EVAL_MODES + tuple(registry.eval_modes())}, "
-                             f"got {self.mode!r}")
-        if self.sliding_tiles not in SLIDING_TILES:
-            raise ValueError(f"EvalSettings.sliding_tiles must be one of {SLIDING_TILES}, got {self.sliding_tiles!r}")
-        for name in ("crop_size", "window", "stride"):
-            v = getattr(self, name)
-            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
-                raise ValueError(f"EvalSettings.{name} must be a positive int, got {v!r}")
-        if self.crop_size is None:
-            raise ValueError("EvalSettings.crop_size must be a positive int, got None")
         if isinstance(self.scales, (int, float)):
-            raise ValueError(f"EvalSettings.scales must be a sequence of numbers, got {self.scales!r}")
-        self.scales = tuple(self.scales)
-        if not self.scales or not all(isinstance(s, (int, float)) and not isinstance(s, bool) and s > 0
-                                      for s in self.scales):
-            raise ValueError(f"EvalSettings.scales must be non-empty positive numbers, got {self.scales!r}")
-        if extra is not None:
-            problem = extra.check(self)
-            if problem is not None:
-                raise ValueError(f"EvalSettings.{problem[0]}: {problem[1]}")
-        if not isinstance(self.flip, bool):
-            raise ValueError(f"EvalSettings.flip must be a bool, got {self.flip!r}")
-        t = self.boundary_tolerance
-        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t < 1):
-            raise ValueError("EvalSettings.boundary_tolerance: tolerance must be a fraction of the image diagonal in "
-                             f"[0, 1), got {t!r}")
-        if self.resolved_stride > self.resolved_window:
-            raise ValueError(f"EvalSettings.stride ({self.resolved_stride}) must not exceed the window "
-                             f"({self.resolved_window})")
+            raise ConfigError(f"eval.scales: must be a list of numbers (got {self.scales!r})")
+        as_tuples(self)
+        check_fields(self, "eval.")
+        for ok, key, msg in self.cross_checks():
+            if not ok:
+                raise ConfigError(f"eval.{key}: {msg} (got {getattr(self, key)!r})")
+
+    def cross_checks(self) -> list[tuple[bool, str, str]]:
+        """``(ok, key, message)`` relations the field declarations cannot state: a known mode (the engine's or a
+        method's, :mod:`workbench.registry`) and that mode's own checks, types the evaluation relies on, and a
+        sliding step no longer than the window."""
+        extra = None if self.mode in BASE_EVAL_MODES else registry.eval_mode(self.mode)
+        known = ", ".join(BASE_EVAL_MODES + tuple(registry.eval_modes()))
+        checks = [
+            (self.mode in BASE_EVAL_MODES or extra is not None, "mode",
+             f"must be one of {known} (a mode after the first three is provided by a method)"),
+            (isinstance(self.crop_size, int) and not isinstance(self.crop_size, bool), "crop_size",
+             "must be a positive int"),
+            (all(v is None or (isinstance(v, int) and not isinstance(v, bool)) for v in (self.window, self.stride)),
+             "window", "window and stride must be positive ints or null"),
+            (len(self.scales) > 0, "scales", "must be a non-empty list of positives"),
+            (isinstance(self.flip, bool), "flip", "must be true or false"),
+        ]
+        if not all(ok for ok, _, _ in checks):
+            return checks
+        checks.append((self.resolved_stride <= self.resolved_window, "stride",
+                       f"({self.resolved_stride}) must not exceed the window ({self.resolved_window})"))
+        problem = extra.check(self) if extra is not None else None
+        if problem is not None:
+            checks.append((False, problem[0], problem[1]))
+        return checks
 
     @property
     def resolved_window(self) -> int:
@@ -625,10 +626,6 @@ def validate(cfg: RunConfig) -> None:
         (_valid_device(t.device), "train.device", "must be auto, cpu, cuda or cuda:<index>"),
         (d.scale_range[0] <= d.scale_range[1], "data.scale_range", "must be [low, high] with 0 < low <= high"),
         (t.epochs > 0 or (t.iters or 0) > 0, "train.epochs", "set train.epochs or train.iters to a positive number"),
-        (e.mode in BASE_EVAL_MODES or extra is not None, "eval.mode",
-         f"must be one of {', '.join(BASE_EVAL_MODES + tuple(registry.eval_modes()))} (a mode after the first "
-         f"three is provided by a method)"),
-        (len(e.scales) > 0, "eval.scales", "must be a non-empty list of positives"),
         (extra is None or cfg.method.provides_eval_mode(e.mode), "eval.mode",
          f"{e.mode} needs {extra.requirement if extra else ''} (method.name is {cfg.method.name!r})"),
     ]
@@ -640,13 +637,10 @@ def validate(cfg: RunConfig) -> None:
 
 
 def _check_eval(e: EvalConfig) -> None:
-    """The eval section through the evaluation's own checks (window, stride, scales, tolerance, a method-provided
-    mode's own checks), at load time."""
-    try:
-        EvalSettings(mode=e.mode, crop_size=e.crop_size, window=e.window, stride=e.stride, scales=tuple(e.scales),
-                     flip=e.flip, boundary_tolerance=e.boundary_tolerance)
-    except ValueError as err:
-        raise ConfigError(str(err).replace("EvalSettings.", "eval.")) from None
+    """The eval section through the evaluation's own settings (:class:`EvalSettings`: declared fields, the mode
+    and its own checks, stride within the window), at load time."""
+    EvalSettings(mode=e.mode, crop_size=e.crop_size, window=e.window, stride=e.stride, scales=tuple(e.scales),
+                 flip=e.flip, boundary_tolerance=e.boundary_tolerance, sliding_tiles=e.sliding_tiles)
 
 
 def _check_finite(node: Any, prefix: str) -> None:
