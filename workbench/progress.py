@@ -22,6 +22,8 @@ from typing import IO, Any
 
 import yaml
 
+from workbench.runfiles import JsonlTail, discover_runs
+
 
 def format_seconds(seconds: float) -> str:
     """``75`` -> ``"1m15s"``, ``3700`` -> ``"1h01m"``, ``42`` -> ``"42s"``."""
@@ -40,7 +42,8 @@ class _Run:
     path: Path
     total: int | None
     eval_every: int | None = None
-    offset: int = 0
+    tail: JsonlTail | None = None
+    seen: int = 0  # records of the tail already processed
     step: int = 0
     loss: float | None = None
     miou: float | None = None
@@ -100,21 +103,9 @@ class RunWatcher:
         print(f"{self.prefix} {text}", file=stream, flush=True)
 
     def _metrics_files(self) -> list[Path]:
-        found: list[Path] = []
-
-        def visit(d: Path, level: int) -> None:
-            try:
-                children = list(d.iterdir())
-            except OSError:
-                return
-            for c in children:
-                if c.name == "metrics.jsonl" and c.is_file():
-                    found.append(c)
-                elif c.is_dir() and level < self.depth and not c.name.startswith("."):
-                    visit(c, level + 1)
-
-        visit(self.root, 0)
-        return sorted(found)
+        """The metrics.jsonl of every run under the root (:func:`workbench.runfiles.discover_runs`)."""
+        found = (self.root / name / "metrics.jsonl" for name in discover_runs(self.root, self.depth))
+        return [m for m in found if m.is_file()]
 
     def line(self, run: _Run, now: float) -> str:
         """The progress line of ``run`` at watcher time ``now``."""
@@ -161,22 +152,14 @@ class RunWatcher:
                            + (f" ({run.total} steps)" if run.total else ""))
             if run.done:
                 continue
-            try:
-                with metrics.open("rb") as f:
-                    f.seek(run.offset)
-                    chunk = f.read()
-            except OSError:
-                continue
-            end = chunk.rfind(b"\n")
-            run.offset += end + 1
+            if run.tail is None:
+                run.tail = JsonlTail(metrics)
+            run.tail.poll()
+            if len(run.tail.records) < run.seen:  # the file was replaced (a resumed run rewrites it): read it again
+                run.seen = 0
+            fresh, run.seen = run.tail.records[run.seen:], len(run.tail.records)
             evaluated = False
-            for raw in chunk[:max(end, 0)].splitlines():
-                try:
-                    rec = json.loads(raw)
-                except ValueError:
-                    continue
-                if not isinstance(rec, dict):
-                    continue
+            for rec in fresh:
                 if rec.get("kind") == "train" and isinstance(rec.get("step"), int):
                     run.step = rec["step"]
                     run.loss = rec.get("loss") if isinstance(rec.get("loss"), (int, float)) else run.loss

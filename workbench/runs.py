@@ -30,6 +30,7 @@ from torch import Tensor
 from workbench.engine.rundir import RunDir
 from workbench.ops import IGNORE
 from workbench.ops.semi import class_quality
+from workbench.runfiles import discover_runs
 
 # Config keys that name or place a run, or change speed but not results: never "varied" in an ablation table.
 INFRA_KEYS = ("name", "out_dir", "train.seed", "train.progress", "train.device", "train.threads",
@@ -180,35 +181,6 @@ def lookup(run: Run, key: str, default: Any = None) -> Any:
         if found:
             return v
     return default
-
-
-def discover_runs(runs_dir: str | Path, max_depth: int = 3) -> list[str]:
-    """Run directories under ``runs_dir`` (the package's one run discovery: :func:`load_runs` and the dashboard):
-    relative POSIX paths of folders holding ``metrics.jsonl`` or ``config.yaml`` (searched ``max_depth`` levels
-    deep, hidden folders skipped, a run's own subfolders not searched), sorted; "." when ``runs_dir`` is itself a
-    run; [] when it does not exist. Only real directories under the root count: symbolic links (which could lead
-    the dashboard out of its root) are skipped."""
-    root = Path(runs_dir)
-    found: list[str] = []
-    real_root = root.resolve()
-
-    def visit(d: Path, depth: int) -> None:
-        if (d / "metrics.jsonl").is_file() or (d / "config.yaml").is_file():
-            found.append(d.relative_to(root).as_posix())
-            return
-        if depth >= max_depth:
-            return
-        try:
-            children = sorted(p for p in d.iterdir() if p.is_dir() and not p.is_symlink()
-                              and not p.name.startswith(".") and p.resolve().is_relative_to(real_root))
-        except OSError:
-            return
-        for child in children:
-            visit(child, depth + 1)
-
-    if root.is_dir():
-        visit(root, 0)
-    return sorted(found)
 
 
 def load_run(path: str | Path) -> Run:

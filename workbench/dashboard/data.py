@@ -52,7 +52,6 @@ listed under the gallery with its value or shape.
 """
 from __future__ import annotations
 
-import json
 import math
 import threading
 from collections import OrderedDict
@@ -67,7 +66,8 @@ from torch import Tensor
 from workbench.engine.rundir import RunDir
 from workbench.ops import IGNORE
 from workbench.ops.grid import grid_labels
-from workbench.runs import DatasetMeta, dataset_meta, discover_runs, generic_meta  # noqa: F401  (re-exported)
+from workbench.runfiles import JsonlTail, discover_runs  # noqa: F401  (re-exported)
+from workbench.runs import DatasetMeta, dataset_meta, generic_meta  # noqa: F401  (re-exported)
 
 #: keys read by the gallery and the method views; everything else per-sample is shown generically
 KNOWN_KEYS = frozenset({
@@ -86,60 +86,6 @@ class ArtifactError(RuntimeError):
 
 
 # ---------------------------------------------------------------------------------------------------- files
-class JsonlTail:
-    """Incremental reader of an append-only JSON-lines file (``metrics.jsonl``, ``artifacts/index.jsonl``).
-
-    ``poll()`` parses only what was appended since the previous call. A last line without its newline (a writer
-    mid-write) is left for a later poll; a complete line that is not a JSON object is skipped and counted in
-    ``bad_lines``; a file that shrank or was replaced (other inode: an atomic rewrite on resume) is read again.
-    """
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self.records: list[dict[str, Any]] = []
-        self.bad_lines = 0
-        self._offset = 0
-        self._ident: tuple[int, int] | None = None
-
-    def _reset(self) -> None:
-        self.records, self.bad_lines, self._offset, self._ident = [], 0, 0, None
-
-    def poll(self) -> bool:
-        """Read what was appended; True when ``records`` changed (new records, or the file was reset/removed)."""
-        try:
-            st = self.path.stat()
-        except (FileNotFoundError, NotADirectoryError):
-            changed = bool(self.records) or self._ident is not None
-            self._reset()
-            return changed
-        ident = (st.st_dev, st.st_ino)
-        reset = self._ident is not None and (ident != self._ident or st.st_size < self._offset)
-        if reset:
-            self._reset()
-        self._ident = ident
-        if st.st_size == self._offset:
-            return reset
-        with open(self.path, "rb") as f:
-            f.seek(self._offset)
-            chunk = f.read(st.st_size - self._offset)
-        end = chunk.rfind(b"\n")
-        if end < 0:
-            return reset
-        for line in chunk[:end].split(b"\n"):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                rec = None
-            if isinstance(rec, dict):
-                self.records.append(rec)
-            else:
-                self.bad_lines += 1
-        self._offset += end + 1
-        return True
-
-
 def _file_key(path: Path) -> tuple[str, int, int]:
     st = path.stat()
     return str(path), st.st_mtime_ns, st.st_size
