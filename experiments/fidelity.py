@@ -24,24 +24,32 @@ from pathlib import Path
 import torch
 
 from workbench.config import apply_overrides, config_from_dict, config_to_dict, load_config
-from workbench.data.dataset import SegDataset, StepDataset, StepPlan
-from workbench.engine.build import build_from_config, load_run_config, prepare_dataset, split_names
+from workbench.data.dataset import SegDataset
+from workbench.engine.build import (
+    build_from_config,
+    load_run_config,
+    prepare_dataset,
+    split_names,
+    step_dataset,
+    step_plan,
+)
 from workbench.engine.checkpoint import load_checkpoint
 from workbench.engine.rundir import RunDir, atomic_write_text
 from workbench.methods import SemiBatch, StepInfo
 
 
 def batches(cfg, first: int, count: int) -> list[SemiBatch]:
-    """The run's own batches of steps ``first .. first + count - 1`` (its data order and augmentations)."""
+    """The run's own micro-batches of optimiser steps ``first .. first + count - 1`` (its data order, augmentations,
+    ``optim.grad_accum`` micro-batches per step and mix source), built as the trainer builds them
+    (:func:`workbench.engine.build.step_plan` / :func:`~workbench.engine.build.step_dataset`)."""
     root = prepare_dataset(cfg)
     lab_split, unl_split = split_names(cfg, True)
     lab, unl = SegDataset(root, lab_split), SegDataset(root, unl_split)
-    bl = cfg.data.batch_size
-    plan = StepPlan(len(lab), len(unl), bl, cfg.data.unlabeled_batch_size or bl, 1, 0, cfg.train.seed, True)
-    ds = StepDataset(lab, unl, plan, cfg.data.crop_size, cfg.data.scale_range, cfg.data.flip, cfg.data.bad_data)
-    ds.total_steps = first + count
-    return [SemiBatch.from_loader(ds[s], torch.device("cpu"), cfg.data.mean, cfg.data.std)
-            for s in range(first, first + count)]
+    ds = step_dataset(cfg, lab, unl, step_plan(cfg, len(lab), len(unl), True))
+    micro = cfg.optim.grad_accum
+    ds.total_steps = (first + count) * micro
+    return [SemiBatch.from_loader(ds[m], torch.device("cpu"), cfg.data.mean, cfg.data.std)
+            for m in range(first * micro, (first + count) * micro)]
 
 
 def one_step(method, batch: SemiBatch, seed: int, info: StepInfo) -> tuple[float, dict[str, torch.Tensor],

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
 import ablation
@@ -51,6 +52,10 @@ def test_fidelity_compares_one_step_on_identical_inputs(tmp_path, tiny_cfg):
     from workbench.config import apply_overrides, config_from_dict, config_to_dict
 
     steps = fidelity.batches(cfg, 0, 2)
+    assert len(steps) == 2
+    # with gradient accumulation a step is several micro-batches, as the trainer reads them: 2 steps x 2 = 4
+    accum = fidelity.batches(tiny_cfg(**{"method.name": "rankmatch", "optim.grad_accum": 2}), 0, 2)
+    assert len(accum) == 4 and not torch.equal(accum[0].x_l, accum[1].x_l)
     same = fidelity.compare(cfg, cfg, None, steps, 0, 6)
     for r in same["rows"]:
         assert r["loss_default"] == r["loss_switch"] and r["grad_rel_diff"] == 0.0
