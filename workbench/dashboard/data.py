@@ -66,6 +66,7 @@ from torch import Tensor
 from workbench.engine.rundir import RunDir
 from workbench.ops import IGNORE
 from workbench.ops.grid import grid_labels
+from workbench.ops.semi import class_quality
 from workbench.runfiles import JsonlTail, discover_runs  # noqa: F401  (re-exported)
 from workbench.runs import DatasetMeta, dataset_meta, generic_meta  # noqa: F401  (re-exported)
 
@@ -346,8 +347,6 @@ def per_class_quality(arts: dict[str, Tensor], num_classes: int) -> dict[str, li
 
     None when the capture lacks ``pseudo`` or ``y_u``.
     """
-    from workbench.ops.semi import class_quality
-
     valid = valid_mask(arts)
     if valid is None or "pseudo" not in arts:
         return None
